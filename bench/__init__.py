@@ -1,0 +1,1 @@
+"""Benchmarks: each script explains what it measures, prints a table and ends with one JSON line."""

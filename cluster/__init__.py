@@ -1,0 +1,1 @@
+"""Launch: cluster YAMLs, KubeRay manifests, the local shaped-link launcher."""

@@ -1,0 +1,1 @@
+"""Ray Serve: the OpenAI-compatible ingress and deployments (see DESIGN.md, Serve)."""

@@ -1,0 +1,1 @@
+"""The ladder model: pure PyTorch, no Ray."""

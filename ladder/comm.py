@@ -1,0 +1,208 @@
+"""Communicators: how a rank's partial sums become the group's sum.
+
+The model decides *where* a reduce happens (that is the architecture: the ladder schedule); a
+communicator decides *how*. `all_reduce(x)` starts an in-place sum of `x` over the group and
+returns a `Work` at once; `Work.wait()` blocks until the sum has arrived and returns `x`. The time
+spent blocked in `wait()` is the *exposed* communication, the figure the ladder schedule shrinks;
+every communicator accounts it, with the bytes reduced, in `CommStats`.
+
+Backends: `NoComm` (TP=1, and `desync` runs: no communication at all), `TorchComm` (a
+torch.distributed group: gloo on CPU, NCCL on CUDA), and `EmulatedLatency`, a wrapper whose Works
+complete no earlier than issue time + a link latency (an emulation, and labelled as one).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+
+class Work(Protocol):
+    def wait(self) -> torch.Tensor: ...
+
+
+@dataclass(slots=True)
+class CommStats:
+    """Exposed communication since the last `reset()`."""
+
+    exposed_s: float = 0.0  # seconds blocked in Work.wait()
+    bytes: int = 0  # bytes all-reduced (payload size per rank)
+    ops: int = 0
+    # CUDA: (start, end) event pairs around each wait on the compute stream, resolved lazily
+    _cuda_events: list = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.exposed_s, self.bytes, self.ops = 0.0, 0, 0
+        self._cuda_events.clear()
+
+    def collect(self) -> "CommStats":
+        """Resolve pending CUDA timings (synchronizes on them); returns self."""
+        if self._cuda_events:
+            self._cuda_events[-1][1].synchronize()
+            self.exposed_s += sum(a.elapsed_time(b) for a, b in self._cuda_events) / 1e3
+            self._cuda_events.clear()
+        return self
+
+
+class _Done:
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def wait(self) -> torch.Tensor:
+        return self.tensor
+
+
+class Communicator(ABC):
+    """A tensor-parallel group as the model sees it.
+
+    `interconnect` names the link for metrics (shm / loopback / network / nvlink / pcie / none);
+    `emulated` is True when any part of the link's timing is emulated.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    interconnect: str = "none"
+    emulated: bool = False
+
+    def __init__(self) -> None:
+        self.stats = CommStats()
+
+    @abstractmethod
+    def all_reduce(self, x: torch.Tensor) -> Work:
+        """Start an in-place sum of `x` over the group; the sum is in `x` once `wait()` returns."""
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Synchronous broadcast of a CPU tensor (step plans from the leader)."""
+        return x
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class NoComm(Communicator):
+    """No communication: TP=1, or `desync` (each rank keeps its partial sum, wrong by design)."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, interconnect: str = "none") -> None:
+        super().__init__()
+        self.rank, self.world_size, self.interconnect = rank, world_size, interconnect
+
+    def all_reduce(self, x: torch.Tensor) -> Work:
+        return _Done(x)
+
+
+class _TimedWork:
+    __slots__ = ("tensor", "work", "stats")
+
+    def __init__(self, tensor: torch.Tensor, work, stats: CommStats) -> None:
+        self.tensor, self.work, self.stats = tensor, work, stats
+
+    def wait(self) -> torch.Tensor:
+        t0 = time.perf_counter()
+        self.work.wait()
+        self.stats.exposed_s += time.perf_counter() - t0
+        return self.tensor
+
+
+class _CudaTimedWork(_TimedWork):
+    """NCCL's wait() only makes the compute stream wait; the stall is timed with CUDA events."""
+
+    def wait(self) -> torch.Tensor:
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        self.work.wait()
+        end.record()
+        self.stats._cuda_events.append((start, end))
+        return self.tensor
+
+
+class TorchComm(Communicator):
+    """A torch.distributed process group.
+
+    All-reduces run on `group` (gloo on CPU, NCCL on CUDA, async_op=True); step plans travel on
+    `cpu_group` (gloo; the same group on CPU), so the leader can broadcast them without touching
+    the device stream.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, *,
+                 cpu_group: dist.ProcessGroup | None = None, interconnect: str = "loopback") -> None:
+        super().__init__()
+        self.group = group if group is not None else dist.group.WORLD
+        self.cpu_group = cpu_group if cpu_group is not None else self.group
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self.backend = dist.get_backend(self.group)
+        self.interconnect = interconnect
+        self._work_cls = _CudaTimedWork if self.backend == "nccl" else _TimedWork
+
+    def all_reduce(self, x: torch.Tensor) -> Work:
+        self.stats.bytes += x.numel() * x.element_size()
+        self.stats.ops += 1
+        work = dist.all_reduce(x, group=self.group, async_op=True)
+        return self._work_cls(x, work, self.stats)
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        dist.broadcast(x, src=dist.get_global_rank(self.cpu_group, src), group=self.cpu_group)
+        return x
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.cpu_group)
+
+
+class _DelayedWork:
+    __slots__ = ("inner", "due", "stats")
+
+    def __init__(self, inner: Work, due: float, stats: CommStats) -> None:
+        self.inner, self.due, self.stats = inner, due, stats
+
+    def wait(self) -> torch.Tensor:
+        t0 = time.perf_counter()
+        delay = self.due - t0
+        if delay > 0:
+            time.sleep(delay)
+        x = self.inner.wait()
+        self.stats.exposed_s += time.perf_counter() - t0
+        return x
+
+
+class EmulatedLatency(Communicator):
+    """Wraps a communicator: each Work completes no earlier than issue time + `latency_s`.
+
+    This is emulation (tc here has no netem to add delay), and the interconnect label says so:
+    `<inner>+emu<microseconds>us`. Exposed time counts the whole wait, emulated part included.
+    """
+
+    emulated = True
+
+    def __init__(self, inner: Communicator, latency_s: float) -> None:
+        super().__init__()
+        if latency_s < 0:
+            raise ValueError(f"emulated latency must be >= 0, got {latency_s}")
+        self.inner, self.latency_s = inner, latency_s
+        self.rank, self.world_size = inner.rank, inner.world_size
+        self.interconnect = f"{inner.interconnect}+emu{round(latency_s * 1e6)}us"
+
+    def all_reduce(self, x: torch.Tensor) -> Work:
+        self.stats.bytes += x.numel() * x.element_size()
+        self.stats.ops += 1
+        return _DelayedWork(self.inner.all_reduce(x), time.perf_counter() + self.latency_s,
+                            self.stats)
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        return self.inner.broadcast(x, src)
+
+    def barrier(self) -> None:
+        self.inner.barrier()
+
+    def close(self) -> None:
+        self.inner.close()

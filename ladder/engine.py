@@ -1,0 +1,182 @@
+"""One rank's engine: its model shard, its KV cache, and the step every rank runs together.
+
+Leader-driven SPMD: the leader (rank 0) decides each step's batch and broadcasts it to the other
+ranks through the communicator's CPU group (`StepBatch.encode` -> one int64 header broadcast,
+one body broadcast); every rank then runs the same forward; only the leader computes logits.
+Followers sit in `follow()` until the leader sends STOP.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ladder.comm import Communicator
+from ladder.model import KVCache, StepContext, Transformer
+
+OP_STEP, OP_STOP = 1, 2
+_HEADER = 4  # op, rows, tokens per row (padded), flags
+
+
+@dataclass(slots=True)
+class StepBatch:
+    """Rows of new tokens: row b appends `tokens[b]` to slot `slots[b]` at position `starts[b]`."""
+
+    tokens: list[list[int]]
+    slots: list[int]
+    starts: list[int]
+    all_logits: bool = False  # logits for every position (reference checks), not only the last
+
+    def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        t = max(len(r) for r in self.tokens)
+        head = torch.tensor([OP_STEP, len(self.tokens), t, int(self.all_logits)])
+        body = torch.zeros(len(self.tokens) * (t + 3), dtype=torch.int64)
+        b = len(self.tokens)
+        for i, row in enumerate(self.tokens):
+            body[i * t:i * t + len(row)] = torch.tensor(row)
+        base = b * t
+        body[base:base + b] = torch.tensor(self.slots)
+        body[base + b:base + 2 * b] = torch.tensor(self.starts)
+        body[base + 2 * b:] = torch.tensor([len(r) for r in self.tokens])
+        return head, body
+
+    @classmethod
+    def decode(cls, head: torch.Tensor, body: torch.Tensor) -> "StepBatch":
+        _, b, t, flags = head.tolist()
+        base = b * t
+        lens = body[base + 2 * b:].tolist()
+        toks = body[:base].view(b, t)
+        return cls(tokens=[toks[i, :lens[i]].tolist() for i in range(b)],
+                   slots=body[base:base + b].tolist(), starts=body[base + b:base + 2 * b].tolist(),
+                   all_logits=bool(flags))
+
+
+@dataclass(slots=True)
+class StepTiming:
+    """Totals since the last reset, split into prefill and decode steps."""
+
+    steps: int = 0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    prefill_s: float = 0.0
+    exposed_s: float = 0.0  # exposed all-reduce wait, all steps
+    decode_exposed_s: float = 0.0
+    bytes: int = 0
+    last_step_s: float = 0.0
+    last_exposed_s: float = 0.0
+    history: list = field(default_factory=list)  # (kind, rows, seconds, exposed) per step
+
+
+class ShardEngine:
+    def __init__(self, model: Transformer, comm: Communicator, *, n_slots: int, max_seq: int) -> None:
+        cfg, spec = model.config, model.spec
+        if max_seq > cfg.max_seq_len:
+            raise ValueError(f"max_seq={max_seq} exceeds the model's context {cfg.max_seq_len}")
+        self.model, self.comm = model, comm
+        self.rank, self.is_leader = comm.rank, comm.rank == 0
+        w = model.tok_embeddings.weight
+        self.dtype, self.device = w.dtype, w.device
+        self.cache = KVCache(cfg.n_layers, n_slots, spec.n_kv_heads, max_seq, cfg.head_dim,
+                             self.dtype, self.device)
+        self.n_slots, self.max_seq = n_slots, max_seq
+        self.timing = StepTiming()
+        self.keep_history = False
+
+    # -- SPMD ----------------------------------------------------------------------------------
+    def step(self, batch: StepBatch) -> torch.Tensor | None:
+        """Leader: broadcast `batch`, run it, return logits [B, V] (or [B, T, V] with all_logits)."""
+        if self.comm.world_size > 1:
+            head, body = batch.encode()
+            self.comm.broadcast(head)
+            self.comm.broadcast(body)
+        return self._run(batch)
+
+    def stop_followers(self) -> None:
+        if self.comm.world_size > 1:
+            self.comm.broadcast(torch.tensor([OP_STOP, 0, 0, 0]))
+
+    def follow(self) -> None:
+        """Follower loop: run the leader's steps until it says STOP."""
+        head = torch.zeros(_HEADER, dtype=torch.int64)
+        while True:
+            self.comm.broadcast(head)
+            op, b, t, _ = head.tolist()
+            if op == OP_STOP:
+                return
+            body = torch.zeros(b * (t + 3), dtype=torch.int64)
+            self.comm.broadcast(body)
+            self._run(StepBatch.decode(head, body))
+
+    # -- one forward ---------------------------------------------------------------------------
+    def _run(self, batch: StepBatch) -> torch.Tensor | None:
+        t0 = time.perf_counter()
+        stats = self.comm.stats
+        stats.reset()
+        ctx, tokens, lens = self._context(batch)
+        with torch.inference_mode():
+            h = self.model.hidden(tokens, ctx)
+            out = None
+            if self.is_leader:
+                if batch.all_logits:
+                    out = self.model.logits(h)
+                else:
+                    last = torch.tensor(lens, device=h.device) - 1
+                    out = self.model.logits(h[torch.arange(h.shape[0]), last])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        stats.collect()
+        dt = time.perf_counter() - t0
+        tm = self.timing
+        tm.steps += 1
+        tm.exposed_s += stats.exposed_s
+        tm.bytes += stats.bytes
+        tm.last_step_s, tm.last_exposed_s = dt, stats.exposed_s
+        decode = tokens.shape[1] == 1
+        if decode:
+            tm.decode_steps += 1
+            tm.decode_tokens += tokens.shape[0]
+            tm.decode_s += dt
+            tm.decode_exposed_s += stats.exposed_s
+        else:
+            tm.prefill_s += dt
+        if self.keep_history:
+            tm.history.append(("decode" if decode else "prefill", tokens.shape[0], dt,
+                               stats.exposed_s))
+        return out
+
+    def _context(self, batch: StepBatch):
+        b = len(batch.tokens)
+        lens = [len(r) for r in batch.tokens]
+        t = max(lens)
+        for s, st, n in zip(batch.slots, batch.starts, lens):
+            if not 0 <= s < self.n_slots:
+                raise ValueError(f"slot {s} outside 0..{self.n_slots - 1}")
+            if st + n > self.max_seq:
+                raise ValueError(f"slot {s}: {st + n} tokens exceed the cache's {self.max_seq}")
+        tokens = torch.zeros(b, t, dtype=torch.int64)
+        for i, row in enumerate(batch.tokens):
+            tokens[i, :len(row)] = torch.tensor(row)
+        starts = torch.tensor(batch.starts)
+        positions = starts[:, None] + torch.arange(t)[None, :]
+        kv_len = max(st + n for st, n in zip(batch.starts, lens))
+        slots: torch.Tensor | slice = torch.tensor(batch.slots)
+        if b == 1:
+            slots = slice(batch.slots[0], batch.slots[0] + 1)
+        mask = None
+        causal = False
+        if b == 1 and t == 1:
+            pass  # the single new token sees every cached position
+        elif b == 1 and batch.starts[0] == 0:
+            causal = True  # fresh prefill: plain causal attention over its own tokens
+        else:
+            keys = torch.arange(kv_len)
+            mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, L]
+        cos, sin = self.model.rope(positions.to(self.device), self.dtype)
+        ctx = StepContext(cos=cos, sin=sin, positions=positions.to(self.device), cache=self.cache,
+                          slots=slots if isinstance(slots, slice) else slots.to(self.device),
+                          kv_len=kv_len, causal=causal,
+                          mask=None if mask is None else mask.to(self.device))
+        return ctx, tokens.to(self.device), lens

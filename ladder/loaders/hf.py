@@ -1,0 +1,118 @@
+"""Hugging Face folders: `config.json` plus one or more `*.safetensors` files.
+
+Sharded folders list their tensors in `model.safetensors.index.json`. Every file is opened (memory
+mapped, header parsed) up front, so a truncated or missing shard fails at open time with its name;
+tensors are then read slice by slice through `safe_open(...).get_slice`, which touches only the
+requested bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ladder.config import ConfigError, ModelConfig
+from ladder.loaders.base import Checkpoint, CheckpointError, Range, check_range
+from ladder.tokenizer import Tokenizer
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON: {e}") from None
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """A folder in Hugging Face layout (the names are already ours to read)."""
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder)
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"{self.path}: no config.json in this folder "
+                                  "(expected a Hugging Face model folder)")
+        self.hf_config = _read_json(config_path)
+        try:
+            self.config = ModelConfig.from_hf(self.hf_config, source=str(config_path))
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+
+        index_path = self.path / INDEX_NAME
+        if index_path.is_file():
+            weight_map = _read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index_path}: no 'weight_map' in the index")
+            files = sorted(set(weight_map.values()))
+            for f in files:
+                if not (self.path / f).is_file():
+                    raise CheckpointError(f"{index_path}: names shard {f!r}, which is missing "
+                                          f"from {self.path}")
+        else:
+            files = sorted(p.name for p in self.path.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{self.path}: no *.safetensors files (and no {INDEX_NAME})")
+            weight_map = None
+
+        self._handles = {f: self._open(self.path / f) for f in files}
+        # Trust the headers over the index: a tensor the index promises but its shard lacks is
+        # reported as missing, not as a crash at read time.
+        self._where: dict[str, str] = {}
+        for f, h in self._handles.items():
+            for key in h.keys():
+                if weight_map is None or weight_map.get(key) == f:
+                    self._where[key] = f
+
+    @staticmethod
+    def _open(path: Path):
+        try:
+            return safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file "
+                                  f"(truncated or corrupt?): {e}") from None
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def location(self, name: str) -> Path:
+        f = self._where.get(name)
+        return self.path / f if f else self.path
+
+    def _slice(self, name: str):
+        if name not in self._where:
+            raise self._missing(name)
+        return self._handles[self._where[name]].get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def read(self, name: str, rows: Range | None = None, cols: Range | None = None) -> torch.Tensor:
+        sl = self._slice(name)
+        shape = sl.get_shape()
+        where = self.location(name)
+        r0, r1 = check_range(where, name, rows, shape[0], "rows")
+        try:
+            if len(shape) == 1:
+                if cols is not None:
+                    raise CheckpointError(f"{where}: tensor {name!r} is 1-D; no column range")
+                t = sl[r0:r1]
+            else:
+                c0, c1 = check_range(where, name, cols, shape[1], "cols")
+                t = sl[r0:r1, c0:c1]
+        except SafetensorError as e:
+            raise CheckpointError(f"{where}: cannot read tensor {name!r}: {e}") from None
+        return t.to(torch.float32)
+
+    def tokenizer(self) -> Tokenizer:
+        extra = list(self.config.eos_token_ids)
+        gen = self.path / "generation_config.json"
+        if gen.is_file():
+            eos = _read_json(gen).get("eos_token_id")
+            extra += eos if isinstance(eos, list) else [] if eos is None else [eos]
+        return Tokenizer.from_folder(self.path, extra_eos_token_ids=extra)

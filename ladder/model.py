@@ -1,0 +1,263 @@
+"""A Llama-family transformer whose blocks decide where the all-reduces happen.
+
+Reads like a single-device model: tensor parallelism is applied by loading each rank's weight
+slices (see `ladder.tp` and `ladder.loaders`) and injecting a communicator; the model never
+imports torch.distributed. After every row-parallel module (attention's `wo`, the MLP's `w2`) the
+partial output is summed over the group with `comm.all_reduce`. The residual plan decides when
+that sum is waited for:
+
+    standard  h = h + wait(all_reduce(f_i(norm(h))))            # every module waits for its own
+    ladder    y_i = f_i(norm(h)); start all_reduce(y_i);         # h lacks module i-1's output,
+              wait(i-1); h = h + y_{i-1}                         # whose reduce overlapped f_i
+    parallel  h = h + wait(all_reduce(attn(n1(h)) + mlp(n2(h))))  # one reduce per layer
+
+Shapes: B batch rows, T tokens per row, D model dim, H / K local query / KV heads, E head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ladder.comm import Communicator, NoComm, Work
+from ladder.config import ModelConfig, ResidualPlan
+from ladder.tp import ShardSpec
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [E/2], with Llama-3 scaling when the config has it (as in HF)."""
+    e = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, e, 2, dtype=torch.int64).float() / e))
+    rs = config.rope_scaling
+    if rs is None:
+        return inv
+    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_ctx = rs["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_ctx / lo, old_ctx / hi
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, E]; cos/sin [B, 1, T, E] (HF's rotate-half layout)."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+@dataclass(slots=True)
+class StepContext:
+    """What attention needs to know about this forward, beyond the hidden states.
+
+    `positions` [B, T] are absolute token positions. With a KV cache, row b writes its keys and
+    values at `positions[b]` of slot `slots[b]` and attends to everything before them in that slot;
+    `kv_len` is how many cached positions the longest row needs. Without a cache (training,
+    reference forwards) attention is causal within the given tokens.
+    """
+
+    cos: torch.Tensor  # [B, 1, T, E]
+    sin: torch.Tensor
+    positions: torch.Tensor  # [B, T]
+    cache: "KVCache | None" = None
+    slots: torch.Tensor | slice | None = None
+    kv_len: int = 0
+    mask: torch.Tensor | None = None  # [B, 1, T, kv_len] bool, None when causal or unmasked
+    causal: bool = False
+
+
+class KVCache:
+    """Static slot-based cache: [layers, slots, K, max_seq, E] for keys and values.
+
+    Allocated once, so continuous batching only moves slot indices around.
+    """
+
+    def __init__(self, n_layers: int, n_slots: int, n_kv_heads: int, max_seq: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        shape = (n_layers, n_slots, n_kv_heads, max_seq, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.n_slots, self.max_seq = n_slots, max_seq
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, spec: ShardSpec) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = spec.n_heads, spec.n_kv_heads, config.head_dim
+        e = config.head_dim
+        self.wqkv = nn.Linear(config.dim, (self.n_heads + 2 * self.n_kv) * e, bias=False)
+        self.wo = nn.Linear(self.n_heads * e, config.dim, bias=False)
+        self.layer_id = 0
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Partial output [B, T, D] of this rank's heads; the caller all-reduces it."""
+        b, t, _ = x.shape
+        h, k_, e = self.n_heads, self.n_kv, self.head_dim
+        q, k, v = self.wqkv(x).split((h * e, k_ * e, k_ * e), dim=-1)
+        q = apply_rope(q.view(b, t, h, e).transpose(1, 2), ctx.cos, ctx.sin)
+        k = apply_rope(k.view(b, t, k_, e).transpose(1, 2), ctx.cos, ctx.sin)
+        v = v.view(b, t, k_, e).transpose(1, 2)
+        if ctx.cache is not None:
+            ck, cv = ctx.cache.k[self.layer_id], ctx.cache.v[self.layer_id]
+            s = ctx.slots
+            if isinstance(s, slice) and t == 1 and b == 1:
+                p = int(ctx.positions[0, 0])
+                ck[s, :, p:p + 1] = k
+                cv[s, :, p:p + 1] = v
+                k, v = ck[s, :, :ctx.kv_len], cv[s, :, :ctx.kv_len]
+            else:
+                rows = torch.arange(ck.shape[0])[s] if isinstance(s, slice) else s
+                idx = ctx.positions.clamp(max=ctx.cache.max_seq - 1)  # pad rows write junk late
+                rr = rows[:, None].expand(b, t)
+                ck[rr, :, idx] = k.transpose(1, 2)
+                cv[rr, :, idx] = v.transpose(1, 2)
+                k, v = ck[rows, :, :ctx.kv_len], cv[rows, :, :ctx.kv_len]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask,
+                                           is_causal=ctx.causal and ctx.mask is None,
+                                           enable_gqa=h != k_)
+        return self.wo(y.transpose(1, 2).reshape(b, t, h * e))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, spec: ShardSpec) -> None:
+        super().__init__()
+        self.ffn = spec.ffn_size
+        self.w13 = nn.Linear(config.dim, 2 * self.ffn, bias=False)  # gate rows, then up rows
+        self.w2 = nn.Linear(self.ffn, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.ffn, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, spec: ShardSpec, layer_id: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, spec)
+        self.attention.layer_id = layer_id
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config, spec)
+
+    def modules_in_order(self, ctx: StepContext):
+        """The block's two residual modules as (norm, fn) pairs, attention first."""
+        return ((self.attn_norm, lambda x: self.attention(x, ctx)), (self.mlp_norm, self.mlp))
+
+
+class InFlight:
+    """A module output whose all-reduce has started and has not been added to the stream yet."""
+
+    __slots__ = ("work",)
+
+    def __init__(self, work: Work) -> None:
+        self.work = work
+
+    def add_to(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.work.wait()
+
+
+class Transformer(nn.Module):
+    """One rank's shard of the model. `comm` performs the all-reduces (NoComm at TP=1)."""
+
+    def __init__(self, config: ModelConfig, spec: ShardSpec, plan: ResidualPlan,
+                 comm: Communicator | None = None) -> None:
+        super().__init__()
+        self.config, self.spec, self.plan = config, spec, plan
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, spec, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = None
+        if spec.is_leader and not config.tie_embeddings:
+            self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.set_comm(comm or NoComm())
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def set_comm(self, comm: Communicator) -> None:
+        self.comm = comm
+        # desync: the standard schedule with no communication (upper bound on speed)
+        self._reduce = NoComm(comm.rank, comm.world_size) if self.plan.kind == "desync" else comm
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return (self.output if self.output is not None else self.tok_embeddings).weight
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, E/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, E]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, tokens: torch.Tensor, ctx: StepContext | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] for a full-sequence forward without cache (training, references).
+
+        Use `hidden` + `logits` for cached serving steps.
+        """
+        return self.logits(self.hidden(tokens, ctx or self.causal_context(tokens, positions)))
+
+    def causal_context(self, tokens: torch.Tensor,
+                       positions: torch.Tensor | None = None) -> StepContext:
+        b, t = tokens.shape
+        if positions is None:
+            positions = torch.arange(t, device=tokens.device).expand(b, t)
+        cos, sin = self.rope(positions, self.tok_embeddings.weight.dtype)
+        return StepContext(cos=cos, sin=sin, positions=positions, causal=True)
+
+    def hidden(self, tokens: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Final-normed hidden states [B, T, D]; identical on every rank."""
+        h = self.tok_embeddings(tokens)
+        reduce = self._reduce
+        pending: InFlight | None = None
+        for i, layer in enumerate(self.layers):
+            if self.plan.kind == "parallel":
+                y = layer.attention(layer.attn_norm(h), ctx) + layer.mlp(layer.mlp_norm(h))
+                h = h + reduce.all_reduce(y).wait()
+                continue
+            ladder = self.plan.is_ladder(i)
+            for norm, fn in layer.modules_in_order(ctx):
+                if not ladder and pending is not None:
+                    h, pending = pending.add_to(h), None
+                work = reduce.all_reduce(fn(norm(h)))
+                if ladder:
+                    if pending is not None:
+                        h = pending.add_to(h)
+                    pending = InFlight(work)
+                else:
+                    h = h + work.wait()
+        if pending is not None:  # drain before the final norm
+            h = pending.add_to(h)
+        return self.norm(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.lm_head_weight())
+
+
+def build_model(config: ModelConfig, spec: ShardSpec, plan: ResidualPlan,
+                state: dict[str, torch.Tensor], comm: Communicator | None = None,
+                device: torch.device | str = "cpu") -> Transformer:
+    """Build on the meta device, then assign this rank's loaded weights (no copy, no init)."""
+    with torch.device("meta"):
+        model = Transformer(config, spec, plan, comm)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if m != "inv_freq"]
+    if missing or unexpected:
+        raise ValueError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    model.inv_freq = rope_inv_freq(config).to(device)
+    return model.to(device).eval().requires_grad_(False)

@@ -1,0 +1,273 @@
+"""Run a tensor-parallel group of local processes without Ray: the CLI's and the tests' engine.
+
+`LocalTPGroup` spawns one process per rank (torch.distributed over gloo on 127.0.0.1, one or more
+threads per rank), loads each rank's shard, and drives the leader through a pipe; the leader
+drives the other ranks through the process group (see `ladder.engine`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ladder.comm import Communicator, EmulatedLatency, NoComm, TorchComm
+from ladder.config import ResidualPlan
+from ladder.engine import ShardEngine, StepBatch, StepTiming
+from ladder.model import build_model
+from ladder.sampling import SamplingParams
+from ladder.scheduler import Request, Scheduler, TokenEvent
+from ladder.tp import ShardSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(kw_only=True)
+class GroupOptions:
+    model: str = "smollm2"
+    tp: int = 1
+    residual: str = "standard"
+    dtype: str = "float32"
+    comm: str = "gloo"  # how ranks reduce: gloo (any placement)
+    n_slots: int = 8
+    max_seq: int = 2048
+    latency_s: float = 0.0  # emulated link latency per all-reduce (0: none)
+    threads: int = 0  # torch threads per rank; 0: cores // tp
+    startup_timeout_s: float = 300.0
+    op_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.tp < 1:
+            raise ValueError(f"tp must be >= 1, got {self.tp}")
+        if self.comm not in ("gloo",):
+            raise ValueError(f"comm {self.comm!r} is not one of ('gloo',)")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def make_comm(opts: GroupOptions, rank: int, init_method: str | None) -> Communicator:
+    if opts.tp == 1:
+        comm: Communicator = NoComm()
+    else:
+        import torch.distributed as dist
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=opts.tp,
+                                timeout=datetime.timedelta(seconds=opts.op_timeout_s))
+        comm = TorchComm(interconnect="loopback")
+    return EmulatedLatency(comm, opts.latency_s) if opts.latency_s > 0 else comm
+
+
+def build_engine(opts: GroupOptions, rank: int, comm: Communicator):
+    """Load this rank's shard and wrap it in an engine; returns (checkpoint, engine)."""
+    from ladder.loaders import load_shard, open_checkpoint
+    ckpt = open_checkpoint(opts.model)
+    cfg = ckpt.config
+    spec = ShardSpec.make(cfg, rank, opts.tp)
+    plan = ResidualPlan.parse(opts.residual, cfg.n_layers)
+    state = load_shard(ckpt, spec, DTYPES[opts.dtype])
+    model = build_model(cfg, spec, plan, state, comm)
+    engine = ShardEngine(model, comm, n_slots=opts.n_slots,
+                         max_seq=min(opts.max_seq, cfg.max_seq_len))
+    return ckpt, engine
+
+
+class Leader:
+    """Rank 0's side: a scheduler over the engine, answering the parent's commands."""
+
+    def __init__(self, ckpt, engine: ShardEngine) -> None:
+        from ladder.tokenizer import TokenizerError
+        self.engine = engine
+        try:
+            self.tokenizer = ckpt.tokenizer()
+        except TokenizerError:  # a bare checkpoint still serves token ids
+            self.tokenizer = None
+        eos = set(ckpt.config.eos_token_ids)
+        if self.tokenizer is not None:
+            eos.update(self.tokenizer.eos_token_ids)
+        self.scheduler = Scheduler(
+            engine, eos_token_ids=tuple(sorted(eos)),
+            decoder_factory=self.tokenizer.incremental_decoder if self.tokenizer else None)
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]
+                 ) -> Iterator[TokenEvent]:
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            self.scheduler.add(Request(prompt=list(p), params=sp, id=i))
+        while self.scheduler.has_work():
+            yield from self.scheduler.step()
+
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer: pass token ids")
+        if chat:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": text}])
+        return self.tokenizer.encode(text)
+
+    def logits(self, rows: list[list[int]]) -> list[torch.Tensor]:
+        """Full-sequence logits per row through the cached path (slots 0..B-1, positions 0..)."""
+        out = self.engine.step(StepBatch(tokens=rows, slots=list(range(len(rows))),
+                                         starts=[0] * len(rows), all_logits=True))
+        return [out[i, :len(r)].float().clone() for i, r in enumerate(rows)]
+
+    def info(self) -> dict:
+        m = self.engine.model
+        return {"interconnect": self.engine.comm.interconnect,
+                "emulated": self.engine.comm.emulated,
+                "residual": m.plan.label_for(m.config.n_layers),
+                "tp": self.engine.comm.world_size, "config": m.config.to_dict()}
+
+
+def _rank_main(rank: int, opts: GroupOptions, init_method: str | None, status: mp.Queue,
+               conn) -> None:
+    torch.set_num_threads(opts.threads or max(1, (os.cpu_count() or 1) // opts.tp))
+    try:
+        comm = make_comm(opts, rank, init_method)
+        ckpt, engine = build_engine(opts, rank, comm)
+        leader = Leader(ckpt, engine) if rank == 0 else None
+        comm.barrier()
+    except BaseException as e:  # report to the parent, which stops the group
+        status.put(("error", rank, f"{type(e).__name__}: {e}"))
+        return
+    status.put(("ready", rank, None))
+    if rank != 0:
+        engine.follow()
+        comm.close()
+        return
+    try:
+        while True:
+            cmd, arg = conn.recv()
+            if cmd == "close":
+                break
+            try:
+                if cmd == "generate":
+                    for ev in leader.generate(*arg):
+                        conn.send(("event", ev))
+                    conn.send(("done", None))
+                elif cmd == "encode":
+                    conn.send(("done", leader.encode(*arg)))
+                elif cmd == "logits":
+                    conn.send(("done", leader.logits(arg)))
+                elif cmd == "timing":
+                    conn.send(("done", engine.timing))
+                elif cmd == "reset_timing":
+                    engine.timing = StepTiming()
+                    conn.send(("done", None))
+                elif cmd == "info":
+                    conn.send(("done", leader.info()))
+            except (ValueError, RuntimeError) as e:
+                conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:
+        engine.stop_followers()
+        comm.close()
+
+
+class GroupError(RuntimeError):
+    pass
+
+
+class LocalTPGroup:
+    """A TP group of local processes. Use as a context manager; `close()` ends every rank."""
+
+    def __init__(self, opts: GroupOptions | None = None, **kw) -> None:
+        self.opts = opts or GroupOptions(**kw)
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        status = ctx.Queue()
+        init = f"tcp://127.0.0.1:{free_port()}" if self.opts.tp > 1 else None
+        self.procs = [ctx.Process(target=_rank_main, args=(r, self.opts, init, status,
+                                                           child if r == 0 else None),
+                                  daemon=True, name=f"ladder-rank{r}")
+                      for r in range(self.opts.tp)]
+        for p in self.procs:
+            p.start()
+        ready = 0
+        try:
+            while ready < self.opts.tp:
+                kind, rank, msg = status.get(timeout=self.opts.startup_timeout_s)
+                if kind == "error":
+                    raise GroupError(f"rank {rank} failed to start: {msg}")
+                ready += 1
+        except queue.Empty:
+            self.close()
+            raise GroupError(f"the group did not start within {self.opts.startup_timeout_s} s")
+        except GroupError:
+            self.close()
+            raise
+        self.info = self._call("info", None)
+
+    def _call(self, cmd: str, arg):
+        self._conn.send((cmd, arg))
+        kind, val = self._recv()
+        return val
+
+    def _recv(self):
+        if not self._conn.poll(self.opts.op_timeout_s):
+            raise GroupError(f"the leader did not answer within {self.opts.op_timeout_s} s")
+        kind, val = self._conn.recv()
+        if kind == "error":
+            raise GroupError(val)
+        return kind, val
+
+    def stream(self, prompts: list[list[int]], params: list[SamplingParams]
+               ) -> Iterator[TokenEvent]:
+        self._conn.send(("generate", (prompts, params)))
+        while True:
+            kind, val = self._recv()
+            if kind == "done":
+                return
+            yield val
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[dict]:
+        """Run to completion; one dict per prompt: tokens, text, finish_reason, stats."""
+        out = [{"tokens": [], "text": "", "finish_reason": None, "stats": None} for _ in prompts]
+        for ev in self.stream(prompts, params):
+            o = out[ev.request_id]
+            if ev.token_id is not None:
+                o["tokens"].append(ev.token_id)
+            o["text"] += ev.text
+            if ev.finish_reason:
+                o["finish_reason"], o["stats"] = ev.finish_reason, ev.stats
+        return out
+
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        """Token ids of `text` (as a user turn of the chat template with `chat`)."""
+        return self._call("encode", (text, chat))
+
+    def logits(self, rows: list[list[int]]) -> list[torch.Tensor]:
+        return self._call("logits", rows)
+
+    def timing(self) -> StepTiming:
+        return self._call("timing", None)
+
+    def reset_timing(self) -> None:
+        self._call("reset_timing", None)
+
+    def close(self) -> None:
+        if self.procs and self.procs[0].is_alive():
+            try:
+                self._conn.send(("close", None))
+            except (BrokenPipeError, OSError):
+                pass
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        self.procs = []
+
+    def __enter__(self) -> "LocalTPGroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

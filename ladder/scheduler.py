@@ -1,0 +1,190 @@
+"""The leader's scheduler: continuous batching over the KV-cache slots.
+
+Each `step()` is one engine step on every rank: either a prefill of newly admitted requests
+(queued requests take free slots between decode steps) or one decode token for every running
+request. Finished and cancelled requests free their slot at once; the next step reuses it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ladder.engine import ShardEngine, StepBatch
+from ladder.sampling import Sampler, SamplingParams
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as asked (e.g. longer than the context)."""
+
+
+@dataclass(slots=True)
+class RequestStats:
+    arrival: float
+    admitted: float = 0.0
+    first_token: float = 0.0
+    finished: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+    @property
+    def queue_s(self) -> float:
+        return self.admitted - self.arrival
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token - self.arrival
+
+    @property
+    def tpot_s(self) -> float:
+        """Time per output token after the first."""
+        n = self.generated_tokens - 1
+        return (self.finished - self.first_token) / n if n > 0 else 0.0
+
+
+@dataclass(slots=True)
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    id: object = None
+    stats: RequestStats = field(default_factory=lambda: RequestStats(time.perf_counter()))
+    # filled while running
+    slot: int = -1
+    output: list[int] = field(default_factory=list)
+    text: str = ""
+    held: str = ""  # decoded text not yet emitted: it may be the start of a stop string
+    decoder: object = None
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    request_id: object
+    token_id: int | None  # None for a finish without a new token (cancel)
+    text: str  # text delta ("" when the tokenizer is absent)
+    finish_reason: str | None = None  # "stop", "length", "cancelled"
+    stats: RequestStats | None = None  # on the final event
+
+
+class Scheduler:
+    def __init__(self, engine: ShardEngine, *, eos_token_ids: tuple[int, ...] = (),
+                 decoder_factory=None, max_prefill_rows: int = 4) -> None:
+        self.engine = engine
+        self.eos = tuple(eos_token_ids)
+        self.decoder_factory = decoder_factory  # -> object with .feed(token_id) -> str
+        self.max_prefill_rows = max_prefill_rows
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}  # slot -> request
+        self.free = list(range(engine.n_slots))[::-1]
+        self.sampler = Sampler()
+        self._ids = itertools.count()
+
+    def add(self, req: Request) -> Request:
+        if req.id is None:
+            req.id = next(self._ids)
+        n = len(req.prompt)
+        if n == 0:
+            raise RequestError("the prompt is empty")
+        if n >= self.engine.max_seq:
+            raise RequestError(f"the prompt has {n} tokens; the context holds "
+                               f"{self.engine.max_seq} (prompt plus at least one new token)")
+        req.stats.prompt_tokens = n
+        self.waiting.append(req)
+        return req
+
+    def cancel(self, request_id) -> TokenEvent | None:
+        for r in list(self.waiting):
+            if r.id == request_id:
+                self.waiting.remove(r)
+                return self._finish(r, None, "cancelled", "")
+        for r in self.running.values():
+            if r.id == request_id:
+                return self._finish(r, None, "cancelled", "")
+        return None
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self) -> list[TokenEvent]:
+        if self.waiting and self.free:
+            return self._prefill()
+        if self.running:
+            return self._decode()
+        return []
+
+    def _prefill(self) -> list[TokenEvent]:
+        admitted = []
+        while self.waiting and self.free and len(admitted) < self.max_prefill_rows:
+            r = self.waiting.popleft()
+            r.slot = self.free.pop()
+            r.stats.admitted = time.perf_counter()
+            r.decoder = self.decoder_factory() if self.decoder_factory else None
+            self.sampler.add(r.id, r.params)
+            self.running[r.slot] = r
+            admitted.append(r)
+        logits = self.engine.step(StepBatch(tokens=[r.prompt for r in admitted],
+                                            slots=[r.slot for r in admitted],
+                                            starts=[0] * len(admitted)))
+        return self._emit(admitted, logits)
+
+    def _decode(self) -> list[TokenEvent]:
+        rows = sorted(self.running.values(), key=lambda r: r.slot)
+        logits = self.engine.step(StepBatch(
+            tokens=[[r.output[-1]] for r in rows], slots=[r.slot for r in rows],
+            starts=[len(r.prompt) + len(r.output) - 1 for r in rows]))
+        return self._emit(rows, logits)
+
+    def _emit(self, rows: list[Request], logits) -> list[TokenEvent]:
+        toks = self.sampler.sample(logits, [r.id for r in rows], [r.params for r in rows])
+        now = time.perf_counter()
+        events = []
+        for r, tok in zip(rows, toks):
+            if not r.output:
+                r.stats.first_token = now
+            r.output.append(tok)
+            p = r.params
+            delta = r.decoder.feed(tok) if r.decoder else ""
+            n = len(r.output)
+            may_stop = n >= p.min_tokens
+            reason = None
+            if may_stop and (tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos)):
+                reason, delta = "stop", r.held
+            elif p.stop:
+                buf = r.held + delta
+                hit = min((i for i in map(buf.find, p.stop) if i >= 0), default=-1)
+                if may_stop and hit >= 0:
+                    reason, delta, r.held = "stop", buf[:hit], ""
+                else:  # hold back a tail that may grow into a stop string
+                    keep = _stop_prefix_len(buf, p.stop)
+                    delta, r.held = buf[:len(buf) - keep], buf[len(buf) - keep:]
+            if reason is None and (n >= p.max_tokens
+                                   or len(r.prompt) + n >= self.engine.max_seq):
+                tail = r.decoder.flush() if r.decoder else ""
+                reason, delta, r.held = "length", delta + r.held + tail, ""
+            r.text += delta
+            if reason:
+                events.append(self._finish(r, tok, reason, delta))
+            else:
+                events.append(TokenEvent(r.id, tok, delta))
+        return events
+
+    def _finish(self, r: Request, tok: int | None, reason: str, delta: str) -> TokenEvent:
+        r.stats.finished = time.perf_counter()
+        r.stats.generated_tokens = len(r.output)
+        if r.slot >= 0 and self.running.get(r.slot) is r:
+            del self.running[r.slot]
+            self.free.append(r.slot)
+        self.sampler.remove(r.id)
+        return TokenEvent(r.id, tok, delta, reason, r.stats)
+
+
+def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best

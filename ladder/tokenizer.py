@@ -1,0 +1,139 @@
+"""The model's tokenizer: text <-> ids, the chat template, and streaming detokenization.
+
+A thin wrapper over a Hugging Face fast tokenizer, built from a model folder's `tokenizer.json`
+(+ `tokenizer_config.json`) or from a GGUF file's `tokenizer.ggml.*` metadata, which transformers
+converts offline. The wrapper pins down what the engine relies on (eos ids as a tuple, chat prompts
+as ids, no clean-up of spaces on decode) so that the rest of the code never touches transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+class TokenizerError(ValueError):
+    """The tokenizer cannot be built or cannot do what was asked; the message names the source."""
+
+
+class Tokenizer:
+    def __init__(self, hf_tokenizer: Any, *, source: str | Path,
+                 extra_eos_token_ids: Iterable[int] = ()):
+        self._hf = hf_tokenizer
+        self.source = str(source)
+        eos = [hf_tokenizer.eos_token_id, *extra_eos_token_ids]
+        # Generation stops at any of these: the tokenizer's eos plus the model's (e.g. Llama 3's
+        # <|eot_id|> next to <|end_of_text|>).
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(int(e) for e in eos
+                                                                  if e is not None))
+        self.bos_token_id: int | None = hf_tokenizer.bos_token_id
+        self.vocab_size: int = len(hf_tokenizer)  # added tokens included
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, *,
+                    extra_eos_token_ids: Iterable[int] = ()) -> "Tokenizer":
+        folder = Path(folder)
+        if not (folder / "tokenizer.json").is_file():
+            raise TokenizerError(f"{folder}: no tokenizer.json in this folder")
+        from transformers import PreTrainedTokenizerFast
+
+        try:
+            hf = PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+        except Exception as e:  # transformers raises a zoo of types for bad files
+            raise TokenizerError(f"{folder}: cannot load the tokenizer: {e}") from e
+        return cls(hf, source=folder, extra_eos_token_ids=extra_eos_token_ids)
+
+    @classmethod
+    def from_gguf(cls, path: str | Path, *, extra_eos_token_ids: Iterable[int] = ()) -> "Tokenizer":
+        path = Path(path)
+        from transformers import AutoTokenizer
+
+        try:
+            hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                               local_files_only=True)
+        except Exception as e:
+            raise TokenizerError(f"{path}: cannot build the tokenizer from GGUF metadata: "
+                                 f"{e}") from e
+        return cls(hf, source=path, extra_eos_token_ids=extra_eos_token_ids)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._hf.chat_template or None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids; `add_special_tokens` adds BOS where the model's tokenizer asks for it."""
+        return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens,
+                               clean_up_tokenization_spaces=False)
+
+    def chat_text(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The prompt the chat template renders for `messages`."""
+        if not self.chat_template:
+            raise TokenizerError(f"{self.source}: the model has no chat template; "
+                                 "send a plain prompt instead of messages")
+        return self._hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                            tokenize=False)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids for `messages` ({"role", "content"} dicts). The template writes any BOS
+        itself, so none is added on top."""
+        text = self.chat_text(messages, add_generation_prompt)
+        return self.encode(text, add_special_tokens=False)
+
+    def save(self, folder: str | Path) -> None:
+        """Write `tokenizer.json` and `tokenizer_config.json` (with the chat template), e.g. to
+        give a converted model folder the tokenizer of the GGUF it came from."""
+        self._hf.save_pretrained(str(folder))
+
+    def incremental_decoder(self, *, skip_special_tokens: bool = False) -> "IncrementalDecoder":
+        return IncrementalDecoder(self, skip_special_tokens=skip_special_tokens)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size})"
+
+
+class IncrementalDecoder:
+    """Turns a stream of token ids into text deltas whose concatenation is the full decode.
+
+    Decoding one token at a time is wrong twice over: a byte-level token may hold half a UTF-8
+    character, and SentencePiece decoders drop or add spaces depending on what precedes a token.
+    So each step decodes a short window that starts at the last point known to be a character
+    boundary, and emits what the newest tokens added to it -- nothing while the text ends in
+    U+FFFD (an incomplete character). `flush()` releases whatever is held at the end.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = False):
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix = 0  # window start: a character boundary
+        self._read = 0  # tokens up to here have been emitted
+        self.text = ""  # everything emitted so far
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=self._skip)
+
+    def feed(self, token_id: int) -> str:
+        """Add one token; return the new text it completes (possibly "")."""
+        self.ids.append(int(token_id))
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        delta = after[len(before):]
+        self._prefix, self._read = self._read, len(self.ids)
+        self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        """The text still held back (an incomplete character at the very end, if any)."""
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        delta = after[len(before):]
+        self._prefix = self._read = len(self.ids)
+        self.text += delta
+        return delta
