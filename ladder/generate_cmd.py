@@ -9,7 +9,7 @@ import argparse
 import sys
 import time
 
-from ladder.runner import DTYPES, GroupError, GroupOptions, LocalTPGroup
+from ladder.runner import COMMS, DTYPES, GroupError, GroupOptions, LocalTPGroup
 from ladder.sampling import SamplingParams
 
 
@@ -36,7 +36,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--residual", default="standard",
                    help="standard | ladder | ladder:A-B[,C] | parallel | desync")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--comm", default="gloo", choices=["gloo"], help="how ranks all-reduce")
+    p.add_argument("--comm", default="auto", choices=COMMS,
+                   help="how ranks all-reduce (auto: none at TP=1, nccl on CUDA, else gloo)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--latency-us", type=float, default=0.0,
                    help="emulated link latency per all-reduce, microseconds (emulation)")
     p.add_argument("--max-seq", type=int, default=2048)
@@ -45,7 +47,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def group_options(args: argparse.Namespace, **kw) -> GroupOptions:
     return GroupOptions(model=args.model, tp=args.tp, residual=args.residual, dtype=args.dtype,
-                        comm=args.comm, latency_s=args.latency_us * 1e-6, max_seq=args.max_seq,
+                        comm=args.comm, device=args.device, latency_s=args.latency_us * 1e-6, max_seq=args.max_seq,
                         threads=args.threads, **kw)
 
 

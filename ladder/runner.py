@@ -26,6 +26,7 @@ from ladder.sampling import SamplingParams
 from ladder.scheduler import Request, Scheduler, TokenEvent
 from ladder.tp import ShardSpec
 
+COMMS = ("auto", "gloo", "nccl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -35,7 +36,8 @@ class GroupOptions:
     tp: int = 1
     residual: str = "standard"
     dtype: str = "float32"
-    comm: str = "gloo"  # how ranks reduce: gloo (any placement)
+    comm: str = "auto"  # how ranks all-reduce: auto | gloo | nccl (see make_comm)
+    device: str = "cpu"  # cpu | cuda (rank r uses cuda:r, NCCL all-reduces)
     n_slots: int = 8
     max_seq: int = 2048
     latency_s: float = 0.0  # emulated link latency per all-reduce (0: none)
@@ -48,8 +50,13 @@ class GroupOptions:
             raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
-        if self.comm not in ("gloo",):
-            raise ValueError(f"comm {self.comm!r} is not one of ('gloo',)")
+        if self.comm not in COMMS:
+            raise ValueError(f"comm {self.comm!r} is not one of {COMMS}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device {self.device!r} is not one of ('cpu', 'cuda')")
+        if (self.comm == "nccl") != (self.device == "cuda") and self.comm != "auto":
+            raise ValueError(f"comm {self.comm!r} does not run on device {self.device!r} "
+                             "(nccl is the CUDA link, the others are CPU links)")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -59,14 +66,44 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def make_comm(opts: GroupOptions, rank: int, init_method: str | None) -> Communicator:
-    if opts.tp == 1:
+    """The group's link. `auto`: none at TP=1, NCCL on CUDA, gloo on CPU. Naming a link
+    explicitly builds it even at TP=1 (a one-rank group: handy to exercise the path)."""
+    if opts.tp == 1 and opts.comm == "auto":
         comm: Communicator = NoComm()
     else:
         import torch.distributed as dist
-        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=opts.tp,
-                                timeout=datetime.timedelta(seconds=opts.op_timeout_s))
-        comm = TorchComm(interconnect="loopback")
+        timeout = datetime.timedelta(seconds=opts.op_timeout_s)
+        if opts.device == "cuda":
+            torch.cuda.set_device(rank)
+            dist.init_process_group("nccl", init_method=init_method, rank=rank,
+                                    world_size=opts.tp, timeout=timeout,
+                                    device_id=torch.device("cuda", rank))
+            cpu_group = dist.new_group(backend="gloo", timeout=timeout)
+            comm = TorchComm(cpu_group=cpu_group, interconnect=cuda_interconnect(opts.tp))
+        else:
+            dist.init_process_group("gloo", init_method=init_method, rank=rank,
+                                    world_size=opts.tp, timeout=timeout)
+            comm = TorchComm(interconnect="loopback")
     return EmulatedLatency(comm, opts.latency_s) if opts.latency_s > 0 else comm
+
+
+def cuda_interconnect(world: int) -> str:
+    """nvlink when every pair of the group's GPUs has NVLink (NVML), else pcie."""
+    if world == 1:
+        return "none"
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        h = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(world)]
+        for i in range(world):
+            for j in range(i + 1, world):
+                status = pynvml.nvmlDeviceGetP2PStatus(h[i], h[j],
+                                                       pynvml.NVML_P2P_CAPS_INDEX_NVLINK)
+                if status != pynvml.NVML_P2P_STATUS_OK:
+                    return "pcie"
+        return "nvlink"
+    except Exception:  # no NVML: say what we know
+        return "pcie"
 
 
 def build_engine(opts: GroupOptions, rank: int, comm: Communicator):
@@ -77,7 +114,8 @@ def build_engine(opts: GroupOptions, rank: int, comm: Communicator):
     spec = ShardSpec.make(cfg, rank, opts.tp)
     plan = ResidualPlan.parse(opts.residual, cfg.n_layers)
     state = load_shard(ckpt, spec, DTYPES[opts.dtype])
-    model = build_model(cfg, spec, plan, state, comm)
+    device = torch.device("cuda", rank) if opts.device == "cuda" else torch.device("cpu")
+    model = build_model(cfg, spec, plan, state, comm, device=device)
     engine = ShardEngine(model, comm, n_slots=opts.n_slots,
                          max_seq=min(opts.max_seq, cfg.max_seq_len))
     return ckpt, engine
@@ -184,7 +222,7 @@ class LocalTPGroup:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         status = ctx.Queue()
-        init = f"tcp://127.0.0.1:{free_port()}" if self.opts.tp > 1 else None
+        init = f"tcp://127.0.0.1:{free_port()}"
         self.procs = [ctx.Process(target=_rank_main, args=(r, self.opts, init, status,
                                                            child if r == 0 else None),
                                   daemon=True, name=f"ladder-rank{r}")

@@ -61,7 +61,7 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, keys: list, params: list[SamplingParams]) -> list[int]:
         """logits [B, V] (any float dtype) -> one token id per row."""
-        logits = logits.float()
+        logits = logits.float().cpu()
         out = logits.argmax(-1).tolist()
         for i, p in enumerate(params):
             if not p.greedy:
