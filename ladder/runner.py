@@ -156,7 +156,7 @@ class Leader:
         """Full-sequence logits per row through the cached path (slots 0..B-1, positions 0..)."""
         out = self.engine.step(StepBatch(tokens=rows, slots=list(range(len(rows))),
                                          starts=[0] * len(rows), all_logits=True))
-        return [out[i, :len(r)].float().clone() for i, r in enumerate(rows)]
+        return [out[i, :len(r)].float().cpu().clone() for i, r in enumerate(rows)]
 
     def info(self) -> dict:
         m = self.engine.model
