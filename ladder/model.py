@@ -131,10 +131,29 @@ class Attention(nn.Module):
                 ck[rr, :, idx] = k.transpose(1, 2)
                 cv[rr, :, idx] = v.transpose(1, 2)
                 k, v = ck[rows, :, :ctx.kv_len], cv[rows, :, :ctx.kv_len]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask,
-                                           is_causal=ctx.causal and ctx.mask is None,
-                                           enable_gqa=h != k_)
+        if t == 1:
+            y = _decode_attention(q, k, v, ctx.mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask,
+                                               is_causal=ctx.causal and ctx.mask is None,
+                                               enable_gqa=h != k_)
         return self.wo(y.transpose(1, 2).reshape(b, t, h * e))
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+    """One query per row: q [B, H, 1, E], k/v [B, K, L, E] -> [B, H, 1, E].
+
+    Two small matmuls over the query heads grouped by KV head (no repeat of K/V). CPU SDPA's
+    flash kernel costs ~3 ms per call at T=1, more than the layer's weights take to read.
+    """
+    b, h, _, e = q.shape
+    kv = k.shape[1]
+    qg = q.view(b, kv, h // kv, e)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (e ** -0.5)  # [B, K, G, L]
+    if mask is not None:
+        scores = scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf"))
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v).view(b, h, 1, e)
 
 
 class MLP(nn.Module):
