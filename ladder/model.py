@@ -149,11 +149,13 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     b, h, _, e = q.shape
     kv = k.shape[1]
-    qg = q.view(b, kv, h // kv, e)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (e ** -0.5)  # [B, K, G, L]
+    dtype = q.dtype
+    # float32 math: small bf16 batched matmuls have no fast CPU kernel, and the cast is cheap
+    qg = q.reshape(b, kv, h // kv, e).float()
+    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * (e ** -0.5)  # [B, K, G, L]
     if mask is not None:
         scores = scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf"))
-    return torch.matmul(scores.softmax(-1).to(v.dtype), v).view(b, h, 1, e)
+    return torch.matmul(scores.softmax(-1), v.float()).to(dtype).view(b, h, 1, e)
 
 
 class MLP(nn.Module):

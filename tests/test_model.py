@@ -197,3 +197,21 @@ def test_desync_runs_without_communication(tiny):
         g.logits([PROMPTS[0]])
         tm = g.timing()
     assert tm.bytes == 0 and tm.exposed_s == 0
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      rope_theta=500000.0, tie_word_embeddings=True,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 64})
+    hf = LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    model = local_model(tmp_path)
+    assert model.config.rope_scaling is not None and model.config.tie_embeddings
+    toks = torch.randint(0, 64, (1, 200))  # past the original context, where scaling matters
+    with torch.no_grad():
+        assert (hf(toks).logits - model(toks)).abs().max() < ATOL
