@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Iterator
@@ -26,7 +27,7 @@ from ladder.sampling import SamplingParams
 from ladder.scheduler import Request, Scheduler, TokenEvent
 from ladder.tp import ShardSpec
 
-COMMS = ("auto", "gloo", "nccl")
+COMMS = ("auto", "gloo", "shm", "nccl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -36,7 +37,7 @@ class GroupOptions:
     tp: int = 1
     residual: str = "standard"
     dtype: str = "float32"
-    comm: str = "auto"  # how ranks all-reduce: auto | gloo | nccl (see make_comm)
+    comm: str = "auto"  # how ranks all-reduce: auto | gloo | shm | nccl (see make_comm)
     device: str = "cpu"  # cpu | cuda (rank r uses cuda:r, NCCL all-reduces)
     n_slots: int = 8
     max_seq: int = 2048
@@ -66,8 +67,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def make_comm(opts: GroupOptions, rank: int, init_method: str | None) -> Communicator:
-    """The group's link. `auto`: none at TP=1, NCCL on CUDA, gloo on CPU. Naming a link
-    explicitly builds it even at TP=1 (a one-rank group: handy to exercise the path)."""
+    """The group's link. `auto`: none at TP=1, NCCL on CUDA, shared memory on CPU (a local
+    group's ranks share a node). `shm` all-reduces through shared memory, with the gloo group
+    initialised beside it for the rendezvous. Naming a link explicitly builds it even at TP=1
+    (a one-rank group: handy to exercise the path)."""
     if opts.tp == 1 and opts.comm == "auto":
         comm: Communicator = NoComm()
     else:
@@ -83,7 +86,16 @@ def make_comm(opts: GroupOptions, rank: int, init_method: str | None) -> Communi
         else:
             dist.init_process_group("gloo", init_method=init_method, rank=rank,
                                     world_size=opts.tp, timeout=timeout)
-            comm = TorchComm(interconnect="loopback")
+            if opts.comm == "gloo":
+                comm = TorchComm(interconnect="loopback")
+            else:
+                from ladder.shm import ShmComm
+                # the segment's path adds rank 0's pid (told through gloo): the name only
+                # makes /dev/shm readable, its port part need not be unique
+                port = (init_method or os.environ.get("MASTER_PORT", "0")).rsplit(":", 1)[-1]
+                name = "p" + "".join(c if c.isalnum() else "_" for c in port)
+                comm = ShmComm(name, rank, opts.tp, cpu_group=dist.group.WORLD,
+                               timeout_s=opts.op_timeout_s)
     return EmulatedLatency(comm, opts.latency_s) if opts.latency_s > 0 else comm
 
 
@@ -179,8 +191,10 @@ def _rank_main(rank: int, opts: GroupOptions, init_method: str | None, status: m
         return
     status.put(("ready", rank, None))
     if rank != 0:
-        engine.follow()
-        comm.close()
+        try:
+            engine.follow()
+        finally:
+            _shutdown(comm)
         return
     try:
         while True:
@@ -207,7 +221,14 @@ def _rank_main(rank: int, opts: GroupOptions, init_method: str | None, status: m
                 conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
     finally:
         engine.stop_followers()
-        comm.close()
+        _shutdown(comm)
+
+
+def _shutdown(comm: Communicator) -> None:
+    comm.close()
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class GroupError(RuntimeError):
@@ -229,20 +250,32 @@ class LocalTPGroup:
                       for r in range(self.opts.tp)]
         for p in self.procs:
             p.start()
-        ready = 0
         try:
-            while ready < self.opts.tp:
-                kind, rank, msg = status.get(timeout=self.opts.startup_timeout_s)
-                if kind == "error":
-                    raise GroupError(f"rank {rank} failed to start: {msg}")
-                ready += 1
-        except queue.Empty:
-            self.close()
-            raise GroupError(f"the group did not start within {self.opts.startup_timeout_s} s")
+            self._wait_ready(status)
         except GroupError:
             self.close()
             raise
         self.info = self._call("info", None)
+
+    def _wait_ready(self, status: mp.Queue) -> None:
+        """Every rank reports ready, or the first error (or death) fails the start."""
+        deadline = time.monotonic() + self.opts.startup_timeout_s
+        ready = 0
+        while ready < self.opts.tp:
+            try:
+                kind, rank, msg = status.get(timeout=0.5)
+            except queue.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(self.procs) if not p.is_alive()]
+                if dead:
+                    r, code = dead[0]
+                    raise GroupError(f"rank {r} exited with code {code} during start-up")
+                if time.monotonic() > deadline:
+                    raise GroupError(f"the group did not start within "
+                                     f"{self.opts.startup_timeout_s} s")
+                continue
+            if kind == "error":
+                raise GroupError(f"rank {rank} failed to start: {msg}")
+            ready += 1
 
     def _call(self, cmd: str, arg):
         self._conn.send((cmd, arg))
