@@ -2,7 +2,8 @@
 
 Leader-driven SPMD: the leader (rank 0) decides each step's batch and broadcasts it to the other
 ranks through the communicator's CPU group (`StepBatch.encode` -> one int64 header broadcast,
-one body broadcast); every rank then runs the same forward; only the leader computes logits.
+one body broadcast); every rank then runs the same forward and its slice of the LM head; the
+leader gets the full logits.
 Followers sit in `follow()` until the leader sends STOP.
 """
 
@@ -118,13 +119,9 @@ class ShardEngine:
         ctx, tokens, lens = self._context(batch)
         with torch.inference_mode():
             h = self.model.hidden(tokens, ctx)
-            out = None
-            if self.is_leader:
-                if batch.all_logits:
-                    out = self.model.logits(h)
-                else:
-                    last = torch.tensor(lens, device=h.device) - 1
-                    out = self.model.logits(h[torch.arange(h.shape[0]), last])
+            if not batch.all_logits:
+                h = h[torch.arange(h.shape[0]), torch.tensor(lens, device=h.device) - 1]
+            out = self.model.logits(h)  # every rank: the LM head is vocabulary-parallel
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         stats.collect()
@@ -145,7 +142,7 @@ class ShardEngine:
         if self.keep_history:
             tm.history.append(("decode" if decode else "prefill", tokens.shape[0], dt,
                                stats.exposed_s))
-        return out
+        return out if self.is_leader else None
 
     def _context(self, batch: StepBatch):
         b = len(batch.tokens)

@@ -205,9 +205,9 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, spec, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = None
-        if spec.is_leader and not config.tie_embeddings:
-            self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = None  # this rank's vocabulary rows of an untied LM head
+        if not config.tie_embeddings:
+            self.output = nn.Linear(config.dim, spec.vocab_size, bias=False)
         self.set_comm(comm or NoComm())
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
@@ -217,7 +217,11 @@ class Transformer(nn.Module):
         self._reduce = NoComm(comm.rank, comm.world_size) if self.plan.kind == "desync" else comm
 
     def lm_head_weight(self) -> torch.Tensor:
-        return (self.output if self.output is not None else self.tok_embeddings).weight
+        """This rank's rows of the LM head [V_local, D]."""
+        if self.output is not None:
+            return self.output.weight
+        lo, hi = self.spec.vocab
+        return self.tok_embeddings.weight[lo:hi]
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, E/2]
@@ -266,7 +270,14 @@ class Transformer(nn.Module):
         return self.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.lm_head_weight())
+        """Full logits [..., V] on every rank: each computes its vocabulary rows, then one
+        all-reduce of the zero-padded rows gathers them (every rank must call this)."""
+        local = F.linear(h, self.lm_head_weight())
+        if self.spec.world == 1:
+            return local
+        full = local.new_zeros(*local.shape[:-1], self.config.vocab_size)
+        full[..., self.spec.vocab[0]:self.spec.vocab[1]] = local
+        return self._reduce.all_reduce(full).wait()
 
 
 def build_model(config: ModelConfig, spec: ShardSpec, plan: ResidualPlan,

@@ -48,8 +48,8 @@ def load_shard(ckpt: Checkpoint, spec: ShardSpec,
                dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """This rank's weights under our parameter names, cast to `dtype`.
 
-    `output.weight` is present only on the leader of an untied model: only the leader computes
-    logits, and a tied model's leader reuses `tok_embeddings.weight`.
+    `output.weight` holds this rank's vocabulary rows of an untied LM head (the logits are
+    vocabulary-parallel); a tied model's ranks slice `tok_embeddings.weight` instead.
     """
     check_shapes(ckpt)
     c = ckpt.config
@@ -78,6 +78,6 @@ def load_shard(ckpt: Checkpoint, spec: ShardSpec,
         ]))
         put(o + "mlp.w2.weight", ckpt.read(p + "mlp.down_proj.weight", cols=spec.ffn))
     put("norm.weight", ckpt.read("model.norm.weight"))
-    if spec.is_leader and not c.tie_embeddings:
-        put("output.weight", ckpt.read("lm_head.weight"))
+    if not c.tie_embeddings:
+        put("output.weight", ckpt.read("lm_head.weight", rows=spec.vocab))
     return sd
