@@ -1,0 +1,29 @@
+"""`ladder bench`: the benchmarks of `bench/`, one subcommand each.
+
+Each benchmark module offers `add_args(parser)` and `run(args) -> int` beside its own `main()`
+(so `python -m bench.<name>` and `ladder bench <name>` take the same flags); a new benchmark is
+one more line in `BENCHES`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHES = {
+    "decode": "bench.decode",  # ladder overlap at TP=2, engine vs transformers, bandwidth
+    "profile": "bench.profile_decode",  # where a TP=1 decode token's time goes
+    "vllm_compare": "bench.vllm_compare",  # our engine vs vLLM's CPU build, 1 and 16 streams
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run a benchmark (prints tables and one JSON line)",
+                       description=__doc__.splitlines()[0])
+    benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    for name, module in BENCHES.items():
+        mod = importlib.import_module(module)
+        b = benches.add_parser(name, help=mod.__doc__.splitlines()[0], description=mod.__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_args(b)
+        b.set_defaults(func=mod.run)

@@ -1,0 +1,128 @@
+"""Where a decode token's time goes: the engine's profile at TP=1 on SmolLM2.
+
+Runs the engine in this process (no group processes: a TP=1 shard with no communicator, as a
+rank builds it), greedy, N new tokens forced, after a warm-up, and prints
+- torch.profiler's operator table (self CPU time, sorted; the one prefill step is in it too,
+  small beside the N - 1 decode steps), and the decode weight matmuls by shape with the
+  bandwidth each reaches;
+- cProfile's top Python functions by own time (the interpreter overhead around the operators);
+- the engine's decode time per token and its share of the wall time per token.
+Ends with one JSON line: the top operators' share of decode time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import sys
+import time
+
+import torch
+
+from bench.table import table
+from bench.timed import OtherLoad, log
+from ladder.comm import NoComm
+from ladder.runner import GroupOptions, Leader, build_engine
+from ladder.sampling import SamplingParams
+
+PROMPT = ("Explain in two sentences why overlapping communication with compute speeds up "
+          "tensor-parallel inference.")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--top", type=int, default=15, help="rows per table")
+
+
+def generate(leader: Leader, prompt: list[int], n: int) -> None:
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    for _ in leader.generate([prompt], [params]):
+        pass
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    other = OtherLoad()
+    opts = GroupOptions(model="smollm2", tp=1, dtype=args.dtype, n_slots=1, max_seq=512)
+    ckpt, engine = build_engine(opts, 0, NoComm())
+    leader = Leader(ckpt, engine)
+    prompt = leader.encode(PROMPT, chat=True)
+    log(f"SmolLM2 TP=1 {args.dtype}, {args.threads} threads, {args.tokens} tokens")
+    generate(leader, prompt, 8)  # warm-up
+
+    engine.timing = type(engine.timing)()
+    t0 = time.perf_counter()
+    generate(leader, prompt, args.tokens)
+    wall = time.perf_counter() - t0
+    tm = engine.timing
+    per_token = tm.decode_s / tm.decode_tokens
+
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        generate(leader, prompt, args.tokens)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    elsize = torch.tensor([], dtype=engine.dtype).element_size()
+    mms = []  # the weight matmuls by shape, with the bandwidth each reaches
+    for e in prof.key_averages(group_by_input_shape=True):
+        shapes = e.input_shapes
+        if e.key != "aten::mm" or len(shapes) < 2 or len(shapes[1]) != 2 or shapes[0][0] != 1:
+            continue  # decode only: one row in
+        nbytes = shapes[1][0] * shapes[1][1] * elsize
+        mms.append({"weight": "x".join(map(str, shapes[1])),
+                    "calls_per_token": e.count / args.tokens,
+                    "us_per_token": e.self_cpu_time_total / args.tokens,
+                    "gb_s": nbytes * e.count / (e.self_cpu_time_total * 1e-6) / 1e9})
+    mms.sort(key=lambda m: m["us_per_token"], reverse=True)
+    total_us = sum(e.self_cpu_time_total for e in events)
+    ops = [{"op": e.key, "calls_per_token": e.count / args.tokens,
+            "self_us_per_token": e.self_cpu_time_total / args.tokens,
+            "share": e.self_cpu_time_total / total_us} for e in events[:args.top]]
+
+    pr = cProfile.Profile()
+    pr.enable()
+    generate(leader, prompt, args.tokens)
+    pr.disable()
+    stats = pstats.Stats(pr, stream=io.StringIO())
+    funcs = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:args.top]
+    py = [{"function": f"{fn[0].rsplit('/', 1)[-1]}:{fn[1]}({fn[2]})",
+           "calls_per_token": st[1] / args.tokens, "own_us_per_token": 1e6 * st[2] / args.tokens}
+          for fn, st in funcs]
+
+    print(table(f"torch operators by self CPU time ({args.tokens} tokens, {args.dtype})",
+                ["operator", "calls/token", "self us/token", "share"],
+                [[o["op"], o["calls_per_token"], o["self_us_per_token"], o["share"]]
+                 for o in ops]))
+    print()
+    print(table("weight matmuls (aten::mm, one row in) by weight shape [in x out]",
+                ["weight", "calls/token", "us/token", "GB/s"],
+                [[m["weight"], m["calls_per_token"], m["us_per_token"], m["gb_s"]]
+                 for m in mms]))
+    print()
+    print(table("Python functions by own time (cProfile; its overhead inflates small calls)",
+                ["function", "calls/token", "own us/token"],
+                [[p["function"], p["calls_per_token"], p["own_us_per_token"]] for p in py]))
+    print()
+    result = {"bench": "profile_decode", "dtype": args.dtype, "threads": args.threads,
+              "tokens": args.tokens, "decode_ms_per_token": 1e3 * per_token,
+              "wall_ms_per_token": 1e3 * wall / args.tokens, "ops": ops, "weight_matmuls": mms, "python": py,
+              "other_processes_cores": other.cores()}
+    print(f"engine decode {1e3 * per_token:.2f} ms/token, wall {1e3 * wall / args.tokens:.2f} "
+          f"ms/token; other processes used {result['other_processes_cores']:.2f} cores\n")
+    print(json.dumps(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.profile_decode", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Timed decode runs on a local TP group, and the small helpers the decode benchmarks share."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ladder.runner import LocalTPGroup
+from ladder.sampling import SamplingParams
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    """Progress on stderr (stdout carries the tables and the JSON line)."""
+    print(f"[bench {time.perf_counter() - _T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs))
+
+
+@dataclass
+class DecodeRun:
+    per_token_s: float  # engine decode-step time per token (StepTiming.decode_s / tokens)
+    exposed_per_token_s: float  # of which blocked in all-reduce waits
+    wall_per_token_s: float  # wall time between the first and last streamed token, per token
+    tokens: list[int]
+
+
+def decode_run(group: LocalTPGroup, prompt: list[int], n: int) -> DecodeRun:
+    """Greedy, exactly `n` new tokens (ignore_eos). The decode figures exclude the prefill step
+    (which yields the first token): they cover the n - 1 decode steps."""
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    group.reset_timing()
+    stamps, tokens = [], []
+    for ev in group.stream([prompt], [params]):
+        if ev.token_id is not None:
+            stamps.append(time.perf_counter())
+            tokens.append(ev.token_id)
+    tm = group.timing()
+    if tm.decode_tokens < 1 or len(tokens) != n:
+        raise RuntimeError(f"expected {n} tokens with {n - 1} decode steps, got {len(tokens)} "
+                           f"tokens and {tm.decode_tokens} decode tokens")
+    return DecodeRun(per_token_s=tm.decode_s / tm.decode_tokens,
+                     exposed_per_token_s=tm.decode_exposed_s / tm.decode_tokens,
+                     wall_per_token_s=(stamps[-1] - stamps[0]) / (len(stamps) - 1), tokens=tokens)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of processes (Linux /proc, clock-tick resolution); 0 for gone ones."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+class OtherLoad:
+    """CPU time the rest of the machine used while this benchmark ran, in cores on average:
+    all busy time (/proc/stat) less this process's and its reaped children's. Anything well
+    above zero means the figures were taken on a shared, busy machine."""
+
+    def __init__(self) -> None:
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy_s(), _own_s()
+
+    def cores(self) -> float:
+        busy, own = _busy_s() - self.busy0, _own_s() - self.own0
+        return max(0.0, busy - own) / (time.perf_counter() - self.t0)
+
+
+def _busy_s() -> float:
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0.0
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # up to steal; guests are in user
+
+
+def _own_s() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
