@@ -10,7 +10,7 @@ Followers sit in `follow()` until the leader sends STOP.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -66,9 +66,6 @@ class StepTiming:
     exposed_s: float = 0.0  # exposed all-reduce wait, all steps
     decode_exposed_s: float = 0.0
     bytes: int = 0
-    last_step_s: float = 0.0
-    last_exposed_s: float = 0.0
-    history: list = field(default_factory=list)  # (kind, rows, seconds, exposed) per step
 
 
 class ShardEngine:
@@ -84,7 +81,6 @@ class ShardEngine:
                              self.dtype, self.device)
         self.n_slots, self.max_seq = n_slots, max_seq
         self.timing = StepTiming()
-        self.keep_history = False
 
     # -- SPMD ----------------------------------------------------------------------------------
     def step(self, batch: StepBatch) -> torch.Tensor | None:
@@ -130,7 +126,6 @@ class ShardEngine:
         tm.steps += 1
         tm.exposed_s += stats.exposed_s
         tm.bytes += stats.bytes
-        tm.last_step_s, tm.last_exposed_s = dt, stats.exposed_s
         decode = tokens.shape[1] == 1
         if decode:
             tm.decode_steps += 1
@@ -139,9 +134,6 @@ class ShardEngine:
             tm.decode_exposed_s += stats.exposed_s
         else:
             tm.prefill_s += dt
-        if self.keep_history:
-            tm.history.append(("decode" if decode else "prefill", tokens.shape[0], dt,
-                               stats.exposed_s))
         return out if self.is_leader else None
 
     def _context(self, batch: StepBatch):

@@ -99,13 +99,13 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, spec: ShardSpec) -> None:
+    def __init__(self, config: ModelConfig, spec: ShardSpec, layer_id: int) -> None:
         super().__init__()
+        self.layer_id = layer_id  # its index in the KV cache
         self.n_heads, self.n_kv, self.head_dim = spec.n_heads, spec.n_kv_heads, config.head_dim
         e = config.head_dim
         self.wqkv = nn.Linear(config.dim, (self.n_heads + 2 * self.n_kv) * e, bias=False)
         self.wo = nn.Linear(self.n_heads * e, config.dim, bias=False)
-        self.layer_id = 0
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Partial output [B, T, D] of this rank's heads; the caller all-reduces it."""
@@ -173,8 +173,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, spec: ShardSpec, layer_id: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attention = Attention(config, spec)
-        self.attention.layer_id = layer_id
+        self.attention = Attention(config, spec, layer_id)
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config, spec)
 
