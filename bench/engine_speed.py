@@ -13,7 +13,9 @@
     each layer, plus the LM head's vocab x dim rows; the one embedding row and the KV cache are
     left out) over the engine's time per token, against a plain matrix-vector pass over the
     same bytes: `F.linear` of a [1, in] vector with each of the same matrices, same dtype, same
-    threads, in the same process state as transformers (the engine group idles meanwhile).
+    threads, in the same process state as transformers (the engine group idles meanwhile). The
+    engine reads its weights in faster layouts than F.linear's (ladder.kernels), so the pass runs
+    in those layouts too, and the target is judged against the faster of the two passes.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 
 from bench.table import table
 from bench.timed import OtherLoad, decode_run, log, median
+from ladder.kernels import FastLinear
 from ladder.loaders import load_shard, open_checkpoint
 from ladder.runner import DTYPES, GroupOptions, LocalTPGroup
 from ladder.tp import ShardSpec
@@ -121,11 +124,12 @@ def shard_matrices(ckpt, dtype: torch.dtype) -> list[torch.Tensor]:
     return mats
 
 
-def gemv_pass_s(mats: list[torch.Tensor], xs: list[torch.Tensor]) -> float:
+def gemv_pass_s(mats: list, xs: list[torch.Tensor]) -> float:
+    """One matrix-vector product per matrix: F.linear for plain tensors, the module otherwise."""
     with torch.inference_mode():
         t0 = time.perf_counter()
         for w, x in zip(mats, xs):
-            F.linear(x, w)
+            F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
         return time.perf_counter() - t0
 
 
@@ -166,12 +170,13 @@ def run(s: Settings, vs_hf: bool, bandwidth: bool) -> tuple[dict, dict, str]:
             prompt = group.encode(PROMPT, chat=True)
             hf = hf_model(ckpt, weights, dtype) if vs_hf else None
             mats = shard_matrices(ckpt, dtype) if bandwidth else []
+            laid_out = [FastLinear(w) for w in mats]  # the layouts the engine reads
             xs = [torch.randn(1, w.shape[1], dtype=dtype) for w in mats]
             nbytes = sum(w.numel() * w.element_size() for w in mats)
             decode_run(group, prompt, min(8, n))  # warm-up
             if hf is not None:
                 hf_run(hf, prompt, min(8, n))
-            ours, theirs, gemv = [], [], []
+            ours, theirs, gemv, gemv_fast = [], [], [], []
             for rep in range(s.reps):  # ours, theirs, then theirs, ours: drift falls on both
                 if rep % 2 == 0:
                     ours.append(decode_run(group, prompt, n))
@@ -182,7 +187,9 @@ def run(s: Settings, vs_hf: bool, bandwidth: bool) -> tuple[dict, dict, str]:
                 if mats:
                     gemv_pass_s(mats, xs)  # warm
                     gemv += [gemv_pass_s(mats, xs) for _ in range(3)]
-            del hf, mats, xs
+                    gemv_pass_s(laid_out, xs)
+                    gemv_fast += [gemv_pass_s(laid_out, xs) for _ in range(3)]
+            del hf, mats, laid_out, xs
         busy = other.cores()  # the rest of the machine while this dtype ran (0: quiet)
         ours_s = median(r.per_token_s for r in ours)
         ours_wall = median(r.wall_per_token_s for r in ours)
@@ -194,10 +201,11 @@ def run(s: Settings, vs_hf: bool, bandwidth: bool) -> tuple[dict, dict, str]:
                 "greedy_prefix_match": prefix_match(ours[0].tokens, theirs[0][1]),
                 "tokens": n, "prompt_tokens": len(prompt), "other_processes_cores": busy}
         if bandwidth:
-            g = median(gemv)
+            g, best = median(gemv), min(median(gemv), median(gemv_fast))
             bw_out[dt] = {"weight_bytes_per_token": nbytes, "decode_ms_per_token": 1e3 * ours_s,
                           "decode_gb_s": nbytes / ours_s / 1e9, "gemv_ms_per_pass": 1e3 * g,
                           "gemv_gb_s": nbytes / g / 1e9, "fraction": g / ours_s,
+                          "best_gemv_gb_s": nbytes / best / 1e9, "fraction_of_best": best / ours_s,
                           "other_processes_cores": busy}
     return hf_out, bw_out, report(hf_out, bw_out, s)
 
@@ -219,15 +227,18 @@ def report(hf_out: dict, bw_out: dict, s: Settings) -> str:
              "other procs cores"], rows))
     if bw_out:
         rows = [[dt, r["weight_bytes_per_token"] / 1e6, r["decode_ms_per_token"],
-                 r["decode_gb_s"], r["gemv_ms_per_pass"], r["gemv_gb_s"], r["fraction"],
-                 r["fraction"] >= TARGETS["bandwidth_fraction"], r["other_processes_cores"]]
+                 r["decode_gb_s"], r["gemv_gb_s"], r["fraction"], r["best_gemv_gb_s"],
+                 r["fraction_of_best"],
+                 r["fraction_of_best"] >= TARGETS["bandwidth_fraction"], r["other_processes_cores"]]
                 for dt, r in bw_out.items()]
         parts.append(table(
             f"(c) Memory bandwidth: weight bytes per decode token (all linear weights + LM head "
-            f"rows) / time per token, against F.linear([1, in], W) over the same matrices, "
-            f"{THREADS} threads",
-            ["dtype", "MB/token", "decode ms/token", "decode GB/s", "gemv ms/pass", "gemv GB/s",
-             "fraction", f">= {TARGETS['bandwidth_fraction']}", "other procs cores"], rows))
+            f"rows) / time per token, against a matrix-vector pass over the same matrices: "
+            f"F.linear([1, in], W), and the faster of that and the engine's own layouts "
+            f"(ladder.kernels; the target is judged against this one), {THREADS} threads",
+            ["dtype", "MB/token", "decode ms/token", "decode GB/s", "F.linear GB/s", "fraction",
+             "best pass GB/s", "fraction of best", f">= {TARGETS['bandwidth_fraction']}",
+             "other procs cores"], rows))
     return "\n\n".join(parts)
 
 

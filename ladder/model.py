@@ -111,9 +111,10 @@ class Attention(nn.Module):
         """Partial output [B, T, D] of this rank's heads; the caller all-reduces it."""
         b, t, _ = x.shape
         h, k_, e = self.n_heads, self.n_kv, self.head_dim
-        q, k, v = self.wqkv(x).split((h * e, k_ * e, k_ * e), dim=-1)
-        q = apply_rope(q.view(b, t, h, e).transpose(1, 2), ctx.cos, ctx.sin)
-        k = apply_rope(k.view(b, t, k_, e).transpose(1, 2), ctx.cos, ctx.sin)
+        qk, v = self.wqkv(x).split(((h + k_) * e, k_ * e), dim=-1)
+        # q and k heads sit side by side in wqkv's output: one rotation for both
+        q, k = apply_rope(qk.view(b, t, h + k_, e).transpose(1, 2), ctx.cos, ctx.sin).split(
+            (h, k_), dim=1)
         v = v.view(b, t, k_, e).transpose(1, 2)
         if ctx.cache is not None:
             ck, cv = ctx.cache.k[self.layer_id], ctx.cache.v[self.layer_id]
@@ -207,6 +208,7 @@ class Transformer(nn.Module):
         self.output = None  # this rank's vocabulary rows of an untied LM head
         if not config.tie_embeddings:
             self.output = nn.Linear(config.dim, spec.vocab_size, bias=False)
+        self.head: nn.Module | None = None  # the LM head in a decode layout (ladder.kernels)
         self.set_comm(comm or NoComm())
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
@@ -219,6 +221,8 @@ class Transformer(nn.Module):
         """This rank's rows of the LM head [V_local, D]."""
         if self.output is not None:
             return self.output.weight
+        if not self.config.tie_embeddings:
+            raise RuntimeError("the untied LM head lives in `head` now (ladder.kernels)")
         lo, hi = self.spec.vocab
         return self.tok_embeddings.weight[lo:hi]
 
@@ -271,7 +275,7 @@ class Transformer(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Full logits [..., V] on every rank: each computes its vocabulary rows, then one
         all-reduce of the zero-padded rows gathers them (every rank must call this)."""
-        local = F.linear(h, self.lm_head_weight())
+        local = self.head(h) if self.head is not None else F.linear(h, self.lm_head_weight())
         if self.spec.world == 1:
             return local
         full = local.new_zeros(*local.shape[:-1], self.config.vocab_size)

@@ -22,6 +22,7 @@ import torch
 from ladder.comm import Communicator, EmulatedLatency, NoComm, TorchComm
 from ladder.config import ResidualPlan
 from ladder.engine import ShardEngine, StepBatch, StepTiming
+from ladder.kernels import fast_cpu_decode
 from ladder.model import build_model
 from ladder.sampling import SamplingParams
 from ladder.scheduler import Request, Scheduler, TokenEvent
@@ -43,6 +44,7 @@ class GroupOptions:
     max_seq: int = 2048
     latency_s: float = 0.0  # emulated link latency per all-reduce (0: none)
     threads: int = 0  # torch threads per rank; 0: cores // tp
+    fast_kernels: bool = True  # CPU: weights re-laid out for decode (ladder.kernels)
     startup_timeout_s: float = 300.0
     op_timeout_s: float = 300.0
 
@@ -128,6 +130,8 @@ def build_engine(opts: GroupOptions, rank: int, comm: Communicator):
     state = load_shard(ckpt, spec, DTYPES[opts.dtype])
     device = torch.device("cuda", rank) if opts.device == "cuda" else torch.device("cpu")
     model = build_model(cfg, spec, plan, state, comm, device=device)
+    if opts.fast_kernels and device.type == "cpu":
+        fast_cpu_decode(model)
     engine = ShardEngine(model, comm, n_slots=opts.n_slots,
                          max_seq=min(opts.max_seq, cfg.max_seq_len))
     return ckpt, engine

@@ -1,0 +1,56 @@
+"""The decode weight layouts (ladder.kernels) compute what the plain layout computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ladder.config import ModelConfig, ResidualPlan
+from ladder.kernels import FastLinear, fast_cpu_decode
+from ladder.model import Transformer
+from ladder.tp import ShardSpec
+
+
+@pytest.mark.parametrize("dtype,shape,mode", [
+    (torch.float32, (96, 32), "t"),       # wide output: [in, out] layout
+    (torch.float32, (32, 96), "plain"),   # narrow output (the down projection): kept
+    (torch.bfloat16, (96, 32), "packed"),
+    (torch.bfloat16, (32, 96), "packed"),
+])
+@pytest.mark.parametrize("rows", [(1, 1), (3, 1), (2, 7)])
+def test_fast_linear_matches_f_linear(dtype, shape, mode, rows):
+    torch.manual_seed(0)
+    w = torch.randn(shape, dtype=dtype)
+    x = torch.randn(*rows, shape[1], dtype=dtype)
+    lin = FastLinear(w)
+    assert lin.mode == mode
+    got, ref = lin(x), F.linear(x, w)
+    assert got.shape == ref.shape and got.dtype == dtype
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, ref)  # oneDNN is what F.linear runs for bf16: same sums
+    else:
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_cpu_decode_keeps_the_model(tied, dtype):
+    cfg = ModelConfig(vocab_size=80, dim=64, intermediate_size=96, n_layers=2, n_heads=4,
+                      n_kv_heads=2, max_seq_len=64, tie_embeddings=tied)
+    torch.manual_seed(0)
+    model = Transformer(cfg, ShardSpec.make(cfg, 0, 1), ResidualPlan.parse("ladder", 2))
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    model = model.to(dtype).eval().requires_grad_(False)
+    toks = torch.tensor([[3, 9, 27, 4, 61]])
+    ref = model(toks)
+    fast_cpu_decode(model)
+    got = model(toks)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, ref)
+    else:
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    if not tied:
+        with pytest.raises(RuntimeError, match="head"):
+            model.lm_head_weight()
