@@ -4,7 +4,9 @@ Leader-driven SPMD: the leader (rank 0) decides each step's batch and broadcasts
 ranks through the communicator's CPU group (`StepBatch.encode` -> one int64 header broadcast,
 one body broadcast); every rank then runs the same forward and its slice of the LM head; the
 leader gets the full logits.
-Followers sit in `follow()` until the leader sends STOP.
+Followers sit in `follow()` until the leader sends STOP. `ping()` is a health check that crosses
+every rank: a broadcast, then an all-reduce of ones that must sum to the group's size; an idle
+leader also pings as a heartbeat, so that no follower's wait runs into the link's timeout.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from ladder.comm import Communicator
 from ladder.model import KVCache, StepContext, Transformer
 
-OP_STEP, OP_STOP = 1, 2
+OP_STEP, OP_STOP, OP_PING = 1, 2, 3
 _HEADER = 4  # op, rows, tokens per row (padded), flags
 
 
@@ -91,6 +93,24 @@ class ShardEngine:
             self.comm.broadcast(body)
         return self._run(batch)
 
+    def ping(self) -> float:
+        """Leader: a collective round trip through every rank; returns its seconds.
+
+        Raises RuntimeError when the sum is wrong (the link's own errors propagate as they are).
+        """
+        t0 = time.perf_counter()
+        if self.comm.world_size > 1:
+            self.comm.broadcast(torch.tensor([OP_PING, 0, 0, 0]))
+            got = self._ping_reduce()
+            if got != self.comm.world_size:
+                raise RuntimeError(f"health all-reduce summed to {got}, expected "
+                                   f"{self.comm.world_size}")
+        return time.perf_counter() - t0
+
+    def _ping_reduce(self) -> int:
+        one = torch.ones(1, dtype=self.dtype, device=self.device)
+        return round(float(self.comm.all_reduce(one).wait()[0]))
+
     def stop_followers(self) -> None:
         if self.comm.world_size > 1:
             self.comm.broadcast(torch.tensor([OP_STOP, 0, 0, 0]))
@@ -103,6 +123,9 @@ class ShardEngine:
             op, b, t, _ = head.tolist()
             if op == OP_STOP:
                 return
+            if op == OP_PING:
+                self._ping_reduce()
+                continue
             body = torch.zeros(b * (t + 3), dtype=torch.int64)
             self.comm.broadcast(body)
             self._run(StepBatch.decode(head, body))

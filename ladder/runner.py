@@ -25,7 +25,7 @@ from ladder.engine import ShardEngine, StepBatch, StepTiming
 from ladder.kernels import fast_cpu_decode
 from ladder.model import build_model
 from ladder.sampling import SamplingParams
-from ladder.scheduler import Request, Scheduler, TokenEvent
+from ladder.scheduler import Request, Scheduler, TokenEvent, add_event, new_result
 from ladder.tp import ShardSpec
 
 COMMS = ("auto", "gloo", "shm", "nccl")
@@ -40,10 +40,13 @@ class GroupOptions:
     dtype: str = "float32"
     comm: str = "auto"  # how ranks all-reduce: auto | gloo | shm | nccl (see make_comm)
     device: str = "cpu"  # cpu | cuda (rank r uses cuda:r, NCCL all-reduces)
+    cuda_index: int | None = None  # this rank's GPU when not cuda:<rank> (a Ray worker's: 0)
     n_slots: int = 8
     max_seq: int = 2048
     latency_s: float = 0.0  # emulated link latency per all-reduce (0: none)
     threads: int = 0  # torch threads per rank; 0: cores // tp
+    host: str = ""  # the address this rank's gloo binds to ('' = gloo's default resolution)
+    interconnect: str = ""  # the link's label when the launcher knows it better (e.g. network)
     fast_kernels: bool = True  # CPU: weights re-laid out for decode (ladder.kernels)
     startup_timeout_s: float = 300.0
     op_timeout_s: float = 300.0
@@ -61,11 +64,34 @@ class GroupOptions:
             raise ValueError(f"comm {self.comm!r} does not run on device {self.device!r} "
                              "(nccl is the CUDA link, the others are CPU links)")
 
+    def cuda_device(self, rank: int) -> torch.device:
+        return torch.device("cuda", rank if self.cuda_index is None else self.cuda_index)
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def bind_gloo(host: str) -> str:
+    """Make gloo bind to the interface that owns `host` (GLOO_SOCKET_IFNAME); returns its name.
+
+    Left alone, gloo resolves the hostname, which may give a loopback address: a group whose
+    ranks sit on different nodes then hangs at its first collective.
+    """
+    import fcntl
+    import struct
+    for _, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:  # SIOCGIFADDR: the interface's IPv4 address
+                raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue
+        if socket.inet_ntoa(raw[20:24]) == host:
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+            return name
+    raise ValueError(f"no network interface of this node has the address {host}")
 
 
 def make_comm(opts: GroupOptions, rank: int, init_method: str | None) -> Communicator:
@@ -78,18 +104,20 @@ def make_comm(opts: GroupOptions, rank: int, init_method: str | None) -> Communi
     else:
         import torch.distributed as dist
         timeout = datetime.timedelta(seconds=opts.op_timeout_s)
+        if opts.host:
+            bind_gloo(opts.host)
         if opts.device == "cuda":
-            torch.cuda.set_device(rank)
+            dev = opts.cuda_device(rank)
+            torch.cuda.set_device(dev)
             dist.init_process_group("nccl", init_method=init_method, rank=rank,
-                                    world_size=opts.tp, timeout=timeout,
-                                    device_id=torch.device("cuda", rank))
+                                    world_size=opts.tp, timeout=timeout, device_id=dev)
             cpu_group = dist.new_group(backend="gloo", timeout=timeout)
             comm = TorchComm(cpu_group=cpu_group, interconnect=cuda_interconnect(opts.tp))
         else:
             dist.init_process_group("gloo", init_method=init_method, rank=rank,
                                     world_size=opts.tp, timeout=timeout)
             if opts.comm == "gloo":
-                comm = TorchComm(interconnect="loopback")
+                comm = TorchComm(interconnect=opts.interconnect or "loopback")
             else:
                 from ladder.shm import ShmComm
                 # the segment's path adds rank 0's pid (told through gloo): the name only
@@ -128,7 +156,7 @@ def build_engine(opts: GroupOptions, rank: int, comm: Communicator):
     spec = ShardSpec.make(cfg, rank, opts.tp)
     plan = ResidualPlan.parse(opts.residual, cfg.n_layers)
     state = load_shard(ckpt, spec, DTYPES[opts.dtype])
-    device = torch.device("cuda", rank) if opts.device == "cuda" else torch.device("cpu")
+    device = opts.cuda_device(rank) if opts.device == "cuda" else torch.device("cpu")
     model = build_model(cfg, spec, plan, state, comm, device=device)
     if opts.fast_kernels and device.type == "cpu":
         fast_cpu_decode(model)
@@ -305,14 +333,9 @@ class LocalTPGroup:
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[dict]:
         """Run to completion; one dict per prompt: tokens, text, finish_reason, stats."""
-        out = [{"tokens": [], "text": "", "finish_reason": None, "stats": None} for _ in prompts]
+        out = [new_result() for _ in prompts]
         for ev in self.stream(prompts, params):
-            o = out[ev.request_id]
-            if ev.token_id is not None:
-                o["tokens"].append(ev.token_id)
-            o["text"] += ev.text
-            if ev.finish_reason:
-                o["finish_reason"], o["stats"] = ev.finish_reason, ev.stats
+            add_event(out[ev.request_id], ev)
         return out
 
     def encode(self, text: str, chat: bool = False) -> list[int]:

@@ -67,6 +67,19 @@ class TokenEvent:
     stats: RequestStats | None = None  # on the final event
 
 
+def new_result() -> dict:
+    """A request's outcome as `add_event` builds it: tokens, text, finish_reason, stats."""
+    return {"tokens": [], "text": "", "finish_reason": None, "stats": None}
+
+
+def add_event(result: dict, ev: TokenEvent) -> None:
+    if ev.token_id is not None:
+        result["tokens"].append(ev.token_id)
+    result["text"] += ev.text
+    if ev.finish_reason:
+        result["finish_reason"], result["stats"] = ev.finish_reason, ev.stats
+
+
 class Scheduler:
     def __init__(self, engine: ShardEngine, *, eos_token_ids: tuple[int, ...] = (),
                  decoder_factory=None, max_prefill_rows: int = 4) -> None:
@@ -80,16 +93,24 @@ class Scheduler:
         self.sampler = Sampler()
         self._ids = itertools.count()
 
-    def add(self, req: Request) -> Request:
-        if req.id is None:
-            req.id = next(self._ids)
+    def check(self, req: Request) -> None:
+        """Raise RequestError if `req` cannot be served (touches no state: any thread may call)."""
         n = len(req.prompt)
         if n == 0:
             raise RequestError("the prompt is empty")
         if n >= self.engine.max_seq:
             raise RequestError(f"the prompt has {n} tokens; the context holds "
                                f"{self.engine.max_seq} (prompt plus at least one new token)")
-        req.stats.prompt_tokens = n
+        vocab = self.engine.model.config.vocab_size
+        bad = [t for t in req.prompt if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+
+    def add(self, req: Request) -> Request:
+        self.check(req)
+        if req.id is None:
+            req.id = next(self._ids)
+        req.stats.prompt_tokens = len(req.prompt)
         self.waiting.append(req)
         return req
 

@@ -6,6 +6,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Ray token authentication, on for every cluster the tests start. Ray reads the mode once, when
+# it is first imported, so it is set here, before any test module imports ray.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = __import__("secrets").token_hex(16)
 
 import pytest  # noqa: E402
 
@@ -29,3 +33,83 @@ def smollm2(smollm2_path):
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2):
     return smollm2.tokenizer()
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of `pid` (from /proc), e.g. the Python workers a raylet starts."""
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real three-node Ray cluster on this machine, token authentication on.
+
+    Head (no CPUs: nothing runs there but Ray itself) and two worker nodes of 3 logical CPUs each
+    (a packed group and a spread one fit at once), so
+    STRICT_SPREAD puts a TP=2 group's ranks on different nodes and PACK puts both on one.
+    Teardown ends the cluster's own processes (by their ids, children included) and checks
+    that none is left.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=3)
+        ray.init(address=cluster.address)
+        yield cluster
+    finally:
+        nodes = [cluster.head_node, *cluster.worker_nodes] if cluster.head_node else []
+        pids = [p.pid for node in nodes for _, p in node.live_processes()]
+        pids += [c for p in pids for c in _children(p)]
+        ray.shutdown()
+        cluster.shutdown()
+        import signal
+        import time
+        deadline = time.monotonic() + 15
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [p for p in pids if _alive(p)]
+        for p in left:  # ours, by id: never a pattern match on other sessions' Ray
+            os.kill(p, signal.SIGKILL)
+        assert not left, f"Ray processes outlived the cluster's shutdown: {left}"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A random 4-layer Llama saved with save_pretrained (6 heads, 3 KV heads), no tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=192, num_hidden_layers=4,
+                      num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=512,
+                      rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1,
+                      eos_token_id=2)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    return path
