@@ -143,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
         ["concurrent requests", "tokens", "wall s", "tok/s", "vs one"],
         [[n, v["tokens"], v["wall_s"], v["tok_s"], v["tok_s"] / base]
          for n, v in scaling.items()]))
-    print(f"\nother processes used {busy:.2f} cores on average (0 on a quiet machine)")
+    print(f"\nCPU outside this process: {busy:.2f} cores on average (this benchmark's own Ray "
+          "workers and runner ranks included: only a figure far above 1 means a busy machine)")
     line = json.dumps(out)
     print(line)
     if args.out:
