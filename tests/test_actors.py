@@ -169,3 +169,11 @@ def test_token_authentication_is_on(ray_cluster):
                        timeout=120)
     assert r.returncode != 0 and "connected" not in r.stdout
     assert ray.is_initialized() and ray.cluster_resources()["CPU"] == 6
+
+
+def test_an_unplaceable_group_fails_clearly_and_frees_its_placement_group(ray_cluster,
+                                                                          tiny_llama):
+    with pytest.raises(GroupError, match="lacks the resources"):
+        TPGroup(GroupOptions(model=str(tiny_llama), tp=2), cpus_per_worker=8,
+                startup_timeout_s=3, name="toobig")
+    assert "toobig" not in placement_groups_alive()
