@@ -185,6 +185,19 @@ class TPGroup:
     def encode(self, text: str, chat: bool = False) -> list[int]:
         return ray.get(self.leader.encode.remote(text, chat))
 
+    async def tokenize(self, text: str | None = None, messages: list[dict] | None = None
+                       ) -> list[int]:
+        """Prompt ids of `text` (as is) or of chat `messages` (through the chat template)."""
+        try:
+            if messages is not None:
+                return await self.leader.encode_chat.remote(messages)
+            return await self.leader.encode.remote(text, False)
+        except RayTaskError as e:
+            raise _translate(e, self.name) from None
+
+    async def health_async(self, timeout_s: float = 10.0) -> Health:
+        return await asyncio.to_thread(self.health, timeout_s)
+
     async def cancel(self, request_id: str) -> None:
         await self.leader.cancel.remote(request_id)
 
@@ -248,7 +261,7 @@ def _cause(e: BaseException) -> str:
 def _translate(e: BaseException, name: str) -> BaseException:
     """A Ray error from the leader as the API's own: RequestError, or GroupError."""
     inner = getattr(e, "cause", None)
-    if isinstance(inner, RequestError):
+    if isinstance(inner, (RequestError, ValueError)):  # the request, not the group
         return RequestError(str(inner))
     if isinstance(inner, GroupFailed):
         return GroupError(f"{name}: {inner}")

@@ -133,6 +133,9 @@ class ShardWorker:
     async def encode(self, text: str, chat: bool = False) -> list[int]:
         return self.loop.leader.encode(text, chat)
 
+    async def encode_chat(self, messages: list[dict]) -> list[int]:
+        return self.loop.leader.encode_chat(messages)
+
     async def check(self, prompt: list[int], params: SamplingParams) -> None:
         """Raise RequestError if the request cannot be served (before streaming starts)."""
         self.loop.scheduler.check(Request(prompt=list(prompt), params=params))

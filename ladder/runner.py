@@ -190,11 +190,18 @@ class Leader:
             yield from self.scheduler.step()
 
     def encode(self, text: str, chat: bool = False) -> list[int]:
+        if chat:
+            return self.encode_chat([{"role": "user", "content": text}])
+        return self._tokenizer().encode(text)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Prompt ids of a conversation through the model's chat template."""
+        return self._tokenizer().apply_chat_template(messages)
+
+    def _tokenizer(self):
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer: pass token ids")
-        if chat:
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": text}])
-        return self.tokenizer.encode(text)
+        return self.tokenizer
 
     def logits(self, rows: list[list[int]]) -> list[torch.Tensor]:
         """Full-sequence logits per row through the cached path (slots 0..B-1, positions 0..)."""
@@ -207,7 +214,9 @@ class Leader:
         return {"interconnect": self.engine.comm.interconnect,
                 "emulated": self.engine.comm.emulated,
                 "residual": m.plan.label_for(m.config.n_layers),
-                "tp": self.engine.comm.world_size, "config": m.config.to_dict()}
+                "tp": self.engine.comm.world_size, "config": m.config.to_dict(),
+                "max_seq": self.engine.max_seq, "n_slots": self.engine.n_slots,
+                "has_tokenizer": self.tokenizer is not None}
 
 
 def _rank_main(rank: int, opts: GroupOptions, init_method: str | None, status: mp.Queue,
