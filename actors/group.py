@@ -202,7 +202,12 @@ class TPGroup:
         await self.leader.cancel.remote(request_id)
 
     def stats(self, since: float = 0.0) -> dict:
+        """Totals, queue and slots, and the per-step records of steps that ended after `since`
+        (a time.time() value)."""
         return ray.get(self.leader.stats.remote(since), timeout=30)
+
+    async def stats_async(self, since: float = 0.0) -> dict:
+        return await self.leader.stats.remote(since)
 
     def health(self, timeout_s: float = 10.0) -> Health:
         """Every rank's process answers, and a collective round trip through all of them

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import secrets
 import sys
 import time
-from pathlib import Path
 
 from bench.table import table
-from bench.timed import OtherLoad, log, median
+from bench.timed import OtherLoad, bench_main, emit, log, median
 
 TARGETS = {"ray_vs_runner": 1.15, "scaling_16_vs_1": 5.0}
 PROMPT = ("Explain in two sentences why overlapping communication with compute speeds up "
@@ -145,19 +143,12 @@ def run(args: argparse.Namespace) -> int:
          for n, v in scaling.items()]))
     print(f"\nCPU outside this process: {busy:.2f} cores on average (this benchmark's own Ray "
           "workers and runner ranks included: only a figure far above 1 means a busy machine)")
-    line = json.dumps(out)
-    print(line)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"actors-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(line + "\n")
+    emit(out, args.out, "actors")
     return 0
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(p)
-    return run(p.parse_args())
+    return bench_main(__doc__, add_args, run)
 
 
 if __name__ == "__main__":

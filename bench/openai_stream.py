@@ -54,7 +54,7 @@ def summarize(start: float, streams: list[Stream]) -> StreamStats:
         aggregate_tok_s=tokens / (end - start), wall_s=end - start)
 
 
-async def _one(client, model: str, prompt: str, max_tokens: int, extra_body: dict) -> Stream:
+async def one_stream(client, model: str, prompt: str, max_tokens: int, extra_body: dict) -> Stream:
     sent = time.perf_counter()
     stamps, chunks, usage = [], 0, None
     stream = await client.chat.completions.create(
@@ -76,7 +76,7 @@ async def _run(base_url: str, model: str, prompt: str, n: int, max_tokens: int,
     async with AsyncOpenAI(base_url=base_url, api_key="EMPTY", timeout=timeout_s,
                            max_retries=0) as client:
         start = time.perf_counter()
-        streams = await asyncio.gather(*(_one(client, model, prompt, max_tokens, extra_body)
+        streams = await asyncio.gather(*(one_stream(client, model, prompt, max_tokens, extra_body)
                                          for _ in range(n)))
     return summarize(start, list(streams))
 

@@ -89,3 +89,23 @@ def _busy_s() -> float:
 def _own_s() -> float:
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
+
+
+def emit(result: dict, out_dir: str | None, name: str) -> None:
+    """Print the benchmark's one JSON line; with `out_dir`, also write it to
+    out_dir/<name>-<time>.json."""
+    import json
+    line = json.dumps(result)
+    print(line, flush=True)
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(line + "\n")
+
+
+def bench_main(module_doc: str, add_args, run) -> int:
+    """`python -m bench.<name>`: the module's flags, then its run()."""
+    import argparse
+    p = argparse.ArgumentParser(description=module_doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    return run(p.parse_args())

@@ -13,6 +13,7 @@ GET /health (the group's own health check). Every error is an OpenAI-style body 
 
 import asyncio
 import hmac
+import uuid
 from dataclasses import asdict, dataclass, field, fields
 
 from fastapi import FastAPI, Request
@@ -75,12 +76,12 @@ class LadderServer:
         self.cfg = ServerConfig.from_dict(config)
         import ray
         in_pg = ray.util.get_current_placement_group() is not None
-        replica = ray.get_runtime_context().get_actor_id() or "local"
         self.group = TPGroup(self.cfg.group_options(), strategy=self.cfg.strategy,
                              placement_group="current" if in_pg else None,
                              bundle_offset=1 if in_pg else 0,
                              fault_timeout_s=self.cfg.fault_timeout_s,
-                             name=f"{self.cfg.model_name}-{replica[-8:]}")
+                             name=f"{self.cfg.model_name}-{uuid.uuid4().hex[:8]}")
+        self.namespace = ray.get_runtime_context().namespace
         self.info = self.group.info
         self.max_seq = self.info["max_seq"]
         self.created = P.now()
@@ -101,9 +102,18 @@ class LadderServer:
     async def health(self) -> JSONResponse:
         h = await self.group.health_async(self.cfg.health_timeout_s)
         body = {"status": "ok" if h.healthy else "unhealthy", "reason": h.reason,
-                "rtt_s": h.rtt_s, "tp": self.info["tp"], "interconnect": self.info["interconnect"],
-                "residual": self.info["residual"]}
+                "rtt_s": h.rtt_s, "group": self.group.name, "namespace": self.namespace,
+                "tp": self.info["tp"],
+                "interconnect": self.info["interconnect"], "residual": self.info["residual"]}
         return JSONResponse(body, status_code=200 if h.healthy else 503)
+
+    @app.get("/stats")
+    async def stats(self, request: Request) -> dict:
+        """This replica's group: slots in use, queue, totals (per-step records left out)."""
+        self._auth(request)
+        st = await self.group.stats_async(since=float("inf"))
+        st.pop("steps")
+        return {"group": self.group.name, **st}
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:

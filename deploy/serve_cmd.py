@@ -1,0 +1,115 @@
+"""`ladder serve`: start (or join) a Ray cluster and serve a Serve config's application.
+
+With no `--address`, starts a local Ray instance (token authentication on) sized so that the
+config's replicas fit, runs the application, prints the URL with a `curl` and an `openai`
+example, and stays up until Ctrl-C (or SIGTERM), then shuts Serve and Ray down.
+"""
+
+import argparse
+import math
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).with_name("smollm2.yaml")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG),
+                   help="a Serve config YAML (default: deploy/smollm2.yaml)")
+    p.add_argument("--address", default=None,
+                   help="an existing Ray cluster (default: start a local one)")
+    p.add_argument("--host", default=None, help="HTTP host (default: the config's, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's)")
+    p.set_defaults(func=run)
+
+
+def load_config(path: str) -> tuple[dict, dict]:
+    """(http_options, the first application's entry) of a Serve config YAML."""
+    import yaml
+    p = Path(path)
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"{p}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise SystemExit(f"{p}: not valid YAML: {e}") from None
+    apps = (doc or {}).get("applications") or []
+    if not apps or "args" not in apps[0]:
+        raise SystemExit(f"{p}: needs an `applications` list whose first entry has `args`")
+    return dict(doc.get("http_options") or {}), apps[0]
+
+
+def cpus_needed(args: dict) -> int:
+    """Logical CPUs for the most replicas the config may run (bundles: 0.5 + threads per rank)."""
+    reps = (args.get("autoscaling_config") or {}).get("max_replicas",
+                                                     args.get("num_replicas", 1))
+    per = 0.5 + args.get("tp", 2) * args.get("threads", 1)
+    return math.ceil(reps * per)
+
+
+def run(a: argparse.Namespace) -> int:
+    http, appcfg = load_config(a.config)
+    args = dict(appcfg["args"])
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # before Ray is imported: read once
+    local = a.address is None
+    if local:
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+    import ray
+    from ray import serve
+
+    from deploy.server import ServerConfig, build_app
+
+    try:  # a bad setting fails here, naming the file, before any cluster starts
+        build_args = dict(args)
+        for k in ("autoscaling_config", "num_replicas", "max_ongoing_requests",
+                  "max_queued_requests", "retry_after_s", "health_check_period_s",
+                  "health_check_timeout_s", "graceful_shutdown_timeout_s"):
+            build_args.pop(k, None)
+        ServerConfig.from_dict(build_args)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"{a.config}: {e}") from None
+
+    host = a.host or http.get("host", "127.0.0.1")
+    port = a.port or int(http.get("port", 8000))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    t0 = time.perf_counter()
+    if local:
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed(args)),
+                 include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=a.address, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        name = appcfg.get("name", "ladder")
+        serve.run(build_app(args), name=name, route_prefix=appcfg.get("route_prefix", "/"))
+        url = f"http://{host}:{port}"
+        model = args.get("model_name", "smollm2")
+        key = (args.get("api_keys") or ["none"])[0]
+        print(f"ladder-serve: {model} on {url}/v1 (ready in {time.perf_counter() - t0:.0f} s; "
+              "Ctrl-C stops)\n\n"
+              f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+              f"       -H 'Authorization: Bearer {key}' \\\n"
+              f"       -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
+              f"\"content\": \"Hello!\"}}], \"max_tokens\": 32}}'\n\n"
+              f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', "
+              f"api_key='{key}'); print(c.chat.completions.create(model='{model}', "
+              f"messages=[{{'role': 'user', 'content': 'Hello!'}}], max_tokens=32)"
+              ".choices[0].message.content)\"\n", flush=True)
+        while not stop.wait(1.0):
+            pass
+        print("ladder-serve: shutting down", file=sys.stderr, flush=True)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
