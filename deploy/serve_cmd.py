@@ -47,10 +47,11 @@ def load_config(path: str) -> tuple[dict, dict]:
 
 
 def cpus_needed(args: dict) -> int:
-    """Logical CPUs for the most replicas the config may run (bundles: 0.5 + threads per rank)."""
+    """Logical CPUs for the most replicas the config may run (threads per rank; the replica
+    itself reserves none)."""
     reps = (args.get("autoscaling_config") or {}).get("max_replicas",
                                                      args.get("num_replicas", 1))
-    per = 0.5 + args.get("tp", 2) * args.get("threads", 1)
+    per = args.get("tp", 2) * args.get("threads", 1)
     return math.ceil(reps * per)
 
 
@@ -69,7 +70,7 @@ def run(a: argparse.Namespace) -> int:
     try:  # a bad setting fails here, naming the file, before any cluster starts
         build_args = dict(args)
         for k in ("autoscaling_config", "num_replicas", "max_ongoing_requests",
-                  "max_queued_requests", "retry_after_s", "health_check_period_s",
+                  "max_queued_requests", "health_check_period_s",
                   "health_check_timeout_s", "graceful_shutdown_timeout_s"):
             build_args.pop(k, None)
         ServerConfig.from_dict(build_args)

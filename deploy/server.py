@@ -42,6 +42,8 @@ class ServerConfig:
     threads: int = 1  # torch threads per rank
     strategy: str = "PACK"  # placement of the ranks (the deployment's placement group)
     api_keys: list[str] = field(default_factory=list)  # empty: no authentication
+    queue_limit: int = 32  # generations waiting for a slot, past which: 503 + Retry-After
+    retry_after_s: int = 1
     default_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
     health_timeout_s: float = 10.0
     fault_timeout_s: float = 20.0
@@ -60,6 +62,8 @@ class ServerConfig:
                             dtype=self.dtype, device=self.device, comm=self.comm,
                             n_slots=self.n_slots, max_seq=self.max_seq, threads=self.threads)
 
+
+REPLICA_MEMORY = 256 * 2**20  # bytes reserved for the replica process (bundle 0)
 
 app = FastAPI(title="ladder-serve", docs_url=None, redoc_url=None)
 
@@ -85,6 +89,7 @@ class LadderServer:
         self.info = self.group.info
         self.max_seq = self.info["max_seq"]
         self.created = P.now()
+        self.active = 0  # generations of this replica in the group (running or waiting)
 
     async def check_health(self) -> None:
         """Serve's health check: the group's collective round trip, not mere liveness."""
@@ -187,6 +192,10 @@ class LadderServer:
                              f"{self.max_seq}", param="messages" if chat else "prompt",
                              code="context_length_exceeded")
         params = req.sampling(default_max, room)
+        if self.active + len(params) > self.info["n_slots"] + self.cfg.queue_limit:
+            raise P.ApiError(503, "the server is at capacity; retry shortly",
+                             type_="server_error", code="overloaded",
+                             headers={"Retry-After": str(self.cfg.retry_after_s)})
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -207,9 +216,18 @@ class LadderServer:
 
     async def _collect(self, ids: list[int], sp, request_id: str) -> dict:
         out = new_result()
-        async for ev in self.group.stream(ids, sp, request_id=request_id):
+        async for ev in self._generation(ids, sp, request_id):
             add_event(out, ev)
         return out
+
+    async def _generation(self, ids: list[int], sp, request_id: str):
+        """The group's stream of one generation, counted in `active` while it lives."""
+        self.active += 1
+        try:
+            async for ev in self.group.stream(ids, sp, request_id=request_id):
+                yield ev
+        finally:
+            self.active -= 1
 
     async def _sse(self, rid: str, ids: list[int], params: list, chat: bool,
                    include_usage: bool, echo: str):
@@ -220,7 +238,7 @@ class LadderServer:
 
         async def pump(i: int, sp) -> None:
             try:
-                async for ev in self.group.stream(ids, sp, request_id=f"{rid}-{i}"):
+                async for ev in self._generation(ids, sp, f"{rid}-{i}"):
                     await queue.put((i, ev))
             except BaseException as e:  # noqa: BLE001 - reported in-band below
                 await queue.put((i, e))
@@ -267,31 +285,35 @@ def build_app(args: dict | None = None):
     """The Serve application (`serve run deploy/<name>.yaml` imports this as its import_path).
 
     `args`: ServerConfig's fields, plus the deployment settings `num_replicas`,
-    `autoscaling_config`, `max_ongoing_requests`, `max_queued_requests`, `retry_after_s`,
-    `health_check_period_s`, `health_check_timeout_s`.
+    `autoscaling_config`, `max_ongoing_requests`, `max_queued_requests`,
+    `health_check_period_s`, `health_check_timeout_s`, `graceful_shutdown_timeout_s`.
     """
     args = dict(args or {})
     deploy_keys = ("num_replicas", "autoscaling_config", "max_ongoing_requests",
                    "max_queued_requests", "health_check_period_s", "health_check_timeout_s",
                    "graceful_shutdown_timeout_s")
     dep = {k: args.pop(k) for k in deploy_keys if k in args}
-    retry_after = args.pop("retry_after_s", 1.0)
     cfg = ServerConfig.from_dict(args)
-    return LadderServer.options(**deployment_options(cfg, retry_after, **dep)).bind(asdict(cfg))
+    return LadderServer.options(**deployment_options(cfg, **dep)).bind(asdict(cfg))
 
 
-def deployment_options(cfg: ServerConfig, retry_after_s: float = 1.0, **overrides) -> dict:
-    """Gang scheduling: bundle 0 for the replica itself, one bundle per rank."""
+def deployment_options(cfg: ServerConfig, **overrides) -> dict:
+    """Gang scheduling: bundle 0 for the replica itself, one bundle per rank. The replica
+    refuses work past `n_slots + queue_limit` itself (503 with an OpenAI-style body and
+    Retry-After); Serve's own queue limits sit above that as a safety net."""
     rank = {"CPU": float(cfg.threads)}
     if cfg.device == "cuda":
         rank = {"CPU": 1.0, "GPU": 1.0}
+    # the replica only relays HTTP and token events: it reserves memory, not a core, so that
+    # a TP=2 group fits a 2-core machine
+    replica = {"memory": REPLICA_MEMORY}
     opts = {
-        "ray_actor_options": {"num_cpus": 0.5},
-        "placement_group_bundles": [{"CPU": 0.5}] + [dict(rank) for _ in range(cfg.tp)],
+        "ray_actor_options": {"num_cpus": 0, "memory": REPLICA_MEMORY},
+        "placement_group_bundles": [replica] + [dict(rank) for _ in range(cfg.tp)],
         "placement_group_strategy": cfg.strategy,
-        "max_ongoing_requests": 2 * cfg.n_slots,
-        "max_queued_requests": 8 * cfg.n_slots,
-        "backpressure_config": {"status_code": 503, "retry_after_s": retry_after_s},
+        "max_ongoing_requests": cfg.n_slots + cfg.queue_limit + 8,
+        "max_queued_requests": 4 * (cfg.n_slots + cfg.queue_limit),
+        "backpressure_config": {"status_code": 503, "retry_after_s": cfg.retry_after_s},
         "health_check_period_s": 5.0,
         "health_check_timeout_s": cfg.health_timeout_s + 10,
         "graceful_shutdown_timeout_s": 30.0,

@@ -295,3 +295,27 @@ def test_ladder_serve_command_serves_and_stops_cleanly(tmp_path, ray_cluster):
             proc.wait()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_overload_gets_503_with_retry_after(server, tiny_llama):
+    """A deployment at its queue limit answers 503 + Retry-After (a second app, tiny model)."""
+    from ray import serve
+
+    from deploy.server import build_app
+    serve.run(build_app({"model": str(tiny_llama), "model_name": "tiny", "tp": 1,
+                         "residual": "standard", "n_slots": 1, "max_seq": 512,
+                         "queue_limit": 1, "retry_after_s": 3}),
+              name="tiny", route_prefix="/tiny")
+    try:
+        body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 300, "ignore_eos": True}
+        with cf.ThreadPoolExecutor(6) as pool:  # 1 slot + 1 waiting: the rest are refused
+            results = list(pool.map(lambda _: post(server + "/tiny/v1/completions", body,
+                                                   key=None), range(6)))
+        codes = sorted(code for code, _, _ in results)
+        assert codes.count(200) >= 1 and codes.count(503) >= 1, codes
+        assert set(codes) <= {200, 503}
+        code, err, busy = next(r for r in results if r[0] == 503)
+        assert {k.lower(): v for k, v in busy.items()}["retry-after"] == "3"
+        assert err["error"]["code"] == "overloaded"
+    finally:
+        serve.delete("tiny")
