@@ -58,10 +58,12 @@ class TPGroup:
     def __init__(self, opts: GroupOptions, *, strategy: str = "PACK",
                  placement_group: PlacementGroup | str | None = None, bundle_offset: int = 0,
                  cpus_per_worker: float | None = None, startup_timeout_s: float = 300.0,
-                 fault_timeout_s: float = 20.0, name: str = "") -> None:
+                 fault_timeout_s: float = 20.0, name: str = "", metrics: bool = True,
+                 model_label: str = "") -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy {strategy!r} is not one of {STRATEGIES}")
         self.name = name or f"ladder-{uuid.uuid4().hex[:8]}"
+        self.metrics, self.model_label = metrics, model_label  # rank 0 records Prometheus series
         self.strategy = strategy
         gpu = opts.device == "cuda"
         threads = opts.threads or 1
@@ -120,7 +122,8 @@ class TPGroup:
         self.opts = opts
         port = self._get([self.workers[0].free_port.remote()], deadline, "pick a port")[0]
         init = f"tcp://{nodes[0]['ip']}:{port}"
-        starts = [w.start.remote(replace(opts, host=n["ip"]), init)
+        starts = [w.start.remote(replace(opts, host=n["ip"]), init, self.metrics,
+                                 self.model_label)
                   for w, n in zip(self.workers, nodes)]
         self._get(starts, deadline, "start")
         self.leader = self.workers[0]

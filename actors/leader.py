@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from ladder.runner import Leader
-from ladder.scheduler import Request, TokenEvent
+from ladder.scheduler import Request, RequestError, TokenEvent
 
 Sink = Callable[[object], None]  # receives TokenEvents, then possibly an exception
 
@@ -44,12 +44,14 @@ class StepRecord:
     exposed_s: float  # blocked in all-reduce waits
     bytes: int  # all-reduced per rank
     ops: int  # all-reduces
+    overlap: float | None  # CommStats.overlap_estimate(): the share of waits ladder hid
 
 
 class LeaderLoop:
-    def __init__(self, leader: Leader, *, heartbeat_s: float = 1.0, keep_steps: int = 4096
-                 ) -> None:
+    def __init__(self, leader: Leader, *, metrics=None, heartbeat_s: float = 1.0,
+                 keep_steps: int = 4096) -> None:
         self.leader, self.engine, self.scheduler = leader, leader.engine, leader.scheduler
+        self.metrics = metrics  # actors.metrics.GroupMetrics, or None: not recorded
         self.heartbeat_s = heartbeat_s
         self.steps: deque[StepRecord] = deque(maxlen=keep_steps)
         self.steps_total = 0
@@ -71,7 +73,12 @@ class LeaderLoop:
         request that cannot be served and GroupFailed when the group is down."""
         if self.error is not None:
             raise GroupFailed(self.error)
-        self.scheduler.check(req)
+        try:
+            self.scheduler.check(req)
+        except RequestError:
+            if self.metrics:
+                self.metrics.on_error("bad_request")
+            raise
         self._post(("add", req, sink))
 
     def cancel(self, request_id) -> None:
@@ -151,17 +158,24 @@ class LeaderLoop:
         t0 = time.perf_counter()
         events = sch.step()
         dt = time.perf_counter() - t0
-        self.steps.append(StepRecord(
+        rec = StepRecord(
             at=time.time(), kind="prefill" if prefill else "decode", rows=rows, tokens=tokens,
-            step_s=dt, exposed_s=stats.exposed_s, bytes=stats.bytes, ops=stats.ops))
+            step_s=dt, exposed_s=stats.exposed_s, bytes=stats.bytes, ops=stats.ops,
+            overlap=stats.overlap_estimate())
+        self.steps.append(rec)
         self.steps_total += 1
         self._deliver(events)
+        if self.metrics:
+            self.metrics.on_step(rec)
+            self.metrics.set_load(len(sch.running), len(sch.waiting), sch.engine.n_slots)
 
     def _deliver(self, events: list[TokenEvent]) -> None:
         for ev in events:
             sink = self._sinks.get(ev.request_id)
             if ev.finish_reason is not None:
                 self._sinks.pop(ev.request_id, None)
+                if self.metrics:
+                    self.metrics.on_finish(ev.stats, ev.finish_reason)
             if sink is not None:
                 sink(ev)
 
@@ -173,6 +187,8 @@ class LeaderLoop:
                 ev = self.scheduler.cancel(rid)
                 if ev is not None:
                     self._deliver([ev])
+        if error is not None and self.metrics and self._sinks:
+            self.metrics.on_error("group_failed", len(self._sinks))
         for sink in self._sinks.values():
             sink(error or GroupFailed("the group has stopped"))
         self._sinks.clear()
@@ -191,22 +207,9 @@ class LeaderLoop:
 
     # -- statistics ------------------------------------------------------------------------
     def stats(self, since: float = 0.0) -> dict:
-        """Totals, the link's idle round trip, and the steps that ended after `since`.
-
-        `overlap_estimate` per decode step: 1 - exposed / (ops x one small all-reduce), the share
-        of an unoverlapped schedule's waits that this step did not expose (an estimate: the
-        probe is a one-element reduce; DESIGN.md gives the desync-based figure for benchmarks).
-        """
+        """Totals, the link's idle round trip, and the steps that ended after `since`."""
         t = self.engine.timing
-        one = self.link_rtt_s / 2
-        steps = []
-        for s in list(self.steps):
-            if s.at <= since:
-                continue
-            d = asdict(s)
-            d["overlap_estimate"] = (max(0.0, 1 - s.exposed_s / (s.ops * one))
-                                     if s.ops and one > 0 else None)
-            steps.append(d)
+        steps = [asdict(s) for s in list(self.steps) if s.at > since]
         return {"steps_total": self.steps_total, "decode_tokens": t.decode_tokens,
                 "decode_s": t.decode_s, "prefill_s": t.prefill_s, "exposed_s": t.exposed_s,
                 "decode_exposed_s": t.decode_exposed_s, "bytes": t.bytes,

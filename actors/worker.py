@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import ray
 import torch
@@ -42,9 +43,11 @@ class ShardWorker:
     async def free_port(self) -> int:
         return free_port(ray.util.get_node_ip_address())
 
-    async def start(self, opts: GroupOptions, init_method: str) -> dict:
-        """Join the process group at `init_method`, load this rank's shard, start its thread."""
-        self.opts = opts
+    async def start(self, opts: GroupOptions, init_method: str, metrics: bool = True,
+                    model_label: str = "") -> dict:
+        """Join the process group at `init_method`, load this rank's shard, start its thread.
+        Rank 0 records the group's Prometheus metrics (`metrics`), labelled `model_label`."""
+        self.opts, self.metrics_on, self.model_label = opts, metrics, model_label
         if opts.device == "cuda":  # Ray gives each worker one GPU: its cuda:0
             self.opts = opts = replace(opts, cuda_index=0)
         await asyncio.to_thread(self._start, init_method)
@@ -55,7 +58,14 @@ class ShardWorker:
         ckpt, engine = build_engine(self.opts, self.rank, self.comm)
         self.comm.barrier()  # every rank loaded: the leader may ping
         if self.rank == 0:
-            self.loop = LeaderLoop(Leader(ckpt, engine))
+            leader = Leader(ckpt, engine)
+            metrics = None
+            if self.metrics_on:
+                from actors.metrics import GroupMetrics
+                info = leader.info()
+                metrics = GroupMetrics(self.model_label or Path(self.opts.model).name,
+                                       info["residual"], info["tp"], info["interconnect"])
+            self.loop = LeaderLoop(leader, metrics=metrics)
             self.loop.start()
         else:
             self._follower = threading.Thread(target=self._follow, args=(engine,), daemon=True,

@@ -45,6 +45,8 @@ class ServerConfig:
     queue_limit: int = 32  # generations waiting for a slot, past which: 503 + Retry-After
     retry_after_s: int = 1
     default_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
+    metrics: bool = True  # Prometheus series through Ray's metrics agents
+    interconnect: str = ""  # the link's label when the launch knows it (e.g. a shaped link)
     health_timeout_s: float = 10.0
     fault_timeout_s: float = 20.0
 
@@ -60,7 +62,8 @@ class ServerConfig:
     def group_options(self) -> GroupOptions:
         return GroupOptions(model=self.model, tp=self.tp, residual=self.residual,
                             dtype=self.dtype, device=self.device, comm=self.comm,
-                            n_slots=self.n_slots, max_seq=self.max_seq, threads=self.threads)
+                            n_slots=self.n_slots, max_seq=self.max_seq, threads=self.threads,
+                            interconnect=self.interconnect)
 
 
 REPLICA_MEMORY = 256 * 2**20  # bytes reserved for the replica process (bundle 0)
@@ -84,7 +87,8 @@ class LadderServer:
                              placement_group="current" if in_pg else None,
                              bundle_offset=1 if in_pg else 0,
                              fault_timeout_s=self.cfg.fault_timeout_s,
-                             name=f"{self.cfg.model_name}-{uuid.uuid4().hex[:8]}")
+                             name=f"{self.cfg.model_name}-{uuid.uuid4().hex[:8]}",
+                             metrics=self.cfg.metrics, model_label=self.cfg.model_name)
         self.namespace = ray.get_runtime_context().namespace
         self.info = self.group.info
         self.max_seq = self.info["max_seq"]

@@ -23,6 +23,8 @@ import torch.distributed as dist
 
 
 class Work(Protocol):
+    kind: str  # how its wait is accounted: "module" (default), "ladder" or "gather"
+
     def wait(self) -> torch.Tensor: ...
 
 
@@ -33,27 +35,54 @@ class CommStats:
     exposed_s: float = 0.0  # seconds blocked in Work.wait()
     bytes: int = 0  # bytes all-reduced (payload size per rank)
     ops: int = 0
-    # CUDA: (start, end) event pairs around each wait on the compute stream, resolved lazily
+    # the waits by kind (a Work's `kind`, set by whoever waits on it): "module" (a residual
+    # module's reduce waited for at once), "ladder" (one that overlapped the next module),
+    # "gather" (the LM head's logits); seconds and counts
+    wait_s: dict = field(default_factory=lambda: dict.fromkeys(WAIT_KINDS, 0.0))
+    waits: dict = field(default_factory=lambda: dict.fromkeys(WAIT_KINDS, 0))
+    # CUDA: (start, end, kind) around each wait on the compute stream, resolved lazily
     _cuda_events: list = field(default_factory=list)
 
     def reset(self) -> None:
         self.exposed_s, self.bytes, self.ops = 0.0, 0, 0
+        for k in WAIT_KINDS:
+            self.wait_s[k], self.waits[k] = 0.0, 0
         self._cuda_events.clear()
+
+    def add_wait(self, seconds: float, kind: str) -> None:
+        self.exposed_s += seconds
+        self.wait_s[kind] += seconds
+        self.waits[kind] += 1
 
     def collect(self) -> "CommStats":
         """Resolve pending CUDA timings (synchronizes on them); returns self."""
         if self._cuda_events:
             self._cuda_events[-1][1].synchronize()
-            self.exposed_s += sum(a.elapsed_time(b) for a, b in self._cuda_events) / 1e3
+            for a, b, kind in self._cuda_events:
+                self.add_wait(a.elapsed_time(b) / 1e3, kind)
             self._cuda_events.clear()
         return self
 
+    def overlap_estimate(self) -> float | None:
+        """Live overlap efficiency of one step: 1 - (exposed wait per ladder reduce) / (exposed
+        wait per module reduce waited at once), both on this link in this step; 0.0 when
+        nothing overlapped (standard), None without a reference (every module laddered)."""
+        lw, mw = self.waits["ladder"], self.waits["module"]
+        if lw == 0:
+            return 0.0 if mw else None
+        if mw == 0 or self.wait_s["module"] <= 0:
+            return None
+        return max(0.0, 1 - (self.wait_s["ladder"] / lw) / (self.wait_s["module"] / mw))
+
+
+WAIT_KINDS = ("module", "ladder", "gather")
+
 
 class _Done:
-    __slots__ = ("tensor",)
+    __slots__ = ("tensor", "kind")
 
     def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
+        self.tensor, self.kind = tensor, "module"
 
     def wait(self) -> torch.Tensor:
         return self.tensor
@@ -101,15 +130,15 @@ class NoComm(Communicator):
 
 
 class _TimedWork:
-    __slots__ = ("tensor", "work", "stats")
+    __slots__ = ("tensor", "work", "stats", "kind")
 
     def __init__(self, tensor: torch.Tensor, work, stats: CommStats) -> None:
-        self.tensor, self.work, self.stats = tensor, work, stats
+        self.tensor, self.work, self.stats, self.kind = tensor, work, stats, "module"
 
     def wait(self) -> torch.Tensor:
         t0 = time.perf_counter()
         self.work.wait()
-        self.stats.exposed_s += time.perf_counter() - t0
+        self.stats.add_wait(time.perf_counter() - t0, self.kind)
         return self.tensor
 
 
@@ -122,7 +151,7 @@ class _CudaTimedWork(_TimedWork):
         start.record()
         self.work.wait()
         end.record()
-        self.stats._cuda_events.append((start, end))
+        self.stats._cuda_events.append((start, end, self.kind))
         return self.tensor
 
 
@@ -160,10 +189,10 @@ class TorchComm(Communicator):
 
 
 class _DelayedWork:
-    __slots__ = ("inner", "due", "stats")
+    __slots__ = ("inner", "due", "stats", "kind")
 
     def __init__(self, inner: Work, due: float, stats: CommStats) -> None:
-        self.inner, self.due, self.stats = inner, due, stats
+        self.inner, self.due, self.stats, self.kind = inner, due, stats, "module"
 
     def wait(self) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -171,7 +200,7 @@ class _DelayedWork:
         if delay > 0:
             time.sleep(delay)
         x = self.inner.wait()
-        self.stats.exposed_s += time.perf_counter() - t0
+        self.stats.add_wait(time.perf_counter() - t0, self.kind)
         return x
 
 

@@ -184,12 +184,14 @@ class Block(nn.Module):
 
 
 class InFlight:
-    """A module output whose all-reduce has started and has not been added to the stream yet."""
+    """A module output whose all-reduce has started and has not been added to the stream yet.
+    Its wait is accounted as a ladder wait (one that overlapped the next module)."""
 
     __slots__ = ("work",)
 
     def __init__(self, work: Work) -> None:
         self.work = work
+        work.kind = "ladder"
 
     def add_to(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.work.wait()
@@ -280,7 +282,9 @@ class Transformer(nn.Module):
             return local
         full = local.new_zeros(*local.shape[:-1], self.config.vocab_size)
         full[..., self.spec.vocab[0]:self.spec.vocab[1]] = local
-        return self._reduce.all_reduce(full).wait()
+        work = self._reduce.all_reduce(full)
+        work.kind = "gather"
+        return work.wait()
 
 
 def build_model(config: ModelConfig, spec: ShardSpec, plan: ResidualPlan,

@@ -101,19 +101,19 @@ def remove_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
 
 
 class _ShmWork:
-    __slots__ = ("comm", "tensor", "buf", "last_seq", "done")
+    __slots__ = ("comm", "tensor", "buf", "last_seq", "done", "kind")
 
     def __init__(self, comm: "ShmComm", tensor: torch.Tensor, buf: torch.Tensor,
                  last_seq: int) -> None:
         self.comm, self.tensor, self.buf, self.last_seq = comm, tensor, buf, last_seq
-        self.done = False
+        self.done, self.kind = False, "module"
 
     def wait(self) -> torch.Tensor:
         if not self.done:
             comm = self.comm
             t0 = time.perf_counter()
             comm._drain(self.last_seq)
-            comm.stats.exposed_s += time.perf_counter() - t0
+            comm.stats.add_wait(time.perf_counter() - t0, self.kind)
         return self.tensor
 
 
