@@ -10,6 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # it is first imported, so it is set here, before any test module imports ray.
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = __import__("secrets").token_hex(16)
+os.environ["RAY_metrics_report_interval_ms"] = "2000"  # workers push metrics every 2 s
 
 import pytest  # noqa: E402
 
@@ -75,11 +76,17 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    import tempfile
+    # a temp dir of its own: Ray writes the Prometheus service-discovery file there, and this
+    # machine's other Ray clusters must not show up in it (short: Ray's socket paths live there)
+    temp_dir = tempfile.mkdtemp(prefix="lr", dir="/tmp")
     cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 0, "include_dashboard": False})
+                      head_node_args={"num_cpus": 0, "include_dashboard": True,
+                                      "temp_dir": temp_dir})
+    cluster.temp_dir = temp_dir
     try:
         for _ in range(2):
-            cluster.add_node(num_cpus=3)
+            cluster.add_node(num_cpus=3, temp_dir=temp_dir)
         ray.init(address=cluster.address)
         yield cluster
     finally:
@@ -96,6 +103,8 @@ def ray_cluster():
         left = [p for p in pids if _alive(p)]
         for p in left:  # ours, by id: never a pattern match on other sessions' Ray
             os.kill(p, signal.SIGKILL)
+        import shutil
+        shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"Ray processes outlived the cluster's shutdown: {left}"
 
 

@@ -1,0 +1,157 @@
+"""Metrics and dashboards against a real Prometheus scraping the real three-node cluster.
+
+TP=2 groups of a tiny model serve traffic in three residual modes (standard, partial ladder,
+ladder) on two interconnects (PACK: shm; STRICT_SPREAD: network). Prometheus (the Debian
+package, installed here if missing) scrapes every node's Ray metrics agent, found through Ray's
+service-discovery file as dashboards/prometheus.yml says; every PromQL expression of every
+dashboard panel must return data with the expected label values.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dashboards.build import build
+from dashboards.spec import DASHBOARDS
+
+RESIDUALS = {"standard": "standard", "ladder:1-3": "partial", "ladder": "ladder"}
+LINKS = {"PACK": "shm", "STRICT_SPREAD": "network"}
+
+
+def test_dashboard_json_is_in_sync_with_the_code():
+    assert build(check=True) == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prometheus_binary() -> str:
+    path = shutil.which("prometheus")
+    if path is None:  # the Debian package, as the set-up of these tests installs it
+        subprocess.run(["apt-get", "install", "-y", "-q", "prometheus"], check=True,
+                       env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                       capture_output=True, timeout=600)
+        path = shutil.which("prometheus")
+    assert path, "prometheus did not install"
+    return path
+
+
+@pytest.fixture(scope="module")
+def prometheus(ray_cluster, tmp_path_factory):
+    import yaml
+    cfg = yaml.safe_load(Path("dashboards/prometheus.yml").read_text())
+    cfg["global"] = {"scrape_interval": "2s", "evaluation_interval": "2s"}
+    sd = cfg["scrape_configs"][0]["file_sd_configs"][0]
+    sd["files"] = [str(Path(ray_cluster.temp_dir) / "prom_metrics_service_discovery.json")]
+    sd["refresh_interval"] = "2s"
+    d = tmp_path_factory.mktemp("prometheus")
+    (d / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    proc = subprocess.Popen([prometheus_binary(), f"--config.file={d / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={d / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(url + "/-/ready", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def query(url: str, expr: str) -> list[dict]:
+    q = urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(f"{url}/api/v1/query?{q}", timeout=30) as r:
+        body = json.loads(r.read())
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+@pytest.fixture(scope="module")
+def traffic(ray_cluster, tiny_llama, prometheus):
+    """Six groups (3 residual modes x 2 links), two waves of requests each, kept alive until
+    Prometheus has scraped them."""
+    from actors.group import TPGroup
+    from ladder.runner import GroupOptions
+    from ladder.sampling import SamplingParams
+    from ladder.scheduler import RequestError
+    groups = []
+    try:
+        for strategy in LINKS:
+            for residual in RESIDUALS:
+                groups.append(TPGroup(
+                    GroupOptions(model=str(tiny_llama), tp=2, residual=residual, n_slots=4,
+                                 max_seq=256), strategy=strategy, cpus_per_worker=0.25,
+                    model_label="tiny"))
+        sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+        for wave in range(2):
+            for g in groups:
+                g.generate([[5 + i, 6, 7] for i in range(3)], sp)
+                with pytest.raises(RequestError):
+                    g.generate([list(range(3, 300))], sp)  # longer than the context
+            time.sleep(8)  # pushed (2 s) and scraped (2 s) between the waves
+        deadline = time.monotonic() + 60
+        want = {(link, res) for link in LINKS.values() for res in RESIDUALS.values()}
+        while time.monotonic() < deadline:
+            got = {(r["metric"]["interconnect"], r["metric"]["residual"]) for r in query(
+                prometheus, "sum by (interconnect, residual) "
+                            "(increase(ray_ladder_decode_tokens_total[1m]))")
+                if float(r["value"][1]) > 0}
+            if want <= got:
+                break
+            time.sleep(2)
+        yield groups
+    finally:
+        for g in groups:
+            g.shutdown()
+
+
+def expressions():
+    for name, (_, _, panels) in DASHBOARDS.items():
+        for p in panels:
+            for q in p.queries:
+                yield pytest.param(q.expr, id=f"{name}:{p.title[:40]}:{q.legend[:12]}")
+
+
+@pytest.mark.parametrize("expr", list(expressions()))
+def test_every_panel_query_returns_data(prometheus, traffic, expr):
+    concrete = (expr.replace("$model", ".*").replace("$tp", ".*")
+                .replace("$interconnect", ".*").replace("$__rate_interval", "2m"))
+    result = query(prometheus, concrete)
+    values = [float(r["value"][1]) for r in result]
+    assert result and any(v == v for v in values), f"no data: {concrete}"  # v == v: not NaN
+    for r in result:
+        m = r["metric"]
+        if "interconnect" in m:
+            assert m["interconnect"] in LINKS.values()
+        if "residual" in m:
+            assert m["residual"] in RESIDUALS.values()
+        if "model" in m:
+            assert m["model"] == "tiny"
+    if "by (interconnect, residual)" in expr and "histogram_quantile" not in expr:
+        seen = {(r["metric"].get("interconnect"), r["metric"].get("residual")) for r in result}
+        assert {("shm", "standard"), ("network", "partial")} <= seen
