@@ -115,6 +115,7 @@ class LeaderLoop:
                     self._step()
                 elif not self._wake.wait(self.heartbeat_s):
                     self.engine.ping()
+                    self._publish_load()  # gauges not set for a while drop out of the export
                 self._wake.clear()
             self._drop_all(None)
             self.engine.stop_followers()
@@ -167,6 +168,11 @@ class LeaderLoop:
         self._deliver(events)
         if self.metrics:
             self.metrics.on_step(rec)
+        self._publish_load()
+
+    def _publish_load(self) -> None:
+        if self.metrics:
+            sch = self.scheduler
             self.metrics.set_load(len(sch.running), len(sch.waiting), sch.engine.n_slots)
 
     def _deliver(self, events: list[TokenEvent]) -> None:

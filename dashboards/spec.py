@@ -102,6 +102,13 @@ SERVING = (
     PanelSpec("Queue time p50 / p99", "s", tuple(
         Query(quantile(q, "ladder_queue_time_seconds", "model, tp, interconnect"),
               f"p{int(q * 100)} {G}") for q in (0.5, 0.99))),
+    PanelSpec("Running and waiting requests", "short", (
+        Query(f"sum by (model, tp, interconnect) (ray_ladder_requests_running{{{SEL}}})",
+              f"running {G}"),
+        Query(f"sum by (model, tp, interconnect) (ray_ladder_requests_waiting{{{SEL}}})",
+              f"waiting {G}"))),
+    PanelSpec("KV slots in use", "percentunit", (
+        Query(f"avg by (model, tp, interconnect) (ray_ladder_kv_slots_used_ratio{{{SEL}}})", G),)),
     PanelSpec("Request errors per second by kind", "reqps", (
         Query(f"sum by (kind) (rate(ray_ladder_request_errors_total{{{SEL}}}[{RATE}]))",
               "{{kind}}"),)),
