@@ -15,6 +15,7 @@ BENCHES = {
     "profile": "bench.profile_decode",  # where a TP=1 decode token's time goes
     "vllm_compare": "bench.vllm_compare",  # our engine vs vLLM's CPU build, 1 and 16 streams
     "serve_load": "bench.serve_load",  # HTTP load test; HTTP vs the TP group per token
+    "metrics_cost": "bench.metrics_cost",  # Prometheus metrics on vs off, per token
     "actors": "bench.actors",  # Ray actor groups vs the plain runner; 1/4/16 concurrent streams
 }
 

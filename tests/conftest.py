@@ -36,6 +36,13 @@ def smollm2_tokenizer(smollm2):
     return smollm2.tokenizer()
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _children(pid: int) -> list[int]:
     """Every descendant of `pid` (from /proc), e.g. the Python workers a raylet starts."""
     kids: dict[int, list[int]] = {}
@@ -82,7 +89,7 @@ def ray_cluster():
     temp_dir = tempfile.mkdtemp(prefix="lr", dir="/tmp")
     cluster = Cluster(initialize_head=True,
                       head_node_args={"num_cpus": 0, "include_dashboard": True,
-                                      "temp_dir": temp_dir})
+                                      "dashboard_port": _free_port(), "temp_dir": temp_dir})
     cluster.temp_dir = temp_dir
     try:
         for _ in range(2):
