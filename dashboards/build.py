@@ -73,8 +73,17 @@ def build(check: bool = False) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("dashboards", help="Grafana dashboards: build the JSON")
+    p = sub.add_parser("dashboards", help="Grafana dashboards: build the JSON, push it")
     cmds = p.add_subparsers(dest="dashboards_cmd", required=True)
     b = cmds.add_parser("build", help="write dashboards/*.json from dashboards/spec.py")
     b.add_argument("--check", action="store_true", help="only check the committed JSON")
     b.set_defaults(func=lambda a: build(a.check))
+    p_ = cmds.add_parser("push", help="upload the dashboards to Grafana (grafana-client)")
+    p_.add_argument("--url", required=True, help="Grafana's base URL, e.g. http://grafana:3000")
+    p_.add_argument("--token", required=True, help="a service-account token (Editor)")
+    p_.add_argument("--timeout", type=float, default=10.0)
+
+    def _push(a):
+        from dashboards.push import run
+        return run(a)
+    p_.set_defaults(func=_push)

@@ -156,3 +156,21 @@ def test_every_panel_query_returns_data(prometheus, traffic, expr):
     if "by (interconnect, residual)" in expr and "histogram_quantile" not in expr:
         seen = {(r["metric"].get("interconnect"), r["metric"].get("residual")) for r in result}
         assert {("shm", "standard"), ("network", "partial")} <= seen
+
+
+def test_report_from_prometheus(prometheus, traffic, tmp_path):
+    from dashboards.report import from_prometheus, render
+    rows = from_prometheus(prometheus, "5m")
+    seen = {(r["interconnect"], r["residual"]) for r in rows}
+    assert {(link, res) for link in LINKS.values() for res in RESIDUALS.values()} <= seen
+    assert all(r["ms_per_token"] > 0 for r in rows)
+    png, page = tmp_path / "report.png", tmp_path / "report.html"
+    render(rows, png, page, "interconnects")
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+    assert "network" in page.read_text()
+
+
+def test_report_names_an_unreachable_prometheus():
+    from dashboards.report import ReportError, from_prometheus
+    with pytest.raises(ReportError, match="cannot query Prometheus"):
+        from_prometheus(f"http://127.0.0.1:{free_port()}")
