@@ -114,6 +114,23 @@ SERVING = (
               "{{kind}}"),)),
 )
 
+# Ray Serve's own series (the deployment's replicas, autoscaling, requests)
+SERVE = 'application=~".*"'
+SERVING += (
+    PanelSpec("Serve autoscaling: desired and target replicas (whole TP groups)", "short", (
+        Query(f"max by (application, deployment) (ray_serve_autoscaling_desired_replicas"
+              f"{{{SERVE}}})", "desired {{application}}/{{deployment}}"),
+        Query(f"max by (application, deployment) (ray_serve_autoscaling_target_replicas"
+              f"{{{SERVE}}})", "target {{application}}/{{deployment}}"))),
+    PanelSpec("Serve replica starts (new and replaced TP groups)", "short", (
+        Query(f"sum by (application, deployment) (increase("
+              f"ray_serve_deployment_replica_starts_total{{{SERVE}}}[1h]))",
+              "{{application}}/{{deployment}}"),)),
+    PanelSpec("Serve requests per second by deployment", "reqps", (
+        Query(f"sum by (application, deployment) (rate(ray_serve_deployment_request_counter_total"
+              f"{{{SERVE}}}[{RATE}]))", "{{application}}/{{deployment}}"),)),
+)
+
 DASHBOARDS = {
     "interconnects": ("ladder-interconnects", "Interconnects: ladder vs standard", INTERCONNECTS),
     "serving": ("ladder-serving", "Serving", SERVING),

@@ -71,8 +71,13 @@ REPLICA_MEMORY = 256 * 2**20  # bytes reserved for the replica process (bundle 0
 app = FastAPI(title="ladder-serve", docs_url=None, redoc_url=None)
 
 
+_METRICS = []  # this replica process's GroupMetrics (errors by kind), set by LadderServer
+
+
 @app.exception_handler(P.ApiError)
 async def _api_error(request: Request, e: P.ApiError) -> JSONResponse:
+    for m in _METRICS:
+        m.on_error(f"http_{e.status}")
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
@@ -94,6 +99,10 @@ class LadderServer:
         self.max_seq = self.info["max_seq"]
         self.created = P.now()
         self.active = 0  # generations of this replica in the group (running or waiting)
+        if self.cfg.metrics:
+            from actors.metrics import GroupMetrics
+            _METRICS[:] = [GroupMetrics(self.cfg.model_name, self.info["residual"],
+                                        self.info["tp"], self.info["interconnect"])]
 
     async def check_health(self) -> None:
         """Serve's health check: the group's collective round trip, not mere liveness."""

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -108,7 +109,11 @@ def traffic(ray_cluster, tiny_llama, prometheus):
                                  max_seq=256), strategy=strategy, cpus_per_worker=0.25,
                     model_label="tiny"))
         sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+        serve_url = start_serve_app(tiny_llama)
         for wave in range(2):
+            for body in ({"model": "tiny-serve", "prompt": [5, 6, 7], "max_tokens": 8},
+                         {"model": "tiny-serve", "prompt": [5, 6, 7], "max_tokens": -1}):
+                post(serve_url + "/v1/completions", body)
             for g in groups:
                 g.generate([[5 + i, 6, 7] for i in range(3)], sp)
                 with pytest.raises(RequestError):
@@ -128,6 +133,33 @@ def traffic(ray_cluster, tiny_llama, prometheus):
     finally:
         for g in groups:
             g.shutdown()
+        from ray import serve
+        serve.shutdown()
+
+
+def start_serve_app(tiny_llama) -> str:
+    """A Serve app of the tiny model (autoscaling on, so Serve's autoscaler reports), labelled
+    model "tiny-serve": the panels below select model "tiny", the six groups."""
+    from ray import serve
+
+    from deploy.server import build_app
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    serve.run(build_app({"model": str(tiny_llama), "model_name": "tiny-serve", "tp": 1,
+                         "residual": "standard", "n_slots": 2, "max_seq": 256,
+                         "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}),
+              name="tiny", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def post(url: str, body: dict) -> int:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
 
 
 def expressions():
@@ -153,6 +185,8 @@ def test_every_panel_query_returns_data(prometheus, traffic, expr):
             assert m["residual"] in RESIDUALS.values()
         if "model" in m:
             assert m["model"] == "tiny"
+        if "application" in m:
+            assert m["application"] == "tiny"
     if "by (interconnect, residual)" in expr and "histogram_quantile" not in expr:
         seen = {(r["metric"].get("interconnect"), r["metric"].get("residual")) for r in result}
         assert {("shm", "standard"), ("network", "partial")} <= seen
