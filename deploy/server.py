@@ -81,6 +81,24 @@ async def _api_error(request: Request, e: P.ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
+class _Reservation:  # above the deployment: Serve serializes the class when it is decorated
+    """Places in a replica's `active` count, taken when a request is admitted and given back
+    as its generations end; what was never used (a stream whose body never started) is given
+    back when the reservation is dropped."""
+
+    def __init__(self, server: "LadderServer", n: int) -> None:
+        self.server, self.left = server, n
+        server.active += n
+
+    def release(self, k: int) -> None:
+        k = min(k, self.left)
+        self.left -= k
+        self.server.active -= k
+
+    def __del__(self) -> None:
+        self.release(self.left)
+
+
 @serve.deployment
 @serve.ingress(app)
 class LadderServer:
@@ -209,13 +227,14 @@ class LadderServer:
             raise P.ApiError(503, "the server is at capacity; retry shortly",
                              type_="server_error", code="overloaded",
                              headers={"Retry-After": str(self.cfg.retry_after_s)})
+        res = _Reservation(self, len(params))  # taken before any await: bursts see it
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._sse(rid, ids, params, chat, include_usage, echo),
-                                     media_type="text/event-stream")
+            return StreamingResponse(self._sse(rid, ids, params, chat, include_usage, echo,
+                                               res), media_type="text/event-stream")
         try:
-            outs = await asyncio.gather(*(self._collect(ids, sp, f"{rid}-{i}")
+            outs = await asyncio.gather(*(self._collect(ids, sp, f"{rid}-{i}", res)
                                           for i, sp in enumerate(params)))
         except RequestError as e:
             raise P.ApiError(400, str(e)) from None
@@ -227,23 +246,22 @@ class LadderServer:
         use = P.usage(len(ids), sum(len(o["tokens"]) for o in outs))
         return P.completion_body(rid, self.cfg.model_name, P.now(), outs, use, chat)
 
-    async def _collect(self, ids: list[int], sp, request_id: str) -> dict:
+    async def _collect(self, ids: list[int], sp, request_id: str, res: "_Reservation") -> dict:
         out = new_result()
-        async for ev in self._generation(ids, sp, request_id):
+        async for ev in self._generation(ids, sp, request_id, res):
             add_event(out, ev)
         return out
 
-    async def _generation(self, ids: list[int], sp, request_id: str):
-        """The group's stream of one generation, counted in `active` while it lives."""
-        self.active += 1
+    async def _generation(self, ids: list[int], sp, request_id: str, res: "_Reservation"):
+        """The group's stream of one generation; its place in `active` is freed at the end."""
         try:
             async for ev in self.group.stream(ids, sp, request_id=request_id):
                 yield ev
         finally:
-            self.active -= 1
+            res.release(1)
 
     async def _sse(self, rid: str, ids: list[int], params: list, chat: bool,
-                   include_usage: bool, echo: str):
+                   include_usage: bool, echo: str, res: "_Reservation"):
         """SSE chunks of every choice as they come, then usage (if asked) and [DONE]. An error
         after the stream has started is sent as an error event before [DONE]: never silence."""
         model, created = self.cfg.model_name, P.now()
@@ -251,7 +269,7 @@ class LadderServer:
 
         async def pump(i: int, sp) -> None:
             try:
-                async for ev in self._generation(ids, sp, f"{rid}-{i}"):
+                async for ev in self._generation(ids, sp, f"{rid}-{i}", res):
                     await queue.put((i, ev))
             except BaseException as e:  # noqa: BLE001 - reported in-band below
                 await queue.put((i, e))

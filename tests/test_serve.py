@@ -307,7 +307,7 @@ def test_overload_gets_503_with_retry_after(server, tiny_llama):
                          "queue_limit": 1, "retry_after_s": 3}),
               name="tiny", route_prefix="/tiny")
     try:
-        body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 300, "ignore_eos": True}
+        body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 500, "ignore_eos": True}
         with cf.ThreadPoolExecutor(6) as pool:  # 1 slot + 1 waiting: the rest are refused
             results = list(pool.map(lambda _: post(server + "/tiny/v1/completions", body,
                                                    key=None), range(6)))
