@@ -33,6 +33,10 @@ from ladder.sampling import SamplingParams
 from ladder.scheduler import RequestError, TokenEvent, add_event, new_result
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+# Ray node labels a launcher sets (cluster/launcher.py): the node's link profile, which becomes
+# the group's `interconnect` label when its ranks span nodes, and an emulated link latency
+LINK_LABEL = "ladder.io/link"
+LATENCY_LABEL = "ladder.io/emu-latency-us"
 
 
 class GroupError(RuntimeError):
@@ -52,19 +56,19 @@ class TPGroup:
     `placement_group`: None creates one with `strategy`; "current" uses the placement group
     this code already runs in (bundles `bundle_offset` .. `bundle_offset + tp - 1`); or pass one.
     `fault_timeout_s` bounds every wait on the link, so a dead rank fails the group's requests
-    within it.
+    within it. `link` places the ranks only on nodes labelled with that link profile.
     """
 
     def __init__(self, opts: GroupOptions, *, strategy: str = "PACK",
                  placement_group: PlacementGroup | str | None = None, bundle_offset: int = 0,
                  cpus_per_worker: float | None = None, startup_timeout_s: float = 300.0,
                  fault_timeout_s: float = 20.0, name: str = "", metrics: bool = True,
-                 model_label: str = "") -> None:
+                 model_label: str = "", link: str = "") -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy {strategy!r} is not one of {STRATEGIES}")
         self.name = name or f"ladder-{uuid.uuid4().hex[:8]}"
         self.metrics, self.model_label = metrics, model_label  # rank 0 records Prometheus series
-        self.strategy = strategy
+        self.strategy, self.link = strategy, link
         gpu = opts.device == "cuda"
         threads = opts.threads or 1
         self.cpus = cpus_per_worker if cpus_per_worker is not None else float(threads)
@@ -89,8 +93,10 @@ class TPGroup:
         if pg is not None:
             return pg
         bundle = {"CPU": self.cpus, **({"GPU": 1.0} if gpu else {})}
+        selector = [{LINK_LABEL: self.link}] * self.opts.tp if self.link else None
         pg = ray.util.placement_group([dict(bundle) for _ in range(self.opts.tp)],
-                                      strategy=self.strategy, name=self.name)
+                                      strategy=self.strategy, name=self.name,
+                                      bundle_label_selector=selector)
         self._own_pg = True
         return pg
 
@@ -118,7 +124,10 @@ class TPGroup:
         if opts.comm == "auto" and opts.tp > 1:
             opts = replace(opts, comm="nccl" if gpu else ("shm" if one_node else "gloo"))
         if not one_node and not opts.interconnect:
-            opts = replace(opts, interconnect="network")
+            opts = replace(opts, interconnect=link_label(nodes))
+        if not one_node and not opts.latency_s:
+            opts = replace(opts, latency_s=max(
+                float(n["labels"].get(LATENCY_LABEL, 0)) for n in nodes) * 1e-6)
         self.opts = opts
         port = self._get([self.workers[0].free_port.remote()], deadline, "pick a port")[0]
         init = f"tcp://{nodes[0]['ip']}:{port}"
@@ -259,6 +268,15 @@ class TPGroup:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def link_label(nodes: list[dict]) -> str:
+    """The interconnect of ranks on different nodes: the launcher's link profile when their
+    nodes carry one (profiles joined by + when they differ), else `network`."""
+    profiles = {n["labels"].get(LINK_LABEL, "") for n in nodes}
+    if "" in profiles:
+        return "network"
+    return "+".join(sorted(profiles))
 
 
 def _cause(e: BaseException) -> str:

@@ -38,7 +38,8 @@ class ShardWorker:
     async def node_info(self) -> dict:
         return {"rank": self.rank, "ip": ray.util.get_node_ip_address(),
                 "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "hostname": socket.gethostname()}
+                "hostname": socket.gethostname(),
+                "labels": dict(ray.get_runtime_context().get_node_labels())}
 
     async def free_port(self) -> int:
         return free_port(ray.util.get_node_ip_address())

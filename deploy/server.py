@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from actors.group import GroupError, TPGroup
+from actors.group import LINK_LABEL, GroupError, TPGroup
 from deploy import protocol as P
 from ladder.runner import GroupOptions
 from ladder.scheduler import RequestError, add_event, new_result
@@ -47,6 +47,7 @@ class ServerConfig:
     default_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
     metrics: bool = True  # Prometheus series through Ray's metrics agents
     interconnect: str = ""  # the link's label when the launch knows it (e.g. a shaped link)
+    link: str = ""  # ranks only on nodes of this launcher link profile (Ray node label)
     health_timeout_s: float = 10.0
     fault_timeout_s: float = 20.0
 
@@ -342,6 +343,9 @@ def deployment_options(cfg: ServerConfig, **overrides) -> dict:
         "ray_actor_options": {"num_cpus": 0, "memory": REPLICA_MEMORY},
         "placement_group_bundles": [replica] + [dict(rank) for _ in range(cfg.tp)],
         "placement_group_strategy": cfg.strategy,
+        # `link`: the ranks' bundles only on nodes the launcher labelled with that profile
+        **({"placement_group_bundle_label_selector":
+            [{}] + [{LINK_LABEL: cfg.link}] * cfg.tp} if cfg.link else {}),
         "max_ongoing_requests": cfg.n_slots + cfg.queue_limit + 8,
         "max_queued_requests": 4 * (cfg.n_slots + cfg.queue_limit),
         "backpressure_config": {"status_code": 503, "retry_after_s": cfg.retry_after_s},

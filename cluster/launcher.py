@@ -1,0 +1,462 @@
+"""A local multi-node Ray cluster whose nodes are joined by shaped links.
+
+Each node is a network namespace (`lsc-<name>-<i>`) with a veth pair to a bridge in the root
+namespace (`lsb<name>`, which holds the subnet's .1 so this host reaches every node). A node's
+link is shaped with `tc tbf` on both ends of its veth (egress each way), so traffic between two
+nodes crosses both nodes' links: the slower profile decides. A Ray head (node 0) and workers
+run inside the namespaces, token authentication on, each labelled with its link profile
+(`ladder.io/link`, plus `ladder.io/emu-latency-us` for an emulated latency), which is what TP
+groups place on and what the metrics' `interconnect` label says.
+
+Everything it makes is named after the cluster, so `down` finds it all again from the names
+alone, after a crash as well: the namespaces (and every process in them: Ray's, by construction
+ours), the veths, the bridge and the state folder. `--plain` (no root, or no namespaces) starts
+the same nodes on loopback, unshaped, and `down` ends them by their process session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from actors.group import LATENCY_LABEL, LINK_LABEL
+from cluster.links import Link
+STATE_ROOT = Path(os.environ.get("LADDER_CLUSTER_STATE", "/tmp/lsc"))
+RAY_PORT = 6379
+DASHBOARD_PORT = 8265
+METRICS_PORT = 8090  # each node's metrics agent, inside its own namespace
+OBJECT_STORE_BYTES = 200 * 1024 * 1024  # per node: the benchmarks move tokens, not tensors
+_NAME = re.compile(r"^[a-z0-9]{1,6}$")  # interface names are at most 15 characters
+
+
+class ClusterError(RuntimeError):
+    """The launcher could not do what was asked; the message says why and what to do."""
+
+
+@dataclass
+class NodeState:
+    index: int
+    ip: str
+    link: str  # the profile as given (`cheap@200us`)
+    cpus: int
+    ns: str = ""  # '' in a plain cluster
+    veth: str = ""
+    sid: int = 0  # plain cluster: the node's process session
+
+
+@dataclass
+class ClusterState:
+    name: str
+    plain: bool
+    subnet: str  # e.g. 10.87.23 (the /24 without its last byte); '' when plain
+    bridge: str
+    nodes: list[NodeState] = field(default_factory=list)
+    port: int = RAY_PORT  # the head's GCS (a plain cluster takes free ones on loopback)
+    dashboard_port: int = DASHBOARD_PORT
+    started: float = 0.0
+    ready_s: float = 0.0
+
+    @property
+    def head(self) -> NodeState:
+        return self.nodes[0]
+
+    @property
+    def address(self) -> str:
+        return f"{self.head.ip}:{self.port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://{self.head.ip}:{self.dashboard_port}"
+
+
+def state_dir(name: str) -> Path:
+    return STATE_ROOT / name
+
+
+def token_path(name: str) -> Path:
+    return state_dir(name) / "token"
+
+
+def load_state(name: str) -> ClusterState | None:
+    path = state_dir(name) / "state.json"
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ClusterError(f"{path}: unreadable cluster state ({e}); `ladder cluster down "
+                           f"--name {name}` still removes what the names point to") from None
+    nodes = [NodeState(**n) for n in doc.pop("nodes")]
+    return ClusterState(**doc, nodes=nodes)
+
+
+def _save(st: ClusterState) -> None:
+    d = state_dir(st.name)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / "state.json.tmp"
+    tmp.write_text(json.dumps(asdict(st), indent=1))
+    tmp.replace(d / "state.json")
+
+
+def ray_env(name: str) -> dict[str, str]:
+    """The environment a process needs to talk to the cluster: token auth and the address."""
+    env = dict(os.environ)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path(name)))
+    env.pop("RAY_AUTH_TOKEN", None)
+    st = load_state(name)
+    if st is not None:
+        env["RAY_ADDRESS"] = st.address
+    return env
+
+
+# -- shell -------------------------------------------------------------------------------------
+def _sh(*cmd: str, check: bool = True, env: dict | None = None) -> str:
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if check and p.returncode != 0:
+        raise ClusterError(f"`{' '.join(cmd)}` failed ({p.returncode}): "
+                           f"{(p.stderr or p.stdout).strip()}")
+    return p.stdout
+
+
+def _in_ns(ns: str, *cmd: str) -> tuple[str, ...]:
+    return ("ip", "netns", "exec", ns, *cmd) if ns else cmd
+
+
+def namespaces_allowed() -> str:
+    """'' when this process may create network namespaces, else why not."""
+    if os.geteuid() != 0:
+        return "creating network namespaces needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN)"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` (iproute2) is not installed"
+    probe = f"lscprobe{os.getpid()}"
+    p = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if p.returncode != 0:
+        return f"`ip netns add` is refused here: {p.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return ""
+
+
+def _names(name: str) -> tuple[re.Pattern, str, re.Pattern]:
+    """(namespace pattern, bridge, host-side veth pattern) of cluster `name`."""
+    return (re.compile(rf"^lsc-{name}-(\d+)$"), f"lsb{name}", re.compile(rf"^lsv{name}n(\d+)$"))
+
+
+def _netns_list() -> list[str]:
+    out = _sh("ip", "netns", "list", check=False) if shutil.which("ip") else ""
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def _links() -> list[str]:
+    out = _sh("ip", "-o", "link", "show", check=False) if shutil.which("ip") else ""
+    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
+
+
+def _pick_subnet(name: str) -> str:
+    used = _sh("ip", "-o", "addr", "show", check=False) + _sh("ip", "route", check=False)
+    start = zlib.crc32(name.encode()) % 200
+    for k in range(200):
+        subnet = f"10.87.{20 + (start + k) % 200}"
+        if f"{subnet}." not in used:
+            return subnet
+    raise ClusterError("no free 10.87.x.0/24 subnet for the cluster's bridge")
+
+
+# -- up ----------------------------------------------------------------------------------------
+def up(name: str, links: list[Link], *, cpus: int, head_cpus: int = 0, plain: bool = False,
+       timeout_s: float = 90.0, log=print) -> ClusterState:
+    """Create the nodes and their links, start Ray on them, wait until all are alive."""
+    if not _NAME.match(name):
+        raise ClusterError(f"cluster name {name!r}: 1-6 lowercase letters or digits")
+    if load_state(name) is not None or _leftovers(name):
+        raise ClusterError(f"a cluster named {name!r} is already up (or left over from a crash):"
+                           f" `ladder cluster down --name {name}` first")
+    if not plain:
+        why = namespaces_allowed()
+        if why:
+            raise ClusterError(f"cannot shape links here: {why}. `ladder cluster up --plain` "
+                               "starts the same nodes on loopback, without shaped links")
+    if plain:  # loopback has one speed: a plain cluster's nodes are all `loopback`
+        shaped = sorted({link.spec for link in links if link.rate_bit})
+        if shaped:
+            raise ClusterError(f"--plain cannot shape links ({', '.join(shaped)}): it runs "
+                               "without network namespaces")
+        links = [Link("loopback", 0, link.latency_s) for link in links]
+    t0 = time.monotonic()
+    d = state_dir(name)
+    d.mkdir(parents=True, exist_ok=True)
+    tok = token_path(name)
+    tok.write_text(secrets.token_hex(32))
+    tok.chmod(0o600)
+    ns_pat, bridge, _ = _names(name)
+    subnet = "" if plain else _pick_subnet(name)
+    st = ClusterState(name=name, plain=plain, subnet=subnet, bridge="" if plain else bridge,
+                      started=time.time())
+    if plain:
+        st.port, st.dashboard_port = _free_port(), _free_port()
+    for i, link in enumerate(links):
+        st.nodes.append(NodeState(
+            index=i, ip="127.0.0.1" if plain else f"{subnet}.{10 + i}", link=link.spec,
+            cpus=head_cpus if i == 0 else cpus,
+            ns="" if plain else f"lsc-{name}-{i}", veth="" if plain else f"lsv{name}n{i}"))
+    _save(st)  # from here on, `down` can undo whatever comes next
+    try:
+        if not plain:
+            _make_network(st, links)
+        _start_ray(st, links, timeout_s, log)
+    except BaseException:
+        down(name, log=lambda *_: None)
+        raise
+    st.ready_s = time.monotonic() - t0
+    _save(st)
+    return st
+
+
+def _make_network(st: ClusterState, links: list[Link]) -> None:
+    _sh("ip", "link", "add", st.bridge, "type", "bridge")
+    _sh("ip", "addr", "add", f"{st.subnet}.1/24", "dev", st.bridge)
+    _sh("ip", "link", "set", st.bridge, "up")
+    for node, link in zip(st.nodes, links):
+        _sh("ip", "netns", "add", node.ns)
+        _sh("ip", "link", "add", node.veth, "type", "veth", "peer", "name", "eth0",
+            "netns", node.ns)
+        _sh("ip", "link", "set", node.veth, "master", st.bridge)
+        _sh("ip", "link", "set", node.veth, "up")
+        _sh(*_in_ns(node.ns, "ip", "addr", "add", f"{node.ip}/24", "dev", "eth0"))
+        _sh(*_in_ns(node.ns, "ip", "link", "set", "eth0", "up"))
+        _sh(*_in_ns(node.ns, "ip", "link", "set", "lo", "up"))
+        if link.rate_bit:  # both directions: the node's egress and the bridge's egress to it
+            _sh("tc", "qdisc", "add", "dev", node.veth, "root", *link.tbf_args())
+            _sh(*_in_ns(node.ns, "tc", "qdisc", "add", "dev", "eth0", "root",
+                        *link.tbf_args()))
+
+
+def _ray_start_args(st: ClusterState, node: NodeState, link: Link) -> list[str]:
+    ray = str(Path(sys.executable).with_name("ray"))
+    labels = f"{LINK_LABEL}={link.label}"
+    if link.latency_s:
+        labels += f",{LATENCY_LABEL}={round(link.latency_s * 1e6)}"
+    args = [ray, "start", "--block", "--node-ip-address", node.ip, "--num-cpus", str(node.cpus),
+            "--temp-dir", str(state_dir(st.name) / f"n{node.index}"),
+            "--object-store-memory", str(OBJECT_STORE_BYTES), "--labels", labels,
+            "--disable-usage-stats"]
+    if node.index == 0:
+        args += ["--head", "--port", str(st.port), "--include-dashboard", "true",
+                 "--dashboard-host", "0.0.0.0", "--dashboard-port", str(st.dashboard_port)]
+    else:
+        args += ["--address", st.address]
+    if st.plain:  # one address for every node: each needs ports of its own
+        args += _plain_ports(node.index)
+    else:
+        args += ["--metrics-export-port", str(METRICS_PORT)]
+    return args
+
+
+def _plain_ports(i: int) -> list[str]:
+    flags = ("--node-manager-port", "--object-manager-port", "--metrics-export-port",
+             "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+             "--runtime-env-agent-port") + (("--ray-client-server-port",) if i == 0 else ())
+    return [x for flag in flags for x in (flag, str(_free_port()))]
+
+
+def _free_port() -> int:
+    from socket import socket
+    with socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_ray(st: ClusterState, links: list[Link], timeout_s: float, log) -> None:
+    env = ray_env(st.name)
+    env.pop("RAY_ADDRESS", None)
+    logs = state_dir(st.name)
+    for node, link in zip(st.nodes, links):
+        with open(logs / f"n{node.index}.log", "wb") as out:
+            # `--block`: the node's processes stay under this session, so a plain cluster's
+            # `down` finds them by session id (a namespace's are found by namespace)
+            p = subprocess.Popen(_in_ns(node.ns, *_ray_start_args(st, node, link)), env=env,
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        node.sid = p.pid
+        _save(st)
+        if node.index == 0:
+            _wait_alive(st, 1, timeout_s, log)
+    _wait_alive(st, len(st.nodes), timeout_s, log)
+
+
+def alive_nodes(st: ClusterState) -> list[dict]:
+    """The cluster's alive nodes as its GCS knows them: [{ip, labels, resources}]."""
+    code = ("import json, ray._raylet\n"
+            f"c = ray._raylet.GcsClient(address={st.address!r})\n"
+            "out = []\n"
+            "for n in c.get_all_node_info(timeout=5).values():\n"
+            "    if n.state == 0:\n"  # ALIVE
+            "        out.append({'ip': n.node_manager_address, 'labels': dict(n.labels),"
+            " 'resources': dict(n.resources_total)})\n"
+            "print(json.dumps(out))\n")
+    env = ray_env(st.name)
+    p = subprocess.run(_in_ns(st.head.ns, sys.executable, "-c", code), capture_output=True,
+                       text=True, env=env, timeout=60)
+    if p.returncode != 0:
+        raise ClusterError(f"cannot reach the cluster's GCS at {st.address}: "
+                           f"{p.stderr.strip().splitlines()[-1] if p.stderr.strip() else '?'}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _wait_alive(st: ClusterState, n: int, timeout_s: float, log) -> None:
+    deadline = time.monotonic() + timeout_s
+    why = ""
+    while time.monotonic() < deadline:
+        dead = [node.index for node in st.nodes[:n] if not _session_alive(node)]
+        if dead:
+            tail = (state_dir(st.name) / f"n{dead[0]}.log").read_text(errors="replace")[-2000:]
+            raise ClusterError(f"Ray on node {dead[0]} exited while starting:\n{tail}")
+        try:
+            got = len(alive_nodes(st))
+            if got >= n:
+                return
+            why = f"{got} of {n} nodes alive"
+        except ClusterError as e:
+            why = str(e)
+        time.sleep(1.0)
+    raise ClusterError(f"cluster {st.name!r} not ready within {timeout_s} s: {why} "
+                       f"(logs in {state_dir(st.name)})")
+
+
+def _session_alive(node: NodeState) -> bool:
+    try:
+        os.kill(node.sid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with open(f"/proc/{node.sid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+# -- down --------------------------------------------------------------------------------------
+def _leftovers(name: str) -> list[str]:
+    ns_pat, bridge, veth_pat = _names(name)
+    out = [n for n in _netns_list() if ns_pat.match(n)]
+    out += [link for link in _links() if link == bridge or veth_pat.match(link)]
+    return out
+
+
+def _pids_of_session(sid: int) -> list[int]:
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                pids.append(int(d))
+    return pids
+
+
+def _end(pids: list[int], grace_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL what is still there after `grace_s`."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            pids = [p for p in pids if _pid_alive(p)]
+            if not pids:
+                return
+            time.sleep(0.1)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def down(name: str, log=print) -> list[str]:
+    """Remove everything cluster `name` made; what was removed. Idempotent."""
+    if not _NAME.match(name):
+        raise ClusterError(f"cluster name {name!r}: 1-6 lowercase letters or digits")
+    removed = []
+    st = None
+    try:
+        st = load_state(name)
+    except ClusterError:
+        pass
+    ns_pat, bridge, veth_pat = _names(name)
+    # processes first: Ray in a namespace is ours by construction; a plain node's by session
+    pids = []
+    namespaces = [n for n in _netns_list() if ns_pat.match(n)]
+    for ns in namespaces:
+        pids += [int(p) for p in _sh("ip", "netns", "pids", ns, check=False).split()]
+    if st is not None:
+        for node in st.nodes:
+            if node.sid:
+                pids += _pids_of_session(node.sid)
+    pids = sorted(set(pids) - {os.getpid()})
+    if pids:
+        _end(pids)
+        removed.append(f"{len(pids)} processes")
+    for ns in namespaces:
+        _sh("ip", "netns", "del", ns, check=False)
+        removed.append(f"namespace {ns}")
+    for link in _links():
+        if link == bridge or veth_pat.match(link):
+            _sh("ip", "link", "del", link, check=False)
+            removed.append(f"link {link}")
+    d = state_dir(name)
+    if d.exists():
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(f"state {d}")
+    left = _leftovers(name)
+    if left:
+        raise ClusterError(f"cluster {name!r}: could not remove {', '.join(left)}")
+    return removed
+
+
+# -- status ------------------------------------------------------------------------------------
+def status(name: str) -> dict:
+    """What is up: the nodes with their link shaping, and what Ray says is alive."""
+    st = load_state(name)
+    if st is None:
+        left = _leftovers(name)
+        return {"name": name, "up": False, "leftovers": left}
+    nodes = []
+    for node in st.nodes:
+        shaping = "loopback (plain)" if st.plain else _qdisc(node)
+        nodes.append({"index": node.index, "ip": node.ip, "link": node.link, "cpus": node.cpus,
+                      "namespace": node.ns, "shaping": shaping,
+                      "running": _session_alive(node)})
+    try:
+        alive = alive_nodes(st)
+    except (ClusterError, subprocess.TimeoutExpired) as e:
+        alive, err = [], str(e)
+    else:
+        err = ""
+    return {"name": name, "up": True, "plain": st.plain, "address": st.address,
+            "dashboard": st.dashboard, "token_path": str(token_path(name)),
+            "ready_s": round(st.ready_s, 1), "nodes": nodes, "ray_alive": len(alive),
+            "ray_labels": sorted({n["labels"].get(LINK_LABEL, "?") for n in alive}),
+            **({"error": err} if err else {})}
+
+
+def _qdisc(node: NodeState) -> str:
+    out = _sh(*_in_ns(node.ns, "tc", "qdisc", "show", "dev", "eth0"), check=False)
+    m = re.search(r"tbf .*?rate (\S+)", out)
+    return f"tbf {m[1]}" if m else "unshaped veth"

@@ -1,0 +1,72 @@
+"""Link profiles: what a node's link to the cluster's bridge is, and how `tc` shapes it.
+
+A profile is `high-end` (the veth as it is: no shaping), `cheap` (1 Gbit/s, the commodity
+Ethernet a TP group should not cross), or a rate (`100mbit`, `2.5gbit`, `800mbit`...). Any of
+them may add an emulated per-message latency with `@` (`cheap@200us`): traffic control here has no
+`netem` to delay packets, so the delay is added by the engine's communicator (a Work completes no
+earlier than issue time + latency) and the interconnect label says so (`cheap+emu200us`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+PROFILES = {"high-end": 0, "cheap": 1_000_000_000}  # bit/s; 0 = unshaped
+
+_RATE = re.compile(r"^(\d+(?:\.\d+)?)(k|m|g)bit$")
+_LATENCY = re.compile(r"^(\d+(?:\.\d+)?)(us|ms)$")
+_UNIT = {"k": 1e3, "m": 1e6, "g": 1e9}
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    label: str  # the profile's name: the node label and the metrics' `interconnect`
+    rate_bit: int = 0  # tbf rate in bit/s; 0 = unshaped
+    latency_s: float = 0.0  # emulated per-message latency, in the communicator
+
+    @property
+    def spec(self) -> str:
+        if not self.latency_s:
+            return self.label
+        return f"{self.label}@{round(self.latency_s * 1e6)}us"
+
+    def tbf_args(self) -> list[str]:
+        """`tc qdisc ... tbf` arguments for this rate: a burst of about 1 ms of traffic (at
+        least 32 KiB, so GSO-sized packets pass) and a queue of 50 ms before drops."""
+        burst = max(32 * 1024, self.rate_bit // 8 // 1000)
+        return ["tbf", "rate", f"{self.rate_bit}bit", "burst", str(burst), "latency", "50ms"]
+
+
+def parse_link(text: str) -> Link:
+    """One profile: `high-end`, `cheap`, or a rate like `1gbit`, each optionally `@<latency>`."""
+    name, _, lat = text.strip().partition("@")
+    latency = 0.0
+    if lat:
+        m = _LATENCY.match(lat)
+        if not m:
+            raise ValueError(f"link {text!r}: the latency after @ must look like 200us or 2ms")
+        latency = float(m[1]) / (1e6 if m[2] == "us" else 1e3)
+    if name in PROFILES:
+        return Link(name, PROFILES[name], latency)
+    m = _RATE.match(name)
+    if not m:
+        raise ValueError(f"link {text!r} is not a profile ({', '.join(PROFILES)}) or a rate "
+                         "such as 1gbit or 100mbit")
+    rate = int(float(m[1]) * _UNIT[m[2]])
+    if rate < 1_000_000:
+        raise ValueError(f"link {text!r}: rates below 1mbit would stall Ray's own traffic")
+    return Link(name, rate, latency)
+
+
+def parse_links(text: str, nodes: int) -> list[Link]:
+    """One profile for every node, or a comma list with one per node (head first)."""
+    parts = [p for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ValueError("--link is empty")
+    if len(parts) == 1:
+        return [parse_link(parts[0])] * nodes
+    if len(parts) != nodes:
+        raise ValueError(f"--link lists {len(parts)} profiles for {nodes} nodes: give one for "
+                         "all nodes or one per node (head first)")
+    return [parse_link(p) for p in parts]
