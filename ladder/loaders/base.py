@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ladder.config import ModelConfig
+from ladder.config import ConfigError, ModelConfig, ResidualPlan
 
 if TYPE_CHECKING:
     from ladder.tokenizer import Tokenizer
@@ -30,6 +30,8 @@ class Checkpoint(ABC):
 
     path: Path  # the file or folder it was opened from
     config: ModelConfig
+    recorded_plan: ResidualPlan | None = None  # the plan an adapted checkpoint was trained for
+    adapted: dict | None = None  # what `ladder adapt` recorded (parent, steps, tokens, ...)
 
     @abstractmethod
     def has(self, name: str) -> bool:
@@ -50,6 +52,26 @@ class Checkpoint(ABC):
     @abstractmethod
     def tokenizer(self) -> "Tokenizer":
         """The model's tokenizer (with its chat template where the checkpoint has one)."""
+
+    def plan(self, residual: str | None = None) -> ResidualPlan:
+        """The residual plan to run. A checkpoint that records its own plan (one `ladder adapt`
+        wrote) runs that plan: `residual` may repeat it, and anything else is refused, since
+        the weights were trained for that schedule. Otherwise `residual` (default standard)."""
+        n = self.config.n_layers
+        if self.recorded_plan is None:
+            return ResidualPlan.parse(residual or "standard", n)
+        own = self.recorded_plan.spec(n)
+        if residual is not None:
+            try:
+                asked = ResidualPlan.parse(residual, n)
+            except ConfigError as e:
+                raise CheckpointError(f"{self.path}: {e}") from None
+            if asked != self.recorded_plan:
+                raise CheckpointError(
+                    f"{self.path}: residual {residual!r} contradicts the checkpoint, whose weights "
+                    f"were adapted to run {own!r} (config.json ladder_layers); leave the residual "
+                    f"out or give {own!r}")
+        return self.recorded_plan
 
     def location(self, name: str) -> Path:
         """The file holding tensor `name`, for error messages."""

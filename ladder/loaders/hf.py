@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ladder.config import ConfigError, ModelConfig
+from ladder.config import ConfigError, ModelConfig, ResidualPlan
 from ladder.loaders.base import Checkpoint, CheckpointError, Range, check_range
 from ladder.tokenizer import Tokenizer
 
@@ -27,6 +27,19 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read JSON: {e}") from None
+
+
+def _recorded_plan(hf: dict[str, Any], config: ModelConfig, source: Path) -> ResidualPlan | None:
+    """`ladder_layers` of an adapted folder's config.json (see `write_folder`), or None."""
+    layers = hf.get("ladder_layers")
+    if layers is None:
+        return None
+    n = config.n_layers
+    if (not isinstance(layers, list) or not layers
+            or not all(isinstance(i, int) and 0 <= i < n for i in layers)):
+        raise CheckpointError(f"{source}: ladder_layers must be a non-empty list of layer "
+                              f"indices in 0..{n - 1}, got {layers!r}")
+    return ResidualPlan("ladder", frozenset(layers))
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -43,6 +56,8 @@ class SafetensorsCheckpoint(Checkpoint):
             self.config = ModelConfig.from_hf(self.hf_config, source=str(config_path))
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
+        self.recorded_plan = _recorded_plan(self.hf_config, self.config, config_path)
+        self.adapted = self.hf_config.get("ladder_adapted")
 
         index_path = self.path / INDEX_NAME
         if index_path.is_file():
@@ -116,3 +131,41 @@ class SafetensorsCheckpoint(Checkpoint):
             eos = _read_json(gen).get("eos_token_id")
             extra += eos if isinstance(eos, list) else [] if eos is None else [eos]
         return Tokenizer.from_folder(self.path, extra_eos_token_ids=extra)
+
+
+def write_folder(dest: str | Path, config: ModelConfig, tensors: dict[str, torch.Tensor], *,
+                 tokenizer: Tokenizer | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write a Hugging Face Llama folder that this module (and transformers'
+    `LlamaForCausalLM.from_pretrained`) reads: config.json with `extra` keys added (e.g. the
+    residual plan an adapted model runs), model.safetensors (float32, Hugging Face names) and
+    the tokenizer files with the chat template. Written beside `dest`, then moved into place."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    eos = list(config.eos_token_ids)
+    hf = LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.dim,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
+        head_dim=config.head_dim, rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta,
+        rope_scaling=config.rope_scaling, max_position_embeddings=config.max_seq_len,
+        tie_word_embeddings=config.tie_embeddings, bos_token_id=config.bos_token_id,
+        eos_token_id=eos[0] if len(eos) == 1 else (eos or None), hidden_act="silu",
+        attention_bias=False, mlp_bias=False, architectures=["LlamaForCausalLM"],
+    ).to_dict()
+    hf.update({"torch_dtype": "float32", "rope_theta": config.rope_theta, **(extra or {})})
+    (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    save_file({k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()},
+              str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest

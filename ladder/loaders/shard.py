@@ -81,3 +81,28 @@ def load_shard(ckpt: Checkpoint, spec: ShardSpec,
     if not c.tie_embeddings:
         put("output.weight", ckpt.read("lm_head.weight", rows=spec.vocab))
     return sd
+
+
+def unshard(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """Hugging Face names -> tensors from a whole model's state dict (one rank of a TP=1 group):
+    the inverse of `load_shard`, for writing a checkpoint (fused `wqkv` and `w13` split again)."""
+    c = config
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    out = {"model.embed_tokens.weight": state["tok_embeddings.weight"],
+           "model.norm.weight": state["norm.weight"]}
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = state["output.weight"]
+    for i in range(c.n_layers):
+        p, o = f"model.layers.{i}.", f"layers.{i}."
+        wq, wk, wv = state[o + "attention.wqkv.weight"].split((q, kv, kv))
+        gate, up = state[o + "mlp.w13.weight"].split(c.intermediate_size)
+        out.update({
+            p + "input_layernorm.weight": state[o + "attn_norm.weight"],
+            p + "post_attention_layernorm.weight": state[o + "mlp_norm.weight"],
+            p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk,
+            p + "self_attn.v_proj.weight": wv,
+            p + "self_attn.o_proj.weight": state[o + "attention.wo.weight"],
+            p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+            p + "mlp.down_proj.weight": state[o + "mlp.w2.weight"],
+        })
+    return out

@@ -1,0 +1,348 @@
+"""`ladder adapt` on Ray Train: data-parallel distillation with checkpoints, resume and restarts.
+
+A `TorchTrainer` runs `train_loop` on `workers` processes (gloo on CPU, NCCL on GPU). Each
+holds the whole model, takes its share of every step's rows (see `adapt.data`), and the
+trainable gradients are averaged with one all-reduce per step. Every `checkpoint_every` steps
+rank 0 hands Ray Train the trainable tensors, the optimizer state and the step; a worker that
+dies is replaced by Ray Train (`FailureConfig.max_failures`) and the group resumes from that
+checkpoint, and so does a run started again after Ctrl-C: the run is named by its folder
+(`storage`/`name`), whose `run.json` pins the settings that define it and whose `data.npz` the
+packed data, so the resumed run continues the same data order and schedule.
+
+Progress: the controller (on the driver's node) appends each step's rank-0 metrics to
+`progress.jsonl` in the run folder; the driver prints them as they arrive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapt.data import DEFAULT_DATA, Packed, fingerprint, prepare, step_rows
+
+# settings that define a run: resuming with any of them changed is refused
+RUN_KEYS = ("model", "residual", "data", "steps", "batch", "seq_len", "lr", "min_lr_ratio",
+            "warmup", "weight_decay", "clip", "ce_weight", "trainable", "seed", "held_out",
+            "eval_rows")
+
+
+class AdaptError(RuntimeError):
+    """A run cannot start or resume; the message says why and what to do."""
+
+
+@dataclass(kw_only=True)
+class AdaptOptions:
+    model: str = "smollm2"
+    residual: str = "ladder:24-29"
+    out: str
+    data: str = str(DEFAULT_DATA)
+    steps: int = 200
+    batch: int = 4  # rows per step, all workers together
+    seq_len: int = 256
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * this
+    warmup: int = 10  # steps of linear warm-up
+    weight_decay: float = 0.0
+    clip: float = 1.0  # gradient norm clipping
+    ce_weight: float = 0.0  # share of the next-token loss (the KL term gets the rest)
+    trainable: str = "ladder"  # ladder: the laddered layers' parameters; all: every parameter
+    seed: int = 0
+    held_out: float = 0.05  # fraction of documents held out
+    eval_rows: int = 16  # held-out rows scored at every evaluation
+    eval_every: int = 25
+    checkpoint_every: int = 25
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_failures: int = 3  # worker failures Ray Train recovers from
+    storage: str = ""  # Ray Train's storage path; default: <out>.train
+    name: str = "run"
+    fresh: bool = False  # discard an earlier run of the same name instead of resuming it
+
+    def __post_init__(self) -> None:
+        for f in ("steps", "batch", "workers", "eval_every", "checkpoint_every", "eval_rows"):
+            if getattr(self, f) < 1:
+                raise AdaptError(f"{f} must be at least 1, got {getattr(self, f)}")
+        if self.batch % self.workers:
+            raise AdaptError(f"--batch {self.batch} does not split over --workers "
+                             f"{self.workers} (each worker takes batch / workers rows)")
+        if not 0 <= self.ce_weight <= 1:
+            raise AdaptError(f"--ce-weight must be in [0, 1], got {self.ce_weight}")
+        if Path(self.model).exists():  # recorded as the adapted model's parent: absolute
+            self.model = str(Path(self.model).resolve())
+        self.out = str(Path(self.out).resolve())
+        self.storage = str(Path(self.storage or self.out + ".train").resolve())
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.storage) / self.name
+
+    @property
+    def threads(self) -> int:
+        return max(1, int(self.cpus_per_worker))
+
+    def run_settings(self) -> dict:
+        return {k: getattr(self, k) for k in RUN_KEYS}
+
+
+def train_loop(cfg: dict) -> None:
+    """One data-parallel worker (Ray Train calls it on every rank, again after a restart)."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from adapt.distill import (Schedule, build_pair, distill_loss, held_out_sums, summarize,
+                               trainable_state)
+    from ladder.loaders import open_checkpoint
+
+    o = AdaptOptions(**cfg["options"])
+    torch.set_num_threads(o.threads)
+    torch.manual_seed(o.seed)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if o.gpus_per_worker else torch.device("cpu")
+    data: Packed = cfg["data"]
+    ckpt = open_checkpoint(o.model)
+    teacher, student = build_pair(ckpt, ckpt.plan(o.residual), o.trainable, device)
+    params = [p for p in student.parameters() if p.requires_grad]
+    names = list(trainable_state(student))
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=(0.9, 0.95), weight_decay=o.weight_decay)
+    schedule = Schedule(o.lr, o.steps, o.warmup, o.min_lr_ratio)
+    start = 0
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=True)
+        with torch.no_grad():
+            for n, p in zip(names, params):
+                p.copy_(state["params"][n])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+
+    held = torch.from_numpy(data.held_out[:o.eval_rows][rank::world]).long().to(device)
+    per_worker = o.batch // world
+
+    def evaluate() -> dict:
+        sums = held_out_sums(student, teacher, held, per_worker).to(device)
+        dist.all_reduce(sums)
+        return summarize(sums.cpu())
+
+    def mean(x: float) -> float:
+        t = torch.tensor([x], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.item() / world
+
+    if start == 0:
+        ray.train.report({"step": 0, "tokens": 0, "pid": os.getpid(), **evaluate()})
+    tokens_per_step = o.batch * o.seq_len
+    for step in range(start, o.steps):
+        t0 = time.perf_counter()
+        rows = step_rows(step, o.batch, len(data.train), o.seed)
+        x = torch.from_numpy(data.train[rows[rank::world]]).long().to(device)
+        for g in opt.param_groups:
+            g["lr"] = schedule(step)
+        with torch.no_grad():
+            t_logits = teacher(x)
+        loss, parts = distill_loss(student(x), t_logits, x, o.ce_weight)
+        del t_logits
+        loss.backward()
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat)  # one reduce of every trainable gradient, then the mean
+        flat /= world
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, o.clip).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        metrics = {"step": done, "tokens": done * tokens_per_step, "loss": mean(loss.item()),
+                   "kl": mean(parts["kl"]), "ce": mean(parts["ce"]), "lr": schedule(step),
+                   "grad_norm": grad_norm, "rows": fingerprint(rows), "pid": os.getpid()}
+        if done % o.eval_every == 0 or done == o.steps:
+            metrics.update(evaluate())
+        metrics["step_s"] = time.perf_counter() - t0
+        if done % o.checkpoint_every == 0 or done == o.steps:
+            with tempfile.TemporaryDirectory() as d:
+                if rank == 0:
+                    torch.save({"step": done, "params": {n: p.detach().cpu() for n, p in
+                                                         zip(names, params)},
+                                "optimizer": opt.state_dict()}, Path(d) / "state.pt")
+                    (Path(d) / "run.json").write_text(json.dumps(o.run_settings()))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d)
+                                 if rank == 0 else None)
+        else:
+            ray.train.report(metrics)
+
+
+def _progress_callback(path: str):
+    """A Ray Train callback (runs in the controller) appending reports to `path`."""
+    from ray.train import UserCallback
+
+    class Progress(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            rec = dict(metrics[0])
+            rec["pids"] = [m.get("pid") for m in metrics]
+            if checkpoint is not None:
+                rec["checkpoint"] = checkpoint.path
+            _append(path, rec)
+
+        def after_exception(self, run_context, worker_exceptions):
+            _append(path, {"event": "worker_failure", "ranks": sorted(worker_exceptions),
+                           "error": "; ".join(f"{type(e).__name__}: {e}".splitlines()[0]
+                                              for e in worker_exceptions.values())})
+
+    return Progress()
+
+
+def _append(path: str, rec: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def read_progress(run_dir: Path) -> list[dict]:
+    p = run_dir / "progress.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
+
+
+class ProgressPrinter:
+    """Tails progress.jsonl in a thread and prints one line per step: step, loss, tokens/s,
+    held-out perplexity where evaluated, ETA."""
+
+    def __init__(self, path: Path, steps: int, out=None) -> None:
+        self.path, self.steps, self.out = path, steps, out
+        self._stop = threading.Event()
+        self._pos = path.stat().st_size if path.is_file() else 0
+        self._times: list[float] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "ProgressPrinter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._drain()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self._drain()
+
+    def _drain(self) -> None:
+        if not self.path.is_file():
+            return
+        with open(self.path) as f:
+            f.seek(self._pos)
+            chunk = f.read()
+        end = chunk.rfind("\n") + 1
+        self._pos += len(chunk[:end].encode())
+        for line in chunk[:end].splitlines():
+            print(self.format(json.loads(line)), file=self.out, flush=True)
+
+    def format(self, r: dict) -> str:
+        if r.get("event") == "worker_failure":
+            return (f"[adapt] worker(s) {r['ranks']} failed ({r['error']}); Ray Train restarts "
+                    "the group from the last checkpoint")
+        line = f"[adapt] step {r['step']}/{self.steps}"
+        if "loss" in r:
+            self._times.append(r["step_s"])
+            recent = self._times[-20:]
+            per = sum(recent) / len(recent)
+            line += (f" | loss {r['loss']:.4f} (kl {r['kl']:.4f}) | lr {r['lr']:.2e} | "
+                     f"{r['tokens'] / max(r['step'], 1) / r['step_s']:.0f} tok/s")
+        if "ppl" in r:
+            line += (f" | held-out ppl {r['ppl']:.3f} ({r['ppl_ratio']:.3f}x parent "
+                     f"{r['parent_ppl']:.3f}) top-1 {r['top1']:.3f}")
+        if "loss" in r:
+            line += f" | ETA {_duration(per * (self.steps - r['step']))}"
+        if "checkpoint" in r:
+            line += " | checkpoint"
+        return line
+
+
+def _duration(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def prepare_run(o: AdaptOptions) -> Packed:
+    """The run folder (new, or the one being resumed) and its packed data."""
+    import shutil
+
+    from ladder.loaders import open_checkpoint
+
+    run = o.run_dir
+    if o.fresh:
+        shutil.rmtree(run, ignore_errors=True)
+    ckpt = open_checkpoint(o.model)
+    if ckpt.recorded_plan is not None:
+        raise AdaptError(f"{ckpt.path}: already adapted to {ckpt.recorded_plan.spec(ckpt.config.n_layers)}; "
+                         f"adapt its standard parent ({(ckpt.adapted or {}).get('parent')}) instead")
+    plan = ckpt.plan(o.residual)
+    if plan.kind != "ladder":
+        raise AdaptError(f"--residual {o.residual!r}: adaptation needs a ladder plan "
+                         "(e.g. ladder:24-29)")
+    settings = run / "run.json"
+    if settings.is_file():
+        before = json.loads(settings.read_text())
+        changed = {k: (before.get(k), v) for k, v in o.run_settings().items()
+                   if before.get(k) != v}
+        if changed:
+            diff = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
+            raise AdaptError(f"{run} holds a run with other settings ({diff}); give the same "
+                             "settings to resume it, or --fresh to start over")
+        return Packed.load(run / "data.npz")
+    packed = prepare(o.data, ckpt.tokenizer(), seq_len=o.seq_len,
+                     max_seq_len=ckpt.config.max_seq_len, held_out=o.held_out,
+                     model=str(ckpt.path))
+    run.mkdir(parents=True, exist_ok=True)
+    packed.save(run / "data.npz")
+    settings.write_text(json.dumps(o.run_settings(), indent=2))
+    return packed
+
+
+def run_adapt(o: AdaptOptions, *, log=None) -> dict:
+    """Train (or resume) on the connected Ray cluster, then write the adapted folder to
+    `o.out`. Returns a summary; raises AdaptError when the run stopped early."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    packed = prepare_run(o)
+    print(f"[adapt] {packed.describe()}", file=log, flush=True)
+    done = [r["step"] for r in read_progress(o.run_dir) if "checkpoint" in r]
+    if done:
+        print(f"[adapt] resuming {o.run_dir} from its checkpoint at step {max(done)}",
+              file=log, flush=True)
+    _append(str(o.run_dir / "progress.jsonl"), {"event": "start", "time": time.time()})
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"options": dataclasses.asdict(o), "data": packed},
+        torch_config=TorchConfig(backend="nccl" if o.gpus_per_worker else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=o.workers, use_gpu=o.gpus_per_worker > 0,
+            resources_per_worker={"CPU": o.cpus_per_worker,
+                                  **({"GPU": o.gpus_per_worker} if o.gpus_per_worker else {})}),
+        run_config=ray.train.RunConfig(
+            name=o.name, storage_path=o.storage,
+            failure_config=ray.train.FailureConfig(max_failures=o.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[_progress_callback(str(o.run_dir / "progress.jsonl"))]))
+    t0 = time.perf_counter()
+    with ProgressPrinter(o.run_dir / "progress.jsonl", o.steps, out=log):
+        result = trainer.fit()
+    final = result.checkpoint
+    metrics = result.metrics or {}
+    if final is None or metrics.get("step") != o.steps:
+        raise AdaptError(f"the run stopped at step {metrics.get('step')} of {o.steps}; run the "
+                         "same command again to resume it from its last checkpoint")
+    from adapt.export import write_adapted
+    with final.as_directory() as d:
+        write_adapted(o, Path(d) / "state.pt", metrics)
+    print(f"[adapt] wrote {o.out} ({time.perf_counter() - t0:.0f} s)", file=log, flush=True)
+    return {"out": o.out, "run": str(o.run_dir), **metrics}
