@@ -17,6 +17,7 @@ BENCHES = {
     "serve_load": "bench.serve_load",  # HTTP load test; HTTP vs the TP group per token
     "metrics_cost": "bench.metrics_cost",  # Prometheus metrics on vs off, per token
     "actors": "bench.actors",  # Ray actor groups vs the plain runner; 1/4/16 concurrent streams
+    "interconnects": "bench.interconnects",  # ladder vs standard per link on a launched cluster
 }
 
 

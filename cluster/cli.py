@@ -20,9 +20,9 @@ import os
 import sys
 import time
 
-from cluster.launcher import (LINK_LABEL, ClusterError, down, load_state, ray_env, status,
-                              token_path, up)
-from cluster.links import parse_links
+# the launcher (and through it Ray) is imported when a subcommand runs, not when the `ladder`
+# dispatcher builds its parser: Ray reads RAY_AUTH_MODE once, at import, and `ladder serve`
+# sets it first
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
+    from cluster.launcher import ClusterError
     try:
         return {"up": _up, "status": _status, "down": _down, "exec": _exec}[a.cluster_cmd](a)
     except (ClusterError, ValueError) as e:
@@ -59,6 +60,8 @@ def run(a: argparse.Namespace) -> int:
 
 
 def _up(a: argparse.Namespace) -> int:
+    from cluster.launcher import LINK_LABEL, ClusterError, token_path, up
+    from cluster.links import parse_links
     if a.nodes < 1:
         raise ClusterError("--nodes must be at least 1")
     links = parse_links(a.link, a.nodes)
@@ -80,6 +83,7 @@ def _up(a: argparse.Namespace) -> int:
 
 
 def _status(a: argparse.Namespace) -> int:
+    from cluster.launcher import status
     s = status(a.name)
     if a.json:
         print(json.dumps(s, indent=1))
@@ -100,6 +104,7 @@ def _status(a: argparse.Namespace) -> int:
 
 
 def _down(a: argparse.Namespace) -> int:
+    from cluster.launcher import down
     t0 = time.monotonic()
     removed = down(a.name)
     what = "; ".join(removed) if removed else "nothing was up"
@@ -108,6 +113,7 @@ def _down(a: argparse.Namespace) -> int:
 
 
 def _exec(a: argparse.Namespace) -> int:
+    from cluster.launcher import ClusterError, load_state, ray_env
     argv = a.argv[1:] if a.argv[:1] == ["--"] else a.argv
     if not argv:
         raise ClusterError("exec needs a command after --")

@@ -111,7 +111,9 @@ def make_comm(opts: GroupOptions, rank: int, init_method: str | None) -> Communi
             dist.init_process_group("nccl", init_method=init_method, rank=rank,
                                     world_size=opts.tp, timeout=timeout, device_id=dev)
             cpu_group = dist.new_group(backend="gloo", timeout=timeout)
-            comm = TorchComm(cpu_group=cpu_group, interconnect=cuda_interconnect(opts.tp))
+            # a label the launch knows (the launcher's link, `network` across nodes) wins
+            comm = TorchComm(cpu_group=cpu_group, interconnect=opts.interconnect
+                             or cuda_interconnect(cpu_group, dev))
         else:
             dist.init_process_group("gloo", init_method=init_method, rank=rank,
                                     world_size=opts.tp, timeout=timeout)
@@ -128,23 +130,43 @@ def make_comm(opts: GroupOptions, rank: int, init_method: str | None) -> Communi
     return EmulatedLatency(comm, opts.latency_s) if opts.latency_s > 0 else comm
 
 
-def cuda_interconnect(world: int) -> str:
-    """nvlink when every pair of the group's GPUs has NVLink (NVML), else pcie."""
-    if world == 1:
+def cuda_interconnect(cpu_group, device: torch.device) -> str:
+    """The link between this group's GPUs, from NVML: `nvlink` when every pair of them has
+    NVLink, `pcie` when some pair has not, `network` when the ranks are on different hosts.
+
+    Each rank tells the others (through the gloo group) its host and its GPU's UUID; NVML is
+    asked by UUID, since NVML numbers every GPU of the host while a Ray worker sees one GPU as
+    cuda:0 (CUDA_VISIBLE_DEVICES), so indices would name the wrong devices.
+    """
+    import torch.distributed as dist
+    me = (socket.gethostname(), "GPU-" + str(torch.cuda.get_device_properties(device).uuid))
+    everyone: list = [None] * dist.get_world_size(cpu_group)
+    dist.all_gather_object(everyone, me, group=cpu_group)
+    return gpu_link(everyone, _nvml_nvlink)
+
+
+def gpu_link(ranks: list[tuple[str, str]], nvlink) -> str:
+    """`ranks`: (host, GPU UUID) per rank; `nvlink(uuid_a, uuid_b)` -> bool, or raises when
+    NVML cannot tell."""
+    if len(ranks) == 1:
         return "none"
+    if len({host for host, _ in ranks}) > 1:
+        return "network"
+    uuids = [u for _, u in ranks]
     try:
-        import pynvml
-        pynvml.nvmlInit()
-        h = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(world)]
-        for i in range(world):
-            for j in range(i + 1, world):
-                status = pynvml.nvmlDeviceGetP2PStatus(h[i], h[j],
-                                                       pynvml.NVML_P2P_CAPS_INDEX_NVLINK)
-                if status != pynvml.NVML_P2P_STATUS_OK:
-                    return "pcie"
-        return "nvlink"
-    except Exception:  # no NVML: say what we know
+        ok = all(nvlink(uuids[i], uuids[j])
+                 for i in range(len(uuids)) for j in range(i + 1, len(uuids)))
+    except Exception:  # no NVML here: P2P unknown, the conservative label
         return "pcie"
+    return "nvlink" if ok else "pcie"
+
+
+def _nvml_nvlink(a: str, b: str) -> bool:
+    import pynvml
+    pynvml.nvmlInit()
+    ha, hb = (pynvml.nvmlDeviceGetHandleByUUID(u.encode()) for u in (a, b))
+    return pynvml.nvmlDeviceGetP2PStatus(ha, hb, pynvml.NVML_P2P_CAPS_INDEX_NVLINK) == \
+        pynvml.NVML_P2P_STATUS_OK
 
 
 def build_engine(opts: GroupOptions, rank: int, comm: Communicator):

@@ -1,8 +1,8 @@
 """The local multi-node launcher: real namespaces, veths, a bridge, tbf-shaped links, Ray nodes.
 
-One 4-node cluster for the module (head and two workers on high-end links, one worker on a
-cheap 1 Gbit/s link), driven by drivers inside the head's namespace as users run them; it comes
-down at the end, and the test checks nothing of it is left (namespaces, links, state, processes).
+One 5-node cluster for the module (head and two workers on high-end links, two workers on cheap
+1 Gbit/s links), driven by drivers inside the head's namespace as users run them; it comes down
+at the end, and the test checks nothing of it is left (namespaces, links, state, processes).
 """
 
 from __future__ import annotations
@@ -25,7 +25,13 @@ NAME = "ltest"
 
 
 def ladder(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([LADDER, *args], capture_output=True, text=True, timeout=timeout)
+    try:
+        return subprocess.run([LADDER, *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        def tail(b):
+            return (b.decode(errors="replace") if isinstance(b, bytes) else b or "")[-4000:]
+        raise AssertionError(f"`ladder {' '.join(args)}` still ran after {timeout} s:\n"
+                             f"{tail(e.stdout)}\n{tail(e.stderr)}") from None
 
 
 def in_head(code: str, name: str = NAME, timeout: float = 300) -> str:
@@ -72,8 +78,8 @@ def shaped():
         pytest.skip("network namespaces need root (CI runs as root)")
     launcher.down(NAME, log=lambda *_: None)  # a crashed earlier run's left-overs
     t0 = time.monotonic()
-    p = ladder("cluster", "up", "--name", NAME, "--nodes", "4",
-               "--link", "high-end,high-end,high-end,cheap", "--cpus", "2")
+    p = ladder("cluster", "up", "--name", NAME, "--nodes", "5",
+               "--link", "high-end,high-end,high-end,cheap,cheap", "--cpus", "2")
     up_s = time.monotonic() - t0
     try:
         assert p.returncode == 0, p.stderr[-3000:]
@@ -95,18 +101,18 @@ def shaped():
 def test_up_prints_address_and_status(shaped):
     st, out, up_s = shaped
     assert f"address   {st.head.ip}:6379" in out and "RAY_AUTH_MODE=token" in out
-    assert "4 Ray nodes ready" in out
+    assert "5 Ray nodes ready" in out
     s = json.loads(ladder("cluster", "status", "--name", NAME, "--json").stdout)
-    assert s["up"] and s["ray_alive"] == 4
+    assert s["up"] and s["ray_alive"] == 5
     assert s["ray_labels"] == ["cheap", "high-end"]
     shaping = [n["shaping"] for n in s["nodes"]]
-    assert shaping[:3] == ["unshaped veth"] * 3 and shaping[3] == "tbf 1Gbit"
+    assert shaping == ["unshaped veth"] * 3 + ["tbf 1Gbit"] * 2
     assert oct(launcher.token_path(NAME).stat().st_mode & 0o777) == "0o600"
     # a second `up` of the same name is refused, clearly, and harms nothing
     again = ladder("cluster", "up", "--name", NAME, "--nodes", "2")
     assert again.returncode == 2 and "already up" in again.stderr
     assert json.loads(ladder("cluster", "status", "--name", NAME, "--json").stdout)[
-        "ray_alive"] == 4
+        "ray_alive"] == 5
 
 
 @needs_root
@@ -145,6 +151,57 @@ def test_tp_group_takes_the_link_label_of_its_nodes(shaped, tiny_llama):
     st = shaped[0]
     assert (label, comm, n) == ("high-end", "gloo", "4")
     assert ips == f"{st.nodes[1].ip},{st.nodes[2].ip}"  # the high-end workers, not the cheap one
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory, smollm2):
+    """A random 2-layer Llama with SmolLM2's tokenizer (streamed HTTP chunks carry text)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=smollm2.config.vocab_size, hidden_size=96,
+                      intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
+                      num_key_value_heads=3, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    path = tmp_path_factory.mktemp("tiny_tok")
+    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    smollm2.tokenizer().save(path)
+    return path
+
+
+@needs_root
+def test_bench_interconnects_short_run(shaped, tiny_with_tokenizer, tmp_path):
+    """`ladder bench interconnects` on the launched cluster: direct and through Serve, its
+    table, JSON, Prometheus text and picture."""
+    out = tmp_path / "out"
+    p = ladder("bench", "interconnects", "--cluster", NAME, "--model", str(tiny_with_tokenizer),
+               "--residuals", "standard,ladder", "--links", "cheap", "--batches", "2",
+               "--prompt-lens", "8", "--tokens", "6", "--phase-timeout", "240",
+               "--out", str(out), timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "ladder's overlap efficiency" in p.stdout and "speedup over standard" in p.stdout
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    cells = {(c["path"], c["residual"]): c for c in result["cells"]}
+    assert set(cells) == {("direct", "standard"), ("direct", "ladder"), ("direct", "desync"),
+                          ("serve", "standard"), ("serve", "ladder")}
+    for c in cells.values():
+        assert c["interconnect"] == "cheap" and c["batch"] == 2
+        assert c["ms_per_token"] > 0 and c["ttft_ms"] > 0 and c["tok_s"] > 0
+    assert cells[("direct", "desync")]["exposed_ms"] == 0
+    assert cells[("direct", "standard")]["exposed_ms"] > 0
+    assert [o["interconnect"] for o in result["overlap"]] == ["cheap"]
+    assert {(s["path"], s["residual"]) for s in result["speedup"]} == {("direct", "ladder"),
+                                                                        ("serve", "ladder")}
+    assert list(out.glob("interconnects-*.json"))
+    assert (out / "interconnects.png").stat().st_size > 10_000
+    assert "data:image/png;base64," in (out / "interconnects.html").read_text()
+    from prometheus_client.parser import text_string_to_metric_families
+    prom = {f.name: f for f in text_string_to_metric_families(
+        (out / "interconnects.prom").read_text())}
+    samples = prom["ladder_bench_decode_seconds_per_token"].samples
+    assert {(s.labels["path"], s.labels["residual"]) for s in samples} == set(cells)
+    assert all(s.labels["interconnect"] == "cheap" for s in samples)
 
 
 @needs_root
@@ -198,3 +255,15 @@ def test_without_rights_it_says_so_and_offers_plain():
     assert p.returncode == 2, p.stdout + p.stderr
     assert "needs root" in p.stderr and "--plain" in p.stderr
     assert launcher._leftovers("lnone") == []
+
+
+def test_the_dispatcher_does_not_import_ray():
+    """`ladder serve` and `ladder adapt` set RAY_AUTH_MODE before they import Ray, which reads
+    it once: no subcommand's registration (this package's included) may import Ray first."""
+    code = ("import sys\nfrom ladder.cli import build_parser\nbuild_parser()\n"
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"

@@ -121,3 +121,26 @@ def test_generate_command():
                           "--residual", "ladder:40-50", "--prompt", "x"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "layer 50 out of range" in bad.stderr
+
+
+def test_gpu_link_label_from_uuids():
+    """The CUDA interconnect label: decided on (host, GPU UUID) pairs every rank reports, NVML
+    asked by UUID (not by index: a Ray worker sees its one GPU as cuda:0)."""
+    from ladder.runner import gpu_link
+    nvlinked = {frozenset(("GPU-a", "GPU-b"))}
+    asked = []
+
+    def nvlink(a, b):
+        asked.append((a, b))
+        return frozenset((a, b)) in nvlinked
+
+    assert gpu_link([("h", "GPU-a")], nvlink) == "none"
+    assert gpu_link([("h", "GPU-a"), ("h", "GPU-b")], nvlink) == "nvlink"
+    assert asked == [("GPU-a", "GPU-b")]
+    assert gpu_link([("h", "GPU-a"), ("h", "GPU-c")], nvlink) == "pcie"
+    assert gpu_link([("h", "GPU-a"), ("h", "GPU-b"), ("h", "GPU-c")], nvlink) == "pcie"
+    assert gpu_link([("h1", "GPU-a"), ("h2", "GPU-b")], nvlink) == "network"
+
+    def no_nvml(a, b):
+        raise OSError("NVML Shared Library Not Found")
+    assert gpu_link([("h", "GPU-a"), ("h", "GPU-b")], no_nvml) == "pcie"

@@ -1,0 +1,413 @@
+"""Ladder vs standard across interconnects, on a launched cluster: the run users make before
+they buy hardware.
+
+On a cluster from `ladder cluster up` (or `--launch`, which brings up head + two workers per
+network link profile and takes it down after), TP=2 groups are placed so that their all-reduce
+crosses each link: `shm` (both ranks on one node, shared memory), and for each network profile
+the two workers labelled with it (STRICT_SPREAD, gloo bound to the node addresses). For every
+residual (standard, ladder, partial = the upper half laddered, parallel) x link x batch size x
+prompt length it measures, per cell:
+
+  direct   the TP group driven from the bench (`actors.TPGroup`): per-token decode latency (the
+           median engine step over full-batch decode steps), exposed all-reduce wait per step,
+           TTFT (submission to first token, median over the batch) and throughput (all new
+           tokens / wall time, prefill included);
+  serve    the same through the Serve app's HTTP endpoint (`/v1/completions`, streamed, token-id
+           prompts): client-side TTFT, time per output token and throughput.
+
+A `desync` group (no communication: the speed bound) runs beside them on each link, so the
+overlap efficiency (T_standard - T_ladder) / (T_standard - T_desync) is measured, not guessed;
+the live estimate (1 - ladder's exposed wait per step / standard's, same link) is printed beside.
+Outputs: tables, one JSON line (`--out DIR` writes it and the report's PNG/HTML there), the
+figures as Prometheus gauges (`ladder_bench_*`, a text file beside the JSON and, with
+`--metrics-port`, served while the run lasts), and the groups' own `ladder_*` series through
+Ray's metrics agents, so the "Interconnects" dashboard shows the run by `interconnect`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.table import table
+from bench.timed import bench_main, emit, log
+
+RESIDUALS = {"standard": "standard", "ladder": "ladder", "partial": "ladder:upper-half",
+             "parallel": "parallel"}
+LAUNCH_LINKS = ("high-end", "cheap")
+IN_CLUSTER = "LADDER_BENCH_CLUSTER"  # set when the bench runs as the cluster's driver
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", default="ladder", help="the `ladder cluster` to run on")
+    p.add_argument("--launch", action="store_true",
+                   help="bring the cluster up for the run (head + 2 workers per network link) "
+                        "and take it down after")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--residuals", default=",".join(RESIDUALS),
+                   help=f"among {', '.join(RESIDUALS)}")
+    p.add_argument("--links", default="shm," + ",".join(LAUNCH_LINKS),
+                   help="shm and/or the cluster's link profiles")
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--prompt-lens", default="16,256", help="prompt lengths in tokens")
+    p.add_argument("--tokens", type=int, default=24, help="new tokens per request (forced)")
+    p.add_argument("--paths", default="direct,serve", help="direct and/or serve")
+    p.add_argument("--phase-timeout", type=float, default=600.0,
+                   help="a group's start, a cell or a Serve deploy that takes longer dumps "
+                        "every thread's stack and ends the run")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="serve the ladder_bench_* gauges on this port while the run lasts")
+    p.add_argument("--out", help="write the JSON line, the .prom file and the report here")
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+# -- driver side (inside the cluster) -----------------------------------------------------------
+def prompt_ids(n: int, vocab: int, seed: int) -> list[int]:
+    import random
+    rnd = random.Random(seed)
+    return [rnd.randrange(3, vocab) for _ in range(n)]
+
+
+async def direct_cell(group, batch: int, plen: int, tokens: int, vocab: int) -> dict:
+    from ladder.sampling import SamplingParams
+    sp = SamplingParams(max_tokens=tokens, min_tokens=tokens, ignore_eos=True, temperature=0.0)
+    since = time.time()
+    t0 = time.perf_counter()
+
+    async def one(i: int) -> tuple[float, int]:
+        first, n = None, 0
+        async for ev in group.stream(prompt_ids(plen, vocab, i), sp):
+            if ev.token_id is not None:
+                n += 1
+                first = first or time.perf_counter()
+        return first - t0, n
+
+    res = await asyncio.gather(*(one(i) for i in range(batch)))
+    wall = time.perf_counter() - t0
+    steps = [s for s in (await group.stats_async(since))["steps"] if s["kind"] == "decode"]
+    full = [s for s in steps if s["rows"] == batch] or steps
+    return {"ms_per_token": 1e3 * statistics.median(s["step_s"] for s in full),
+            "exposed_ms": 1e3 * statistics.median(s["exposed_s"] for s in full),
+            "ttft_ms": 1e3 * statistics.median(r[0] for r in res),
+            "tok_s": sum(r[1] for r in res) / wall}
+
+
+def serve_cell(base: str, model: str, batch: int, plen: int, tokens: int, vocab: int) -> dict:
+    import requests
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> tuple[float, list[float], int]:
+        body = {"model": model, "prompt": prompt_ids(plen, vocab, i), "max_tokens": tokens,
+                "min_tokens": tokens, "ignore_eos": True, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        sent = time.perf_counter()
+        stamps, usage = [], None
+        # a stalled stream fails the cell within the read timeout instead of hanging the run
+        with requests.post(f"{base}/v1/completions", json=body, stream=True,
+                           timeout=(10, 120)) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
+            for line in r.iter_lines():
+                if line.startswith(b"data: {"):
+                    chunk = json.loads(line[6:])
+                    if chunk["choices"]:
+                        stamps.append(time.perf_counter())
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]["completion_tokens"]
+        # a chunk carries one token's text, or more when a token ends mid-character: the
+        # server's token count (usage) divides the streaming time
+        return sent, stamps, usage or len(stamps)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(batch) as pool:
+        res = list(pool.map(one, range(batch)))
+    if any(len(s) < 2 or n < 2 for _, s, n in res):
+        raise RuntimeError("a stream ended with fewer than two tokens: nothing to time")
+    wall = max(s[-1] for _, s, _ in res) - t0
+    return {"ms_per_token": 1e3 * statistics.median((s[-1] - s[0]) / (n - 1)
+                                                    for _, s, n in res),
+            "ttft_ms": 1e3 * statistics.median(s[0] - sent for sent, s, _ in res),
+            "tok_s": sum(n for _, _, n in res) / wall}
+
+
+class _Phase:
+    """Names what the run is doing in the log, and bounds it: past `timeout_s` every thread's
+    stack goes to stderr and the process exits (a hang says where it hung)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+
+    def __call__(self, what: str) -> "_Phase":
+        import faulthandler
+        log(what)
+        faulthandler.dump_traceback_later(self.timeout_s, exit=True)
+        return self
+
+    def __enter__(self) -> "_Phase":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import faulthandler
+        faulthandler.cancel_dump_traceback_later()
+
+
+def placement(link: str) -> tuple[str, str]:
+    """(strategy, node label to place on) of a group whose all-reduce crosses `link`."""
+    return ("PACK", "") if link == "shm" else ("STRICT_SPREAD", link)
+
+
+def sweep(a: argparse.Namespace) -> dict:
+    import ray
+
+    from actors.group import TPGroup
+    from ladder.runner import GroupOptions
+    ray.init(log_to_driver=False)
+    residuals, links = _csv(a.residuals), _csv(a.links)
+    batches = [int(b) for b in _csv(a.batches)]
+    plens = [int(x) for x in _csv(a.prompt_lens)]
+    paths = _csv(a.paths)
+    bad = sorted(set(residuals) - set(RESIDUALS))
+    if bad:
+        raise SystemExit(f"--residuals: {bad} are not among {sorted(RESIDUALS)}")
+    have = {n["Labels"].get("ladder.io/link") for n in ray.nodes()
+            if n["Alive"] and n["Resources"].get("CPU", 0) >= 1}
+    missing = [li for li in links if li != "shm" and li not in have]
+    if missing:
+        raise SystemExit(f"the cluster has no worker nodes with link {missing} "
+                         f"(it has {sorted(have)})")
+    n_slots = max(batches)
+    from ladder.loaders import open_checkpoint
+    vocab = open_checkpoint(a.model).config.vocab_size
+    cells = []
+    gauges = _Gauges(a.metrics_port)
+    phase = _Phase(a.phase_timeout)
+    for link in links:
+        strategy, label = placement(link)
+        for res in [*residuals, "desync"] if "direct" in paths else residuals:
+            opts = GroupOptions(model=a.model, tp=2, residual=RESIDUALS.get(res, res),
+                                dtype=a.dtype, n_slots=n_slots,
+                                max_seq=max(plens) + a.tokens + 8, threads=1)
+            if "direct" in paths:
+                with phase(f"direct: {res} over {link}: starting the group"):
+                    g = TPGroup(opts, strategy=strategy, link=label, metrics=True,
+                                model_label=Path(a.model).name, cpus_per_worker=1)
+                with g:
+                    for b in batches:
+                        for plen in plens:
+                            with phase(f"direct: {res} over {link}, batch {b}, prompt {plen}"):
+                                c = asyncio.run(direct_cell(g, b, plen, a.tokens, vocab))
+                            cells.append({"path": "direct", "link": link, "residual": res,
+                                          "interconnect": g.info["interconnect"], "batch": b,
+                                          "prompt_len": plen, **c})
+                            gauges.set(cells[-1])
+            if "serve" in paths and res != "desync":
+                cells += serve_sweep(a, opts, res, link, strategy, label, batches, plens,
+                                     vocab, gauges, phase)
+    with phase("shutting down"):
+        if "serve" in paths:
+            from ray import serve
+            serve.shutdown()
+        ray.shutdown()
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        gauges.write(Path(a.out) / "interconnects.prom")
+    return {"bench": "interconnects", "model": a.model, "dtype": a.dtype, "tp": 2,
+            "tokens": a.tokens, "cells": cells, "overlap": overlap(cells),
+            "speedup": speedups(cells)}
+
+
+def serve_sweep(a, opts, res, link, strategy, label, batches, plens, vocab, gauges,
+                phase) -> list[dict]:
+    from dataclasses import asdict
+
+    from ray import serve
+
+    from deploy.server import build_app
+    args = {k: v for k, v in asdict(opts).items()
+            if k in ("model", "tp", "residual", "dtype", "n_slots", "max_seq", "threads")}
+    args.update(model_name="bench", strategy=strategy, link=label, queue_limit=64)
+    out = []
+    try:
+        with phase(f"serve: {res} over {link}: deploying"):
+            serve.start(http_options={"host": "127.0.0.1", "port": 8000},
+                        proxy_location="HeadOnly")
+            serve.run(build_app(args), name="bench", route_prefix="/")
+            import requests
+            info = requests.get("http://127.0.0.1:8000/v1/models", timeout=30).json()["data"][0]
+        for b in batches:
+            for plen in plens:
+                with phase(f"serve: {res} over {link}, batch {b}, prompt {plen}"):
+                    c = serve_cell("http://127.0.0.1:8000", "bench", b, plen, a.tokens, vocab)
+                out.append({"path": "serve", "link": link, "residual": res,
+                            "interconnect": info["interconnect"], "batch": b,
+                            "prompt_len": plen, **c})
+                gauges.set(out[-1])
+    finally:
+        with phase(f"serve: {res} over {link}: deleting the app"):
+            serve.delete("bench")
+    return out
+
+
+def overlap(cells: list[dict]) -> list[dict]:
+    """Per link, batch and prompt length: (T_std - T_ladder) / (T_std - T_desync), direct."""
+    by = {(c["link"], c["batch"], c["prompt_len"], c["residual"]): c for c in cells
+          if c["path"] == "direct"}
+    out = []
+    for (link, b, plen, res), c in sorted(by.items()):
+        if res != "ladder":
+            continue
+        std, des = by.get((link, b, plen, "standard")), by.get((link, b, plen, "desync"))
+        if std is None or des is None:
+            continue
+        gap = std["ms_per_token"] - des["ms_per_token"]
+        out.append({"link": link, "interconnect": c["interconnect"], "batch": b,
+                    "prompt_len": plen,
+                    "efficiency": (std["ms_per_token"] - c["ms_per_token"]) / gap
+                    if gap > 0 else None,
+                    "live": 1 - c["exposed_ms"] / std["exposed_ms"]
+                    if std["exposed_ms"] > 0 else None})
+    return out
+
+
+def speedups(cells: list[dict]) -> list[dict]:
+    """ladder (and partial, parallel) over standard per-token latency, per path/link/cell."""
+    by = {(c["path"], c["link"], c["batch"], c["prompt_len"], c["residual"]): c for c in cells}
+    out = []
+    for (path, link, b, plen, res), c in sorted(by.items()):
+        std = by.get((path, link, b, plen, "standard"))
+        if std is None or res in ("standard", "desync"):
+            continue
+        out.append({"path": path, "link": link, "batch": b, "prompt_len": plen,
+                    "residual": res, "speedup": std["ms_per_token"] / c["ms_per_token"]})
+    return out
+
+
+class _Gauges:
+    """The bench's figures as Prometheus gauges (prometheus-client: this process is outside
+    Ray's metrics), served on `port` while the run lasts and written as a text file after."""
+
+    def __init__(self, port: int) -> None:
+        from prometheus_client import CollectorRegistry, Gauge, start_http_server
+        self.registry = CollectorRegistry()
+        labels = ["path", "interconnect", "residual", "batch", "prompt_len"]
+        self.g = {k: Gauge(f"ladder_bench_{k}", doc, labels, registry=self.registry)
+                  for k, doc in (("decode_seconds_per_token", "median per-token decode latency"),
+                                 ("ttft_seconds", "median time to first token"),
+                                 ("throughput_tokens_per_second", "new tokens / wall time"))}
+        if port:
+            start_http_server(port, addr="0.0.0.0", registry=self.registry)
+
+    def set(self, c: dict) -> None:
+        lab = dict(path=c["path"], interconnect=c["interconnect"], residual=c["residual"],
+                   batch=str(c["batch"]), prompt_len=str(c["prompt_len"]))
+        self.g["decode_seconds_per_token"].labels(**lab).set(c["ms_per_token"] / 1e3)
+        self.g["ttft_seconds"].labels(**lab).set(c["ttft_ms"] / 1e3)
+        self.g["throughput_tokens_per_second"].labels(**lab).set(c["tok_s"])
+
+    def write(self, path: Path) -> None:
+        from prometheus_client import write_to_textfile
+        write_to_textfile(str(path), self.registry)
+
+
+# -- outputs -----------------------------------------------------------------------------------
+def report(result: dict, out: str | None) -> None:
+    cells = result["cells"]
+    rows = [[c["path"], c["interconnect"], c["residual"], c["batch"], c["prompt_len"],
+             c["ms_per_token"], c.get("exposed_ms"), c["ttft_ms"], c["tok_s"]] for c in cells]
+    print(table(f"TP=2 {result['model']} {result['dtype']}, {result['tokens']} new tokens a "
+                "request", ["path", "interconnect", "residual", "batch", "prompt", "ms/token",
+                            "exposed ms", "TTFT ms", "tok/s"], rows))
+    print(table("ladder's overlap efficiency (T_std - T_ladder) / (T_std - T_desync), direct; "
+                "live estimate beside it",
+                ["interconnect", "batch", "prompt", "efficiency", "live"],
+                [[o["interconnect"], o["batch"], o["prompt_len"], o["efficiency"], o["live"]]
+                 for o in result["overlap"]]))
+    print(table("speedup over standard (per-token decode latency)",
+                ["path", "link", "batch", "prompt", "residual", "speedup"],
+                [[s["path"], s["link"], s["batch"], s["prompt_len"], s["residual"],
+                  s["speedup"]] for s in result["speedup"]]))
+    emit(result, out, "interconnects")
+    if out:
+        from dashboards.report import render
+        rows = report_rows(result)
+        render(rows, Path(out) / "interconnects.png", Path(out) / "interconnects.html",
+               f"ladder vs standard by interconnect: TP=2 {result['model']}, batch "
+               f"{rows[0]['batch'] if rows else '-'}")
+        log(f"wrote {out}/interconnects.png, .html, .prom and the JSON line")
+
+
+def report_rows(result: dict) -> list[dict]:
+    """The report's rows: direct path, the smallest batch and prompt."""
+    cells = [c for c in result["cells"] if c["path"] == "direct" and c["residual"] != "desync"]
+    if not cells:
+        return []
+    b = min(c["batch"] for c in cells)
+    plen = min(c["prompt_len"] for c in cells)
+    eff = {o["interconnect"]: o["efficiency"] for o in result["overlap"]
+           if o["batch"] == b and o["prompt_len"] == plen}
+    return [{"interconnect": c["interconnect"], "residual": c["residual"], "batch": b,
+             "ms_per_token": c["ms_per_token"], "exposed_ms_per_token": c["exposed_ms"],
+             "overlap": eff.get(c["interconnect"]) if c["residual"] == "ladder" else None}
+            for c in cells if c["batch"] == b and c["prompt_len"] == plen]
+
+
+def run(a: argparse.Namespace) -> int:
+    if os.environ.get(IN_CLUSTER) == a.cluster:  # the driver, inside the head's namespace
+        result = sweep(a)
+        report(result, a.out)
+        return 0
+    return _launch_and_drive(a)
+
+
+def _launch_and_drive(a: argparse.Namespace) -> int:
+    """Re-run this bench as a driver in the cluster's head namespace (bringing the cluster up
+    first with --launch, and down after)."""
+    from cluster.launcher import ClusterError, down, load_state, ray_env, up
+    from cluster.links import parse_links
+    launched = False
+    try:
+        if load_state(a.cluster) is None:
+            if not a.launch:
+                print(f"bench interconnects: no cluster {a.cluster!r} is up: `ladder cluster up "
+                      f"--name {a.cluster} --nodes 5 --link high-end,high-end,high-end,cheap,"
+                      f"cheap`, or pass --launch", file=sys.stderr)
+                return 2
+            nets = [li for li in _csv(a.links) if li != "shm"] or ["high-end"]
+            spec = ",".join([nets[0]] + [li for li in nets for _ in range(2)])
+            log(f"launching cluster {a.cluster!r}: {spec}")
+            up(a.cluster, parse_links(spec, 1 + 2 * len(nets)), cpus=2, log=log)
+            launched = True
+        st = load_state(a.cluster)
+        env = dict(ray_env(a.cluster), **{IN_CLUSTER: a.cluster})
+        argv = [x for x in sys.argv[1:] if x != "--launch"]
+        if argv[:2] == ["bench", "interconnects"]:  # run as `ladder bench interconnects`
+            argv = argv[2:]
+        cmd = [sys.executable, "-m", "bench.interconnects", *argv]
+        if not st.plain:
+            cmd = ["ip", "netns", "exec", st.head.ns, *cmd]
+        return subprocess.run(cmd, env=env, cwd=os.getcwd()).returncode
+    except ClusterError as e:
+        print(f"bench interconnects: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if launched:
+            down(a.cluster, log=log)
+
+
+def main() -> int:
+    return bench_main(__doc__, add_args, run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
