@@ -333,14 +333,8 @@ def _wait_alive(st: ClusterState, n: int, timeout_s: float, log) -> None:
 
 
 def _session_alive(node: NodeState) -> bool:
-    try:
-        os.kill(node.sid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with open(f"/proc/{node.sid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    """Whether the node's `ray start --block` (its session leader) still runs."""
+    return _pid_alive(node.sid)
 
 
 # -- down --------------------------------------------------------------------------------------
