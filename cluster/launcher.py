@@ -31,6 +31,7 @@ from pathlib import Path
 
 from actors.group import LATENCY_LABEL, LINK_LABEL
 from cluster.links import Link
+from ladder.runner import free_port
 STATE_ROOT = Path(os.environ.get("LADDER_CLUSTER_STATE", "/tmp/lsc"))
 RAY_PORT = 6379
 DASHBOARD_PORT = 8265
@@ -198,12 +199,12 @@ def up(name: str, links: list[Link], *, cpus: int, head_cpus: int = 0, plain: bo
     tok = token_path(name)
     tok.write_text(secrets.token_hex(32))
     tok.chmod(0o600)
-    ns_pat, bridge, _ = _names(name)
+    _, bridge, _ = _names(name)
     subnet = "" if plain else _pick_subnet(name)
     st = ClusterState(name=name, plain=plain, subnet=subnet, bridge="" if plain else bridge,
                       started=time.time())
     if plain:
-        st.port, st.dashboard_port = _free_port(), _free_port()
+        st.port, st.dashboard_port = free_port(), free_port()
     for i, link in enumerate(links):
         st.nodes.append(NodeState(
             index=i, ip="127.0.0.1" if plain else f"{subnet}.{10 + i}", link=link.spec,
@@ -266,14 +267,7 @@ def _plain_ports(i: int) -> list[str]:
     flags = ("--node-manager-port", "--object-manager-port", "--metrics-export-port",
              "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
              "--runtime-env-agent-port") + (("--ray-client-server-port",) if i == 0 else ())
-    return [x for flag in flags for x in (flag, str(_free_port()))]
-
-
-def _free_port() -> int:
-    from socket import socket
-    with socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return [x for flag in flags for x in (flag, str(free_port()))]
 
 
 def _start_ray(st: ClusterState, links: list[Link], timeout_s: float, log) -> None:
