@@ -122,7 +122,8 @@ def test_bad_requests_are_refused_and_the_group_serves_on(packed):
     for prompt, match in ((too_long, "context holds"), ([], "empty"), ([5, 9999], "vocabulary")):
         with pytest.raises(RequestError, match=match):
             packed.generate([prompt], GREEDY)
-    assert packed.generate([[5, 6]], SamplingParams(max_tokens=3))[0]["finish_reason"] == "length"
+    three = SamplingParams(max_tokens=3, ignore_eos=True)
+    assert packed.generate([[5, 6]], three)[0]["finish_reason"] == "length"
     assert packed.health().healthy
 
 
@@ -162,8 +163,8 @@ def test_a_dead_rank_fails_its_requests_and_a_new_group_serves(ray_cluster, tiny
         g.shutdown()
     assert f"doomed{victim}" not in placement_groups_alive()
     with TPGroup(opts, strategy="STRICT_SPREAD", name=f"fresh{victim}") as fresh:
-        assert fresh.generate([[5, 6]], SamplingParams(max_tokens=3))[0]["finish_reason"] \
-            == "length"
+        three = SamplingParams(max_tokens=3, ignore_eos=True)
+        assert fresh.generate([[5, 6]], three)[0]["finish_reason"] == "length"
 
 
 def test_token_authentication_is_on(ray_cluster):

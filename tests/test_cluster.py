@@ -144,7 +144,7 @@ def test_tp_group_takes_the_link_label_of_its_nodes(shaped, tiny_llama):
         " max_seq=64, threads=1)\n"
         "with TPGroup(opts, strategy='STRICT_SPREAD', link='high-end', metrics=False) as g:\n"
         "    ips = sorted(n['ip'] for n in g.nodes)\n"
-        "    out = g.generate([[1, 2, 3]], SamplingParams(max_tokens=4))\n"
+        "    out = g.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True))\n"
         "    print(g.info['interconnect'], g.opts.comm, ','.join(ips), len(out[0]['tokens']))\n")
     line = in_head(code).strip().splitlines()[-1]
     label, comm, ips, n = line.split()

@@ -157,7 +157,8 @@ def test_bad_chat_and_auth(server):
                       key="sk-wrong")
     assert code == 401
     code, body, _ = post(server + "/v1/completions",
-                         {"model": "smollm2", "prompt": "still serving", "max_tokens": 3})
+                         {"model": "smollm2", "prompt": "still serving", "max_tokens": 3,
+                          "ignore_eos": True})
     assert code == 200 and body["usage"]["completion_tokens"] == 3
     code, h = get(server + "/health", key=None)
     assert code == 200 and h["status"] == "ok" and h["interconnect"] == "shm"
@@ -250,8 +251,9 @@ def test_a_killed_shard_worker_gets_its_replica_replaced(server, client):
         new = h.get("group", old) if code == 200 else old
         if new != old:
             try:
-                served = client.completions.create(model="smollm2", prompt="Back again?",
-                                                   max_tokens=3).usage.completion_tokens == 3
+                served = client.completions.create(
+                    model="smollm2", prompt="Back again?", max_tokens=3,
+                    extra_body={"ignore_eos": True}).usage.completion_tokens == 3
             except Exception:
                 served = False
         time.sleep(1)
@@ -284,9 +286,11 @@ def test_ladder_serve_command_serves_and_stops_cleanly(tmp_path, ray_cluster):
                 break
         assert any("Ctrl-C stops" in x for x in out), "".join(out[-30:])
         c = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        # sampled (temperature 1) may end early at EOS: ignore_eos pins the count
         r = c.chat.completions.create(model="smollm2", max_tokens=5,
-                                      messages=[{"role": "user", "content": "Hi"}])
-        assert r.usage.completion_tokens == 5
+                                      messages=[{"role": "user", "content": "Hi"}],
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=90) == 0
     finally:
