@@ -18,7 +18,11 @@ from ladder.loaders import load_shard, open_checkpoint
 from ladder.model import Transformer, build_model
 from ladder.tp import ShardSpec
 
+# The README's example: a question SmolLM2-135M itself answers right ("What is tensor
+# parallelism?" was the example once; the 135M parent gets it wrong, so no adaptation can).
+README_PROMPT = "What is parallel computing?"
 PROMPTS = (  # the README's example first
+    README_PROMPT,
     "What is tensor parallelism?",
     "Explain in two sentences why overlapping communication with compute speeds up "
     "tensor-parallel inference.",

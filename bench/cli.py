@@ -19,6 +19,7 @@ BENCHES = {
     "actors": "bench.actors",  # Ray actor groups vs the plain runner; 1/4/16 concurrent streams
     "interconnects": "bench.interconnects",  # ladder vs standard per link on a launched cluster
     "adapt_curve": "bench.adapt_curve",  # ladder adaptation: perplexity recovery vs tokens
+    "adapted_serve": "bench.adapted_serve",  # an adapted folder served: README prompt, TP2 = TP1
 }
 
 

@@ -55,6 +55,21 @@ def cpus_needed(args: dict) -> int:
     return math.ceil(reps * per)
 
 
+def deploy_failure(serve, app: str) -> str | None:
+    """The last error line of the first unhealthy deployment's message (a replica's traceback
+    ends with the exception that stopped its constructor)."""
+    try:
+        st = serve.status().applications[app]
+    except Exception:
+        return None
+    for d in st.deployments.values():
+        lines = [x.strip() for x in (d.message or "").splitlines() if x.strip()]
+        errors = [x for x in lines if "Error" in x.split(":", 1)[0]]
+        if errors:
+            return errors[-1]
+    return st.message or None
+
+
 def run(a: argparse.Namespace) -> int:
     http, appcfg = load_config(a.config)
     args = dict(appcfg["args"])
@@ -91,7 +106,12 @@ def run(a: argparse.Namespace) -> int:
     try:
         serve.start(http_options={"host": host, "port": port})
         name = appcfg.get("name", "ladder")
-        serve.run(build_app(args), name=name, route_prefix=appcfg.get("route_prefix", "/"))
+        try:
+            serve.run(build_app(args), name=name, route_prefix=appcfg.get("route_prefix", "/"))
+        except RuntimeError as e:  # Serve says only "failed to update": say why
+            print(f"ladder serve: {a.config}: the application did not start: "
+                  f"{deploy_failure(serve, name) or e}", file=sys.stderr, flush=True)
+            return 1
         url = f"http://{host}:{port}"
         model = args.get("model_name", "smollm2")
         key = (args.get("api_keys") or ["none"])[0]

@@ -264,6 +264,35 @@ def test_eval_compares_with_the_parent(reference, tmp_path, capsys):
     assert "top-1 agreement" in out and json.loads(js.read_text())["residual"] == PLAN
 
 
+def test_ladder_serve_serves_the_adapted_folder(reference):
+    """`ladder serve` on the folder (its own local Ray): /v1/models reports the recorded plan
+    and `adapted`; the served greedy text is the TP=1 group's; TP=2 gives TP=1's tokens."""
+    from bench.adapted_serve import check
+    o, _ = reference
+    r = check(Path(o.out), "def f(x):", max_tokens=8, chat=False)
+    entry = r["served"]["model_entry"]
+    assert entry["id"] == "adapted" and entry["residual_plan"] == PLAN
+    assert entry["adapted"] is True and r["served"]["exit_code"] == 0
+    assert r["served_is_tp1"] and r["tp2_equals_tp1"] and len(r["tp1_tokens"]) == 8
+    assert r["parent"] == o.model and r["parent_text"] is not None
+
+
+def test_the_readme_example_and_its_answer_rule():
+    from adapt.evaluate import PROMPTS, README_PROMPT
+    from bench.adapted_serve import answers_readme_prompt
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f'--prompt "{README_PROMPT}"' in readme and PROMPTS[0] == README_PROMPT
+    # the parent SmolLM2-135M's and the adapted ladder:24-29's greedy answers (2026-11-26)
+    assert answers_readme_prompt("Parallel computing is a technique used to perform multiple "
+                                 "tasks simultaneously on multiple processors or devices.")
+    assert answers_readme_prompt("... using multiple processing units or threads to execute "
+                                 "multiple tasks concurrently.")
+    for wrong in ("Parallel computing is a mathematical concept in physics that describes the "
+                  "relationship between tensors.", "It runs tasks one after another.",
+                  "Things happen at the same time."):
+        assert not answers_readme_prompt(wrong)
+
+
 def test_data_order_is_a_function_of_seed_and_step():
     a = [step_rows(s, 4, 10, seed=1) for s in range(5)]
     assert [list(x) for x in a] == [list(step_rows(s, 4, 10, seed=1)) for s in range(5)]

@@ -260,13 +260,13 @@ def test_a_killed_shard_worker_gets_its_replica_replaced(server, client):
     assert new != old and served
 
 
-def test_ladder_serve_command_serves_and_stops_cleanly(tmp_path, ray_cluster):
-    """The README's main command, with its own local Ray, until Ctrl-C."""
+def ladder_serve(tmp_path: Path, port: int, **args) -> tuple[subprocess.Popen, Path]:
+    """`ladder serve` on deploy/smollm2.yaml with `args` changed, one replica at most, in its own
+    session and with its own local Ray (no token of ours in its environment)."""
     import yaml
-    port = free_port()
     cfg = yaml.safe_load(Path("deploy/smollm2.yaml").read_text())
     cfg["http_options"]["port"] = port
-    cfg["applications"][0]["args"].update(max_seq=256, n_slots=4)
+    cfg["applications"][0]["args"].update(args)
     cfg["applications"][0]["args"]["autoscaling_config"]["max_replicas"] = 1
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -274,6 +274,13 @@ def test_ladder_serve_command_serves_and_stops_cleanly(tmp_path, ray_cluster):
     proc = subprocess.Popen([sys.executable, "-m", "ladder.cli", "serve", "--config", str(path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
+    return proc, path
+
+
+def test_ladder_serve_command_serves_and_stops_cleanly(tmp_path, ray_cluster):
+    """The README's main command, with its own local Ray, until Ctrl-C."""
+    port = free_port()
+    proc, _ = ladder_serve(tmp_path, port, max_seq=256, n_slots=4)
     try:
         out = []
         deadline = time.monotonic() + 240
@@ -299,6 +306,22 @@ def test_ladder_serve_command_serves_and_stops_cleanly(tmp_path, ray_cluster):
             proc.wait()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_ladder_serve_says_why_a_replica_did_not_start(tmp_path, ray_cluster):
+    """A setting only the replica can check (a layer the model lacks) ends `ladder serve` with
+    the replica's own error, not Serve's bare "failed to update the deployments"."""
+    proc, path = ladder_serve(tmp_path, free_port(), residual="ladder:40-41", max_seq=256,
+                              n_slots=2)
+    try:
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 1, out[-3000:]
+    assert (f"{path}: the application did not start:" in out
+            and "layer 41 out of range (the model has 30 layers, 0..29)" in out), out[-3000:]
 
 
 def test_overload_gets_503_with_retry_after(server, tiny_llama):
