@@ -56,6 +56,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help=f"among {', '.join(RESIDUALS)}")
     p.add_argument("--links", default="shm," + ",".join(LAUNCH_LINKS),
                    help="shm and/or the cluster's link profiles")
+    p.add_argument("--comm", default="auto", choices=["auto", "gloo", "tcp"],
+                   help="the all-reduce over network links (auto: the group's choice, gloo); "
+                   "the shm link is always shared memory")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--prompt-lens", default="16,256", help="prompt lengths in tokens")
     p.add_argument("--tokens", type=int, default=24, help="new tokens per request (forced)")
@@ -196,7 +199,8 @@ def sweep(a: argparse.Namespace) -> dict:
         strategy, label = placement(link)
         for res in [*residuals, "desync"] if "direct" in paths else residuals:
             opts = GroupOptions(model=a.model, tp=2, residual=RESIDUALS.get(res, res),
-                                dtype=a.dtype, n_slots=n_slots,
+                                dtype=a.dtype, comm="auto" if link == "shm" else a.comm,
+                                n_slots=n_slots,
                                 max_seq=max(plens) + a.tokens + 8, threads=1)
             if "direct" in paths:
                 with phase(f"direct: {res} over {link}: starting the group"):
@@ -208,7 +212,8 @@ def sweep(a: argparse.Namespace) -> dict:
                             with phase(f"direct: {res} over {link}, batch {b}, prompt {plen}"):
                                 c = asyncio.run(direct_cell(g, b, plen, a.tokens, vocab))
                             cells.append({"path": "direct", "link": link, "residual": res,
-                                          "interconnect": g.info["interconnect"], "batch": b,
+                                          "interconnect": g.info["interconnect"],
+                                          "comm": g.opts.comm, "batch": b,
                                           "prompt_len": plen, **c})
                             gauges.set(cells[-1])
             if "serve" in paths and res != "desync":
@@ -235,7 +240,8 @@ def serve_sweep(a, opts, res, link, strategy, label, batches, plens, vocab, gaug
 
     from deploy.server import build_app
     args = {k: v for k, v in asdict(opts).items()
-            if k in ("model", "tp", "residual", "dtype", "n_slots", "max_seq", "threads")}
+            if k in ("model", "tp", "residual", "dtype", "comm", "n_slots", "max_seq",
+                     "threads")}
     args.update(model_name="bench", strategy=strategy, link=label, queue_limit=64)
     out = []
     try:

@@ -6,8 +6,8 @@ communication could in principle be hidden. Both are measured and printed (an is
 all-reduce of a [1, dim] vector; the attention and MLP modules of rank 0's shard, one thread).
 
 Per link, four groups (standard, ladder, parallel, desync) run side by side, their timed runs
-interleaved (A B C D, D C B A, ...). Links: gloo over loopback TCP, shm when the runner offers
-it, and an emulated link: a fixed latency added to every all-reduce (`GroupOptions.latency_s`)
+interleaved (A B C D, D C B A, ...). Links: gloo over loopback TCP, our own TCP all-reduce
+(`tcp`: progressed by the ranks, no gloo threads), shm when the runner offers it, and an emulated link: a fixed latency added to every all-reduce (`GroupOptions.latency_s`)
 on the cheapest real link, so that its figure is the schedule's, not the transport's.
 
     ladder speedup      T_standard / T_ladder
@@ -239,6 +239,8 @@ def overlap_link(folder: Path, s: Settings, prompt: list[int], comm: str,
 
 def run(s: Settings, latency_us: float) -> tuple[dict, str]:
     links = [("gloo", 0.0)]
+    if "tcp" in COMMS:
+        links.append(("tcp", 0.0))
     if "shm" in COMMS and s.real_shm:
         links.append(("shm", 0.0))
     # emulation over the cheapest real link, so that the figure is mostly the schedule's

@@ -38,7 +38,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "checkpoint's own plan where it records one, else standard)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--comm", default="auto", choices=COMMS,
-                   help="how ranks all-reduce (auto: none at TP=1, nccl on CUDA, else gloo)")
+                   help="how ranks all-reduce (auto: none at TP=1, nccl on CUDA, else shm; tcp: "
+                   "TCP progressed by the ranks; gloo: torch.distributed's)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--latency-us", type=float, default=0.0,
                    help="emulated link latency per all-reduce, microseconds (emulation)")

@@ -27,7 +27,7 @@ from ladder.sampling import SamplingParams
 from ladder.scheduler import Request, Scheduler, TokenEvent, add_event, new_result
 from ladder.tp import ShardSpec
 
-COMMS = ("auto", "gloo", "shm", "nccl")
+COMMS = ("auto", "gloo", "tcp", "shm", "nccl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -37,7 +37,7 @@ class GroupOptions:
     tp: int = 1
     residual: str | None = None  # None: the checkpoint's own plan (an adapted one's), else standard
     dtype: str = "float32"
-    comm: str = "auto"  # how ranks all-reduce: auto | gloo | shm | nccl (see make_comm)
+    comm: str = "auto"  # how ranks all-reduce: auto | gloo | tcp | shm | nccl (make_comm)
     device: str = "cpu"  # cpu | cuda (rank r uses cuda:r, NCCL all-reduces)
     cuda_index: int | None = None  # this rank's GPU when not cuda:<rank> (a Ray worker's: 0)
     n_slots: int = 8
@@ -96,8 +96,9 @@ def bind_gloo(host: str) -> str:
 def make_comm(opts: GroupOptions, rank: int, init_method: str | None) -> Communicator:
     """The group's link. `auto`: none at TP=1, NCCL on CUDA, shared memory on CPU (a local
     group's ranks share a node). `shm` all-reduces through shared memory, with the gloo group
-    initialised beside it for the rendezvous. Naming a link explicitly builds it even at TP=1
-    (a one-rank group: handy to exercise the path)."""
+    initialised beside it for the rendezvous; `tcp` all-reduces over its own TCP connections,
+    progressed by the ranks (no gloo threads), gloo beside it for the rest. Naming a link
+    explicitly builds it even at TP=1 (a one-rank group: handy to exercise the path)."""
     if opts.tp == 1 and opts.comm == "auto":
         comm: Communicator = NoComm()
     else:
@@ -119,6 +120,12 @@ def make_comm(opts: GroupOptions, rank: int, init_method: str | None) -> Communi
                                     world_size=opts.tp, timeout=timeout)
             if opts.comm == "gloo":
                 comm = TorchComm(interconnect=opts.interconnect or "loopback")
+            elif opts.comm == "tcp":
+                from ladder.tcp import TcpComm
+                comm = TcpComm(rank, opts.tp, opts.host or "127.0.0.1",
+                               cpu_group=dist.group.WORLD,
+                               interconnect=opts.interconnect or "loopback",
+                               timeout_s=opts.op_timeout_s)
             else:
                 from ladder.shm import ShmComm
                 # the segment's path adds rank 0's pid (told through gloo): the name only

@@ -94,38 +94,45 @@ def _data(rank: int, n: int, dtype, integer: bool, seed: int) -> torch.Tensor:
     return torch.randn(n, generator=g).to(dtype)
 
 
+def compare_with_gloo(comm, rank: int, world: int, cases) -> None:
+    """Per (size, dtype) case, integer and random data: two of `comm`'s all-reduces in flight
+    (one non-contiguous, waited in either order) against gloo's; the ranks' random sums must
+    be bit-identical across ranks."""
+    mine = []  # random-data results, compared across ranks below
+    for seed, (n, dtype) in enumerate(cases):
+        for integer in (True, False):
+            # two in flight, started before either is waited on; b is non-contiguous
+            a = _data(rank, n, dtype, integer, seed)
+            b = _data(rank, 3 * (n // 2 + 1), dtype, integer, seed + 1000)[::3]
+            ref_a, ref_b = a.clone(), b.contiguous()
+            dist.all_reduce(ref_a)
+            dist.all_reduce(ref_b)
+            wa, wb = comm.all_reduce(a), comm.all_reduce(b)
+            if seed % 2:  # waits may come out of order: the earlier one completes first
+                wa, wb = wb, wa
+            wa.wait()
+            wb.wait()
+            exact = integer or world == 2
+            for got, ref in ((a, ref_a), (b, ref_b)):
+                if exact:
+                    assert torch.equal(got, ref), (n, dtype, integer)
+                else:
+                    tol = 1e-5 if dtype == torch.float32 else 3e-2
+                    assert torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol), \
+                        (n, dtype, (got.float() - ref.float()).abs().max())
+            if not integer and n <= 100_000:
+                mine += [a.float(), b.float()]
+    flat = torch.cat(mine)
+    every = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(every, flat)
+    assert all(torch.equal(every[0], e) for e in every), "ranks' sums differ"
+
+
 def _versus_gloo(rank, world, port, q):
     _gloo(rank, world, port)
     comm = ShmComm(f"vs{port}", rank, world, cpu_group=dist.group.WORLD, **SMALL)
     try:
-        mine = []  # random-data results, compared across ranks below
-        for seed, (n, dtype) in enumerate((n, d) for n in SIZES for d in DTYPES):
-            for integer in (True, False):
-                # two in flight, started before either is waited on; b is non-contiguous
-                a = _data(rank, n, dtype, integer, seed)
-                b = _data(rank, 3 * (n // 2 + 1), dtype, integer, seed + 1000)[::3]
-                ref_a, ref_b = a.clone(), b.contiguous()
-                dist.all_reduce(ref_a)
-                dist.all_reduce(ref_b)
-                wa, wb = comm.all_reduce(a), comm.all_reduce(b)
-                if seed % 2:  # waits may come out of order: the earlier one completes first
-                    wa, wb = wb, wa
-                wa.wait()
-                wb.wait()
-                exact = integer or world == 2
-                for got, ref in ((a, ref_a), (b, ref_b)):
-                    if exact:
-                        assert torch.equal(got, ref), (n, dtype, integer)
-                    else:
-                        tol = 1e-5 if dtype == torch.float32 else 3e-2
-                        assert torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol), \
-                            (n, dtype, (got.float() - ref.float()).abs().max())
-                if not integer:
-                    mine += [a.float(), b.float()]
-        flat = torch.cat(mine)
-        every = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(every, flat)
-        assert all(torch.equal(every[0], e) for e in every), "ranks' sums differ"
+        compare_with_gloo(comm, rank, world, [(n, d) for n in SIZES for d in DTYPES])
         assert comm.stats.ops == 4 * len(SIZES) * len(DTYPES) and comm.stats.exposed_s > 0
         # broadcasts as the engine does them: a header, then a body past the buffer (chunks)
         for src in (0, world - 1):
@@ -148,20 +155,23 @@ def test_all_reduce_equals_gloo(world):
         assert segments(f"vs{ranks.port}") == []
 
 
-def _make_comm_ranks(rank, world, port, q):
-    comm = make_comm(GroupOptions(tp=world, latency_s=1e-4), rank, f"tcp://127.0.0.1:{port}")
+def make_comm_ranks(rank, world, port, q, kw):
+    """make_comm(GroupOptions(tp=world, **kw)) on each rank: one sum, then (label, the
+    communicator's class under any emulation wrapper, its segment name if it has one)."""
+    comm = make_comm(GroupOptions(tp=world, **kw), rank, f"tcp://127.0.0.1:{port}")
     try:
         x = torch.full((3,), float(rank + 1))
         comm.all_reduce(x).wait()
         assert x.tolist() == [3.0] * 3
-        return comm.interconnect, type(comm.inner).__name__, comm.inner.name
+        inner = getattr(comm, "inner", comm)
+        return comm.interconnect, type(inner).__name__, getattr(inner, "name", None)
     finally:
         comm.close()
         dist.destroy_process_group()
 
 
 def test_make_comm_auto_is_shm_on_cpu():
-    with Ranks(_make_comm_ranks, 2) as ranks:
+    with Ranks(make_comm_ranks, 2, {"latency_s": 1e-4}) as ranks:
         got = ranks.results()
     assert got[0][:2] == ("shm+emu100us", "ShmComm")
     assert segments(got[0][2]) == []
@@ -241,7 +251,7 @@ def greedy():
     """Greedy tokens of a partial-ladder SmolLM2 at TP=2 over each link, with the group's info,
     timing and rank 0's pid (the creator pid in its segment's name)."""
     out = {}
-    for comm in ("gloo", "shm"):
+    for comm in ("gloo", "shm", "tcp"):
         with LocalTPGroup(GroupOptions(model="smollm2", tp=2, comm=comm,
                                        residual="ladder:24-29", max_seq=256)) as g:
             ids = g.encode("Write a short story about a robot who learns to paint.", chat=True)
@@ -256,3 +266,10 @@ def test_greedy_tokens_over_shm_equal_gloo(greedy):
     assert len(tokens) == 16 and tokens == greedy["gloo"][0]
     assert timing.bytes > 0 and timing.decode_steps == 15
     assert glob.glob(os.path.join(SHM_DIR, f"ladder-*-{pid}")) == []
+
+
+def test_greedy_tokens_over_tcp_equal_gloo(greedy):
+    tokens, info, timing, _ = greedy["tcp"]
+    assert info["interconnect"] == "loopback" and not info["emulated"]
+    assert tokens == greedy["gloo"][0] and timing.decode_steps == 15
+    assert timing.bytes == greedy["gloo"][2].bytes  # the same reduces, moved another way
