@@ -130,7 +130,20 @@ class VLLMServer:
         self._log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
+    def _group_pids(self) -> list[int]:
+        """The pids of the server's process group (its leader's session: ours alone)."""
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == self.proc.pid:  # fields: state, ppid, pgrp, ...
+                pids.append(int(stat.parent.name))
+        return pids
+
     def close(self) -> None:
+        pids = self._group_pids()
         if self.proc.poll() is None:
             # the server's process group: its engine core runs in a child process
             for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
@@ -147,6 +160,11 @@ class VLLMServer:
             os.killpg(self.proc.pid, signal.SIGKILL)  # children left behind by the leader
         except (ProcessLookupError, PermissionError):
             pass
+        # Intel OpenMP (preloaded) registers each process in /dev/shm and leaves the file
+        # behind when the process is killed: remove those of our processes, by their pids
+        for pid in pids:
+            for f in Path("/dev/shm").glob(f"__KMP_REGISTERED_LIB_{pid}_*"):
+                f.unlink(missing_ok=True)
         self._log.close()
 
     def __enter__(self) -> "VLLMServer":

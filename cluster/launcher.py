@@ -318,9 +318,12 @@ def _wait_alive(st: ClusterState, n: int, timeout_s: float, log) -> None:
             got = len(alive_nodes(st))
             if got >= n:
                 return
-            why = f"{got} of {n} nodes alive"
+            now = f"{got} of {n} nodes alive"
         except ClusterError as e:
-            why = str(e)
+            now = str(e)
+        if now != why:  # progress, said once per change
+            log(now)
+        why = now
         time.sleep(1.0)
     raise ClusterError(f"cluster {st.name!r} not ready within {timeout_s} s: {why} "
                        f"(logs in {state_dir(st.name)})")

@@ -87,11 +87,11 @@ def ray_cluster():
     # a temp dir of its own: Ray writes the Prometheus service-discovery file there, and this
     # machine's other Ray clusters must not show up in it (short: Ray's socket paths live there)
     temp_dir = tempfile.mkdtemp(prefix="lr", dir="/tmp")
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 0, "include_dashboard": True,
-                                      "dashboard_port": _free_port(), "temp_dir": temp_dir})
+    cluster = Cluster()  # starts nothing: every node, the head too, starts inside the try
     cluster.temp_dir = temp_dir
     try:
+        cluster.add_node(num_cpus=0, include_dashboard=True, dashboard_port=_free_port(),
+                         temp_dir=temp_dir)  # the first node is the head
         for _ in range(2):
             cluster.add_node(num_cpus=3, temp_dir=temp_dir)
         ray.init(address=cluster.address)
