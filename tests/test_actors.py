@@ -64,6 +64,21 @@ def test_spread_group_matches_the_local_runner(ray_cluster, smollm2_tokenizer):
     assert actors_alive("spread") == []
 
 
+def test_spread_group_over_tcp_gives_the_same_tokens(ray_cluster, tiny_llama):
+    """comm: tcp across two Ray nodes: each rank listens on its node's address; the greedy
+    tokens equal gloo's, and a health round trip passes through it."""
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    want = {}
+    for comm in ("gloo", "tcp"):
+        opts = GroupOptions(model=str(tiny_llama), tp=2, comm=comm, n_slots=2, max_seq=128)
+        with TPGroup(opts, strategy="STRICT_SPREAD", name=f"spread{comm}") as g:
+            assert len({n["node_id"] for n in g.nodes}) == 2 and g.opts.comm == comm
+            want[comm] = [r["tokens"] for r in g.generate(prompts, GREEDY)]
+            assert g.health().healthy
+            assert g.stats()["steps"][-1]["bytes"] > 0
+    assert want["tcp"] == want["gloo"] and all(len(t) == 24 for t in want["tcp"])
+
+
 @pytest.fixture(scope="module")
 def packed(ray_cluster, tiny_llama):
     """A PACK group (both ranks on one node: shared memory) of the tiny model, 8 slots."""
