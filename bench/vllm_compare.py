@@ -49,6 +49,8 @@ CONFIGS = {
     "tp2-shm-ladder": (2, "shm", "ladder:24-29"),
     "tp2-gloo-standard": (2, "gloo", "standard"),
     "tp2-gloo-ladder": (2, "gloo", "ladder:24-29"),
+    "tp2-tcp-standard": (2, "tcp", "standard"),
+    "tp2-tcp-ladder": (2, "tcp", "ladder:24-29"),
 }
 PRELOADS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",)
 
