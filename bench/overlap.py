@@ -7,8 +7,9 @@ all-reduce of a [1, dim] vector; the attention and MLP modules of rank 0's shard
 
 Per link, four groups (standard, ladder, parallel, desync) run side by side, their timed runs
 interleaved (A B C D, D C B A, ...). Links: gloo over loopback TCP, our own TCP all-reduce
-(`tcp`: progressed by the ranks, no gloo threads), shm when the runner offers it, and an emulated link: a fixed latency added to every all-reduce (`GroupOptions.latency_s`)
-on the cheapest real link, so that its figure is the schedule's, not the transport's.
+(`tcp`: progressed by the ranks, no gloo threads), shm when the runner offers it, and an
+emulated link: a fixed latency added to every all-reduce (`GroupOptions.latency_s`) on the
+cheapest real link, so that its figure is the schedule's, not the transport's.
 
     ladder speedup      T_standard / T_ladder
     overlap efficiency  (T_standard - T_ladder) / (T_standard - T_desync): the share of the

@@ -28,7 +28,7 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from ladder.comm import Communicator
+from ladder.comm import Communicator, TorchComm
 from ladder.shm import CommTimeout
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -42,14 +42,14 @@ def _bytes(t: torch.Tensor) -> memoryview:
 
 
 class _TcpWork:
-    __slots__ = ("comm", "tensor", "src", "parts", "out", "sent", "got", "kind", "done")
+    __slots__ = ("comm", "tensor", "src", "parts", "out", "into", "sent", "got", "kind", "done")
 
     def __init__(self, comm: "TcpComm", tensor: torch.Tensor) -> None:
         self.comm, self.tensor, self.kind, self.done = comm, tensor, "module", False
         self.src = tensor if tensor.is_contiguous() else tensor.contiguous()
         self.parts = {r: torch.empty_like(self.src) for r in comm.peers}  # the peers' partials
-        out = _bytes(self.src)
-        self.out = out
+        self.out = _bytes(self.src)  # what goes to every peer
+        self.into = {r: _bytes(p) for r, p in self.parts.items()}  # where each peer's lands
         self.sent = dict.fromkeys(comm.peers, 0)
         self.got = dict.fromkeys(comm.peers, 0)
 
@@ -168,9 +168,8 @@ class TcpComm(Communicator):
                         break
             for w in self._pending:
                 if w.got[r] < len(w.out):
-                    view = _bytes(w.parts[r])
                     try:
-                        n = s.recv_into(view[w.got[r]:])
+                        n = s.recv_into(w.into[r][w.got[r]:])
                     except BlockingIOError:
                         break
                     except OSError as e:
@@ -214,13 +213,8 @@ class TcpComm(Communicator):
         parts = [w.src if r == self.rank else w.parts[r] for r in range(self.world_size)]
         if len(parts) == 2:
             torch.add(parts[0], parts[1], out=w.src)
-        elif w.src.dtype in _HALF:
-            acc = parts[0].float()
-            for p in parts[1:]:
-                acc.add_(p)
-            w.src.copy_(acc)
-        else:
-            acc = parts[0].clone()
+        else:  # half precision accumulates in float32, as shm does
+            acc = parts[0].float() if w.src.dtype in _HALF else parts[0].clone()
             for p in parts[1:]:
                 acc.add_(p)
             w.src.copy_(acc)
@@ -238,13 +232,9 @@ class TcpComm(Communicator):
         if self._closed:
             raise RuntimeError("tcp communicator is closed")
 
-    # -- the rest over gloo --------------------------------------------------------------------
-    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
-        dist.broadcast(x, src=dist.get_global_rank(self.cpu_group, src), group=self.cpu_group)
-        return x
-
-    def barrier(self) -> None:
-        dist.barrier(group=self.cpu_group)
+    # -- the rest over gloo: exactly as a torch.distributed group does it ----------------------
+    broadcast = TorchComm.broadcast
+    barrier = TorchComm.barrier
 
     def close(self) -> None:
         if self._closed:
