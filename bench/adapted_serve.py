@@ -16,20 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
 from adapt.evaluate import README_PROMPT
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = ROOT / "bench" / "out" / "adapt" / "ladder_24-29"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "out" / "adapt" / "ladder_24-29"
 _AT_ONCE = re.compile(r"\b(simultaneous|concurren|in parallel|at the same time)")
 _UNITS = re.compile(r"\b(processor|core|thread|task|computer|machine)")
 
@@ -49,45 +45,20 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json-dir", default=None, help="also write the JSON line here")
 
 
-def _serve_config(model: Path, port: int, tmp: Path) -> Path:
-    import yaml
-    cfg = yaml.safe_load((ROOT / "deploy" / "smollm2.yaml").read_text())
-    cfg["http_options"]["port"] = port
-    args = cfg["applications"][0]["args"]
-    args.update(model=str(model.resolve()), model_name="adapted", n_slots=2, max_seq=512,
-                api_keys=[])
-    args["residual"] = None  # the folder's own plan
-    args["autoscaling_config"].update(min_replicas=1, max_replicas=1)
-    path = tmp / "serve.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 def served(model: Path, prompt: str, max_tokens: int, chat: bool,
            startup_timeout: float = 300.0) -> dict:
     """`ladder serve` on the folder: its /v1/models entry and its greedy answer to the prompt."""
     from openai import OpenAI
 
+    from bench.serve_proc import ladder_serve, wait_ready, write_config
     from ladder.runner import free_port
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
     with tempfile.TemporaryDirectory(prefix="adapted-serve-") as tmp:
-        cfg = _serve_config(model, port, Path(tmp))
-        proc = subprocess.Popen([sys.executable, "-m", "ladder.cli", "serve", "--config", str(cfg)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env, start_new_session=True, cwd=ROOT)
-        try:
-            lines, t0 = [], time.monotonic()
-            while time.monotonic() - t0 < startup_timeout:
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                lines.append(line)
-                if "Ctrl-C stops" in line:
-                    break
-            if not any("Ctrl-C stops" in x for x in lines):
-                raise RuntimeError("ladder serve did not come up:\n" + "".join(lines[-30:]))
-            ready_s = time.monotonic() - t0
+        cfg = write_config(Path(tmp), port, model=str(model.resolve()), model_name="adapted",
+                           n_slots=2, max_seq=512, api_keys=[],
+                           residual=None)  # None: the folder's own plan
+        with ladder_serve(cfg) as proc:
+            ready_s = wait_ready(proc, startup_timeout)
             url = f"http://127.0.0.1:{port}/v1"
             with urllib.request.urlopen(url + "/models", timeout=30) as r:
                 entry = json.loads(r.read())["data"][0]
@@ -101,10 +72,6 @@ def served(model: Path, prompt: str, max_tokens: int, chat: bool,
                                             temperature=0).choices[0].text
             proc.send_signal(signal.SIGINT)
             code = proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
-                proc.wait()
     return {"ready_s": ready_s, "model_entry": entry, "text": text, "exit_code": code}
 
 

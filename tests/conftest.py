@@ -36,13 +36,6 @@ def smollm2_tokenizer(smollm2):
     return smollm2.tokenizer()
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _children(pid: int) -> list[int]:
     """Every descendant of `pid` (from /proc), e.g. the Python workers a raylet starts."""
     kids: dict[int, list[int]] = {}
@@ -80,17 +73,19 @@ def ray_cluster():
     Teardown ends the cluster's own processes (by their ids, children included) and checks
     that none is left.
     """
+    import tempfile
+
     import ray
     from ray.cluster_utils import Cluster
 
-    import tempfile
+    from ladder.runner import free_port
     # a temp dir of its own: Ray writes the Prometheus service-discovery file there, and this
     # machine's other Ray clusters must not show up in it (short: Ray's socket paths live there)
     temp_dir = tempfile.mkdtemp(prefix="lr", dir="/tmp")
     cluster = Cluster()  # starts nothing: every node, the head too, starts inside the try
     cluster.temp_dir = temp_dir
     try:
-        cluster.add_node(num_cpus=0, include_dashboard=True, dashboard_port=_free_port(),
+        cluster.add_node(num_cpus=0, include_dashboard=True, dashboard_port=free_port(),
                          temp_dir=temp_dir)  # the first node is the head
         for _ in range(2):
             cluster.add_node(num_cpus=3, temp_dir=temp_dir)

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import ray
 from openai import OpenAI
+
+from bench.serve_proc import ladder_serve, wait_ready, write_config
+from ladder.runner import free_port
 
 KEY = "sk-test-ladder"
 APP_ARGS = {
@@ -35,12 +34,6 @@ APP_ARGS = {
                            "look_back_period_s": 12},  # > Serve's 10 s metrics push
     "health_check_period_s": 2, "health_check_timeout_s": 15,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -260,38 +253,11 @@ def test_a_killed_shard_worker_gets_its_replica_replaced(server, client):
     assert new != old and served
 
 
-def ladder_serve(tmp_path: Path, port: int, **args) -> tuple[subprocess.Popen, Path]:
-    """`ladder serve` on deploy/smollm2.yaml with `args` changed, one replica at most, in its own
-    session and with its own local Ray (no token of ours in its environment)."""
-    import yaml
-    cfg = yaml.safe_load(Path("deploy/smollm2.yaml").read_text())
-    cfg["http_options"]["port"] = port
-    cfg["applications"][0]["args"].update(args)
-    cfg["applications"][0]["args"]["autoscaling_config"]["max_replicas"] = 1
-    path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
-    proc = subprocess.Popen([sys.executable, "-m", "ladder.cli", "serve", "--config", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    return proc, path
-
-
 def test_ladder_serve_command_serves_and_stops_cleanly(tmp_path, ray_cluster):
     """The README's main command, with its own local Ray, until Ctrl-C."""
     port = free_port()
-    proc, _ = ladder_serve(tmp_path, port, max_seq=256, n_slots=4)
-    try:
-        out = []
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            out.append(line)
-            if "Ctrl-C stops" in line:
-                break
-        assert any("Ctrl-C stops" in x for x in out), "".join(out[-30:])
+    with ladder_serve(write_config(tmp_path, port, max_seq=256, n_slots=4)) as proc:
+        wait_ready(proc, 240)
         c = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         # sampled (temperature 1) may end early at EOS: ignore_eos pins the count
         r = c.chat.completions.create(model="smollm2", max_tokens=5,
@@ -300,10 +266,6 @@ def test_ladder_serve_command_serves_and_stops_cleanly(tmp_path, ray_cluster):
         assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=90) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
-            proc.wait()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
@@ -311,14 +273,9 @@ def test_ladder_serve_command_serves_and_stops_cleanly(tmp_path, ray_cluster):
 def test_ladder_serve_says_why_a_replica_did_not_start(tmp_path, ray_cluster):
     """A setting only the replica can check (a layer the model lacks) ends `ladder serve` with
     the replica's own error, not Serve's bare "failed to update the deployments"."""
-    proc, path = ladder_serve(tmp_path, free_port(), residual="ladder:40-41", max_seq=256,
-                              n_slots=2)
-    try:
+    path = write_config(tmp_path, free_port(), residual="ladder:40-41", max_seq=256, n_slots=2)
+    with ladder_serve(path) as proc:
         out, _ = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert proc.returncode == 1, out[-3000:]
     assert (f"{path}: the application did not start:" in out
             and "layer 41 out of range (the model has 30 layers, 0..29)" in out), out[-3000:]
