@@ -1,4 +1,7 @@
-"""Where a decode token's time goes: the engine's profile at TP=1 on SmolLM2.
+"""Where a decode step's time goes: the engine's profile at TP=1 on SmolLM2.
+
+`--batch B` decodes B copies of the prompt together (B slots), as the 16-stream benchmark does;
+the per-token columns are then per decode step (B output tokens).
 
 Runs the engine in this process (no group processes: a TP=1 shard with no communicator, as a
 rank builds it), greedy, N new tokens forced, after a warm-up, and prints
@@ -37,43 +40,47 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top", type=int, default=15, help="rows per table")
+    p.add_argument("--batch", type=int, default=1,
+                   help="requests decoded together (one slot each), as the 16-stream benchmark")
 
 
-def generate(leader: Leader, prompt: list[int], n: int) -> None:
+def generate(leader: Leader, prompt: list[int], n: int, batch: int = 1) -> None:
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-    for _ in leader.generate([prompt], [params]):
+    for _ in leader.generate([prompt] * batch, [params] * batch):
         pass
 
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     other = OtherLoad()
-    opts = GroupOptions(model="smollm2", tp=1, dtype=args.dtype, n_slots=1, max_seq=512)
+    opts = GroupOptions(model="smollm2", tp=1, dtype=args.dtype, n_slots=args.batch, max_seq=512)
     ckpt, engine = build_engine(opts, 0, NoComm())
     leader = Leader(ckpt, engine)
     prompt = leader.encode(PROMPT, chat=True)
-    log(f"SmolLM2 TP=1 {args.dtype}, {args.threads} threads, {args.tokens} tokens")
-    generate(leader, prompt, 8)  # warm-up
+    log(f"SmolLM2 TP=1 {args.dtype}, {args.threads} threads, {args.tokens} tokens, batch {args.batch}")
+    generate(leader, prompt, 8, args.batch)  # warm-up
 
     engine.timing = type(engine.timing)()
     t0 = time.perf_counter()
-    generate(leader, prompt, args.tokens)
+    generate(leader, prompt, args.tokens, args.batch)
     wall = time.perf_counter() - t0
     tm = engine.timing
     per_token = tm.decode_s / tm.decode_tokens
 
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        generate(leader, prompt, args.tokens)
+        generate(leader, prompt, args.tokens, args.batch)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     elsize = torch.tensor([], dtype=engine.dtype).element_size()
     mms = []  # the weight matmuls by shape, with the bandwidth each reaches
     for e in prof.key_averages(group_by_input_shape=True):
         shapes = e.input_shapes
-        if e.key != "aten::mm" or len(shapes) < 2 or len(shapes[1]) != 2 or shapes[0][0] != 1:
-            continue  # decode only: one row in
-        nbytes = shapes[1][0] * shapes[1][1] * elsize
-        mms.append({"weight": "x".join(map(str, shapes[1])),
+        if (e.key not in ("aten::mm", "mkldnn::_linear_pointwise") or len(shapes) < 2
+                or len(shapes[1]) != 2 or shapes[0][0] != args.batch):
+            continue  # decode only: one row per request in
+        in_f, out_f = shapes[1] if e.key == "aten::mm" else shapes[1][::-1]  # packed: [out, in]
+        nbytes = in_f * out_f * elsize
+        mms.append({"weight": f"{in_f}x{out_f}", "kernel": e.key.split("::")[1],
                     "calls_per_token": e.count / args.tokens,
                     "us_per_token": e.self_cpu_time_total / args.tokens,
                     "gb_s": nbytes * e.count / (e.self_cpu_time_total * 1e-6) / 1e9})
@@ -85,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
     pr = cProfile.Profile()
     pr.enable()
-    generate(leader, prompt, args.tokens)
+    generate(leader, prompt, args.tokens, args.batch)
     pr.disable()
     stats = pstats.Stats(pr, stream=io.StringIO())
     funcs = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:args.top]
@@ -98,9 +105,9 @@ def run(args: argparse.Namespace) -> int:
                 [[o["op"], o["calls_per_token"], o["self_us_per_token"], o["share"]]
                  for o in ops]))
     print()
-    print(table("weight matmuls (aten::mm, one row in) by weight shape [in x out]",
-                ["weight", "calls/token", "us/token", "GB/s"],
-                [[m["weight"], m["calls_per_token"], m["us_per_token"], m["gb_s"]]
+    print(table("weight matmuls (one row per request in) by weight shape [in x out]",
+                ["weight", "kernel", "calls/token", "us/token", "GB/s"],
+                [[m["weight"], m["kernel"], m["calls_per_token"], m["us_per_token"], m["gb_s"]]
                  for m in mms]))
     print()
     print(table("Python functions by own time (cProfile; its overhead inflates small calls)",
@@ -108,11 +115,12 @@ def run(args: argparse.Namespace) -> int:
                 [[p["function"], p["calls_per_token"], p["own_us_per_token"]] for p in py]))
     print()
     result = {"bench": "profile_decode", "dtype": args.dtype, "threads": args.threads,
-              "tokens": args.tokens, "decode_ms_per_token": 1e3 * per_token,
+              "tokens": args.tokens, "batch": args.batch, "decode_ms_per_token": 1e3 * per_token,
               "wall_ms_per_token": 1e3 * wall / args.tokens, "ops": ops, "weight_matmuls": mms, "python": py,
               "other_processes_cores": other.cores()}
-    print(f"engine decode {1e3 * per_token:.2f} ms/token, wall {1e3 * wall / args.tokens:.2f} "
-          f"ms/token; other processes used {result['other_processes_cores']:.2f} cores\n")
+    print(f"engine decode {1e3 * per_token * args.batch:.2f} ms/step of {args.batch} rows "
+          f"({1 / per_token:.1f} tokens/s), wall {1e3 * wall / args.tokens:.2f} ms/step; "
+          f"other processes used {result['other_processes_cores']:.2f} cores\n")
     print(json.dumps(result))
     return 0
 

@@ -175,8 +175,9 @@ class ShardEngine:
         positions = starts[:, None] + torch.arange(t)[None, :]
         kv_len = max(st + n for st, n in zip(batch.starts, lens))
         slots: torch.Tensor | slice = torch.tensor(batch.slots)
-        if b == 1:
-            slots = slice(batch.slots[0], batch.slots[0] + 1)
+        lo = batch.slots[0]
+        if batch.slots == list(range(lo, lo + b)):  # consecutive: attention reads the cache
+            slots = slice(lo, lo + b)               # in place instead of gathering a copy
         mask = None
         causal = False
         if b == 1 and t == 1:

@@ -78,7 +78,7 @@ class StepContext:
     sin: torch.Tensor
     positions: torch.Tensor  # [B, T]
     cache: "KVCache | None" = None
-    slots: torch.Tensor | slice | None = None
+    slots: torch.Tensor | slice | None = None  # a slice when the rows sit in consecutive slots
     kv_len: int = 0
     mask: torch.Tensor | None = None  # [B, 1, T, kv_len] bool, None when causal or unmasked
     causal: bool = False
@@ -119,17 +119,23 @@ class Attention(nn.Module):
         if ctx.cache is not None:
             ck, cv = ctx.cache.k[self.layer_id], ctx.cache.v[self.layer_id]
             s = ctx.slots
-            if isinstance(s, slice) and t == 1 and b == 1:
+            if isinstance(s, slice):  # rows in consecutive slots: read the cache in place
+                ck, cv = ck[s], cv[s]
+                rows = torch.arange(b, device=x.device)
+            else:  # scattered slots: write through the indices, read a gathered copy
+                rows = s
+            if t == 1 and b == 1 and isinstance(s, slice):
                 p = int(ctx.positions[0, 0])
-                ck[s, :, p:p + 1] = k
-                cv[s, :, p:p + 1] = v
-                k, v = ck[s, :, :ctx.kv_len], cv[s, :, :ctx.kv_len]
+                ck[:, :, p:p + 1] = k
+                cv[:, :, p:p + 1] = v
             else:
-                rows = torch.arange(ck.shape[0])[s] if isinstance(s, slice) else s
                 idx = ctx.positions.clamp(max=ctx.cache.max_seq - 1)  # pad rows write junk late
                 rr = rows[:, None].expand(b, t)
                 ck[rr, :, idx] = k.transpose(1, 2)
                 cv[rr, :, idx] = v.transpose(1, 2)
+            if isinstance(s, slice):
+                k, v = ck[:, :, :ctx.kv_len], cv[:, :, :ctx.kv_len]
+            else:
                 k, v = ck[rows, :, :ctx.kv_len], cv[rows, :, :ctx.kv_len]
         if t == 1:
             y = _decode_attention(q, k, v, ctx.mask)

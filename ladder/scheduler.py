@@ -7,6 +7,7 @@ request. Finished and cancelled requests free their slot at once; the next step 
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import time
 from collections import deque
@@ -89,7 +90,9 @@ class Scheduler:
         self.max_prefill_rows = max_prefill_rows
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
-        self.free = list(range(engine.n_slots))[::-1]
+        # a heap: the lowest free slot first, so running requests stay in consecutive slots,
+        # which decode attention reads in place (scattered slots are gathered: a copy)
+        self.free = list(range(engine.n_slots))
         self.sampler = Sampler()
         self._ids = itertools.count()
 
@@ -138,7 +141,7 @@ class Scheduler:
         admitted = []
         while self.waiting and self.free and len(admitted) < self.max_prefill_rows:
             r = self.waiting.popleft()
-            r.slot = self.free.pop()
+            r.slot = heapq.heappop(self.free)
             r.stats.admitted = time.perf_counter()
             r.decoder = self.decoder_factory() if self.decoder_factory else None
             self.sampler.add(r.id, r.params)
@@ -195,7 +198,7 @@ class Scheduler:
         r.stats.generated_tokens = len(r.output)
         if r.slot >= 0 and self.running.get(r.slot) is r:
             del self.running[r.slot]
-            self.free.append(r.slot)
+            heapq.heappush(self.free, r.slot)
         self.sampler.remove(r.id)
         return TokenEvent(r.id, tok, delta, reason, r.stats)
 

@@ -13,12 +13,12 @@ from ladder.tp import ShardSpec
 
 
 @pytest.mark.parametrize("dtype,shape,mode", [
-    (torch.float32, (96, 32), "t"),       # wide output: [in, out] layout
-    (torch.float32, (32, 96), "plain"),   # narrow output (the down projection): kept
+    (torch.float32, (96, 32), "packed"),
+    (torch.float32, (32, 96), "packed"),
     (torch.bfloat16, (96, 32), "packed"),
     (torch.bfloat16, (32, 96), "packed"),
 ])
-@pytest.mark.parametrize("rows", [(1, 1), (3, 1), (2, 7)])
+@pytest.mark.parametrize("rows", [(1, 1), (3, 1), (2, 7), (16, 1), (33, 1)])
 def test_fast_linear_matches_f_linear(dtype, shape, mode, rows):
     torch.manual_seed(0)
     w = torch.randn(shape, dtype=dtype)
@@ -54,3 +54,13 @@ def test_fast_cpu_decode_keeps_the_model(tied, dtype):
     if not tied:
         with pytest.raises(RuntimeError, match="head"):
             model.lm_head_weight()
+
+
+@pytest.mark.parametrize("shape,mode", [((96, 32), "t"), ((32, 96), "plain")])
+def test_without_onednn_float32_falls_back_to_plain_layouts(monkeypatch, shape, mode):
+    monkeypatch.setattr("ladder.kernels._mkldnn_ok", lambda: False)
+    torch.manual_seed(0)
+    w, x = torch.randn(shape), torch.randn(2, 5, shape[1])
+    lin = FastLinear(w)
+    assert lin.mode == mode
+    torch.testing.assert_close(lin(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
