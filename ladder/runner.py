@@ -213,10 +213,16 @@ class Leader:
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]
                  ) -> Iterator[TokenEvent]:
+        for events in self.generate_steps(prompts, params):
+            yield from events
+
+    def generate_steps(self, prompts: list[list[int]], params: list[SamplingParams]
+                       ) -> Iterator[list[TokenEvent]]:
+        """The events of each engine step together (one per running request)."""
         for i, (p, sp) in enumerate(zip(prompts, params)):
             self.scheduler.add(Request(prompt=list(p), params=sp, id=i))
         while self.scheduler.has_work():
-            yield from self.scheduler.step()
+            yield self.scheduler.step()
 
     def encode(self, text: str, chat: bool = False) -> list[int]:
         if chat:
@@ -274,8 +280,11 @@ def _rank_main(rank: int, opts: GroupOptions, init_method: str | None, status: m
                 break
             try:
                 if cmd == "generate":
-                    for ev in leader.generate(*arg):
-                        conn.send(("event", ev))
+                    # one message per step, not per token: on a machine whose cores all run
+                    # ranks, each message wakes the parent, which takes a core from a rank
+                    for events in leader.generate_steps(*arg):
+                        if events:
+                            conn.send(("events", events))
                     conn.send(("done", None))
                 elif cmd == "encode":
                     conn.send(("done", leader.encode(*arg)))
@@ -368,7 +377,7 @@ class LocalTPGroup:
             kind, val = self._recv()
             if kind == "done":
                 return
-            yield val
+            yield from val
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[dict]:
         """Run to completion; one dict per prompt: tokens, text, finish_reason, stats."""
