@@ -84,6 +84,12 @@ def ray_cluster():
     temp_dir = tempfile.mkdtemp(prefix="lr", dir="/tmp")
     cluster = Cluster()  # starts nothing: every node, the head too, starts inside the try
     cluster.temp_dir = temp_dir
+    # Cluster.add_node records the head's address in Ray's default temp dir (/tmp/ray), which
+    # it does not create: on a machine where Ray never ran, make it (and remove it if ours)
+    from ray._common.utils import get_default_ray_temp_dir
+    ray_tmp = get_default_ray_temp_dir()
+    made_ray_tmp = not os.path.isdir(ray_tmp)
+    os.makedirs(ray_tmp, exist_ok=True)
     try:
         cluster.add_node(num_cpus=0, include_dashboard=True, dashboard_port=free_port(),
                          temp_dir=temp_dir)  # the first node is the head
@@ -107,6 +113,12 @@ def ray_cluster():
             os.kill(p, signal.SIGKILL)
         import shutil
         shutil.rmtree(temp_dir, ignore_errors=True)
+        if made_ray_tmp:  # only if nothing else has written there meanwhile
+            for leftover in (os.path.join(ray_tmp, "ray_current_cluster"), ray_tmp):
+                try:
+                    os.rmdir(leftover) if leftover == ray_tmp else os.remove(leftover)
+                except OSError:
+                    pass
         assert not left, f"Ray processes outlived the cluster's shutdown: {left}"
 
 
