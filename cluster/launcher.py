@@ -415,6 +415,10 @@ def down(name: str, log=print) -> list[str]:
     if d.exists():
         shutil.rmtree(d, ignore_errors=True)
         removed.append(f"state {d}")
+    try:
+        d.parent.rmdir()  # the state root too, once no cluster is left in it
+    except OSError:
+        pass
     left = _leftovers(name)
     if left:
         raise ClusterError(f"cluster {name!r}: could not remove {', '.join(left)}")
