@@ -416,7 +416,7 @@ def down(name: str, log=print) -> list[str]:
         shutil.rmtree(d, ignore_errors=True)
         removed.append(f"state {d}")
     try:
-        d.parent.rmdir()  # the state root too, once no cluster is left in it
+        STATE_ROOT.rmdir()  # the state root too, once no cluster is left in it
     except OSError:
         pass
     left = _leftovers(name)

@@ -119,24 +119,21 @@ class Attention(nn.Module):
         if ctx.cache is not None:
             ck, cv = ctx.cache.k[self.layer_id], ctx.cache.v[self.layer_id]
             s = ctx.slots
-            if isinstance(s, slice):  # rows in consecutive slots: read the cache in place
-                ck, cv = ck[s], cv[s]
-                rows = torch.arange(b, device=x.device)
-            else:  # scattered slots: write through the indices, read a gathered copy
-                rows = s
-            if t == 1 and b == 1 and isinstance(s, slice):
+            in_place = isinstance(s, slice)  # consecutive slots: the cache is read in place
+            if in_place:
+                ck, cv, s = ck[s], cv[s], slice(None)
+            if in_place and t == 1 and b == 1:
                 p = int(ctx.positions[0, 0])
                 ck[:, :, p:p + 1] = k
                 cv[:, :, p:p + 1] = v
             else:
+                rows = torch.arange(b, device=x.device) if in_place else s
                 idx = ctx.positions.clamp(max=ctx.cache.max_seq - 1)  # pad rows write junk late
                 rr = rows[:, None].expand(b, t)
                 ck[rr, :, idx] = k.transpose(1, 2)
                 cv[rr, :, idx] = v.transpose(1, 2)
-            if isinstance(s, slice):
-                k, v = ck[:, :, :ctx.kv_len], cv[:, :, :ctx.kv_len]
-            else:
-                k, v = ck[rows, :, :ctx.kv_len], cv[rows, :, :ctx.kv_len]
+            # scattered slots (an index tensor): a gathered copy of the rows' first kv_len
+            k, v = ck[s, :, :ctx.kv_len], cv[s, :, :ctx.kv_len]
         if t == 1:
             y = _decode_attention(q, k, v, ctx.mask)
         else:

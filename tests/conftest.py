@@ -113,12 +113,11 @@ def ray_cluster():
             os.kill(p, signal.SIGKILL)
         import shutil
         shutil.rmtree(temp_dir, ignore_errors=True)
-        if made_ray_tmp:  # only if nothing else has written there meanwhile
-            for leftover in (os.path.join(ray_tmp, "ray_current_cluster"), ray_tmp):
-                try:
-                    os.rmdir(leftover) if leftover == ray_tmp else os.remove(leftover)
-                except OSError:
-                    pass
+        if made_ray_tmp:  # cluster.shutdown() removed the address file; rmdir keeps anything
+            try:          # else written there meanwhile
+                os.rmdir(ray_tmp)
+            except OSError:
+                pass
         assert not left, f"Ray processes outlived the cluster's shutdown: {left}"
 
 
