@@ -249,7 +249,10 @@ def test_without_rights_it_says_so_and_offers_plain():
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) is not installed")
     env = dict(os.environ, LADDER_CLUSTER_STATE="/tmp/lsc-nobody")
-    p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", LADDER,
+    # nobody, plus only the right to read files (the checkout may sit in a 0700 folder, as a
+    # `mktemp -d` clone does): no CAP_NET_ADMIN, no CAP_SYS_ADMIN
+    p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", LADDER,
                         "cluster", "up", "--name", "lnone", "--nodes", "2"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 2, p.stdout + p.stderr
