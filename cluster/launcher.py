@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,7 +33,6 @@ from pathlib import Path
 
 from actors.group import LATENCY_LABEL, LINK_LABEL
 from cluster.links import Link
-from ladder.runner import free_port
 STATE_ROOT = Path(os.environ.get("LADDER_CLUSTER_STATE", "/tmp/lsc"))
 RAY_PORT = 6379
 DASHBOARD_PORT = 8265
@@ -204,7 +205,7 @@ def up(name: str, links: list[Link], *, cpus: int, head_cpus: int = 0, plain: bo
     st = ClusterState(name=name, plain=plain, subnet=subnet, bridge="" if plain else bridge,
                       started=time.time())
     if plain:
-        st.port, st.dashboard_port = free_port(), free_port()
+        st.port, st.dashboard_port = _listen_port(), _listen_port()
     for i, link in enumerate(links):
         st.nodes.append(NodeState(
             index=i, ip="127.0.0.1" if plain else f"{subnet}.{10 + i}", link=link.spec,
@@ -267,7 +268,34 @@ def _plain_ports(i: int) -> list[str]:
     flags = ("--node-manager-port", "--object-manager-port", "--metrics-export-port",
              "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
              "--runtime-env-agent-port") + (("--ray-client-server-port",) if i == 0 else ())
-    return [x for flag in flags for x in (flag, str(free_port()))]
+    return [x for flag in flags for x in (flag, str(_listen_port()))]
+
+
+_PICKED: set[int] = set()  # ports handed out by this process: no two nodes get the same one
+
+
+def _listen_port() -> int:
+    """A free port for a plain node's Ray to listen on, between Ray's worker ports
+    (10002-19999) and the kernel's ephemeral range (ip_local_port_range). A port-0 pick lies in
+    the ephemeral range, which the kernel also hands to outgoing connections: seen taken by one
+    in the moment before Ray bound it ('Address already in use' on the client server port)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, max(low, 20001))
+        if port in _PICKED:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))  # every address: a socket on any of them conflicts
+            except OSError:
+                continue
+        _PICKED.add(port)
+        return port
+    raise ClusterError(f"no free port between 20000 and {low}")
 
 
 def _start_ray(st: ClusterState, links: list[Link], timeout_s: float, log) -> None:
