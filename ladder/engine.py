@@ -190,6 +190,7 @@ class ShardEngine:
         cos, sin = self.model.rope(positions.to(self.device), self.dtype)
         ctx = StepContext(cos=cos, sin=sin, positions=positions.to(self.device), cache=self.cache,
                           slots=slots if isinstance(slots, slice) else slots.to(self.device),
+                          slot_ids=torch.tensor(batch.slots, device=self.device),
                           kv_len=kv_len, causal=causal,
                           mask=None if mask is None else mask.to(self.device))
         return ctx, tokens.to(self.device), lens

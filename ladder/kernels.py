@@ -16,7 +16,9 @@ packing for 1 row is (and 1.3-1.5x faster at 16 rows in float32; bfloat16 does n
 every weight is packed for 16.
 
 `fast_cpu_decode(model)` swaps the model's linears (and adds an LM-head copy in the fast layout)
-in place. It is for inference only: the packed weights have no autograd and no state_dict names
+in place, and, where the fused operators of `ladder.native` build, wraps each norm, attention
+and MLP so that the small operators between the weight products run as one C call each: the
+norm; rotary embedding, KV-cache write and attention of a decode step; silu(gate) * up. It is for inference only: the packed weights have no autograd and no state_dict names
 that a checkpoint would recognise. The model code is unchanged and still reads like a
 single-device model; training and the reference tests use the plain layout.
 """
@@ -27,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ladder.model import Transformer
+from ladder import native
+from ladder.model import Attention, MLP, RMSNorm, StepContext, Transformer
 
 
 def _mkldnn_ok() -> bool:
@@ -37,17 +40,22 @@ def _mkldnn_ok() -> bool:
 class FastLinear(nn.Module):
     """y = x @ W.T for a [out, in] weight, stored in the layout its dtype reads fastest.
 
-    `mode`: "packed" (oneDNN blocked, float32 or bfloat16), "t" (float32 [in, out], where oneDNN
-    is missing) or "plain" (F.linear).
+    `mode`: "native" (float32 in ladder.native's blocked layout, with `lib`, where AVX-512 is),
+    "packed" (oneDNN blocked, float32 or bfloat16), "t" (float32 [in, out], where oneDNN is
+    missing) or "plain" (F.linear).
     """
 
     PACK_ROWS = 16  # the row count oneDNN blocks the weight for (see the module docstring)
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, lib=None) -> None:
         super().__init__()
         out_f, in_f = weight.shape
         self.in_features, self.out_features = in_f, out_f
-        if weight.dtype in (torch.float32, torch.bfloat16) and _mkldnn_ok():
+        self.lib = lib
+        if weight.dtype == torch.float32 and native.has_gemm_f32(lib):
+            self.mode = "native"
+            self.weight = native.block_weight(weight)
+        elif weight.dtype in (torch.float32, torch.bfloat16) and _mkldnn_ok():
             self.mode = "packed"
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(),
                                                                   self.PACK_ROWS)
@@ -59,6 +67,13 @@ class FastLinear(nn.Module):
             self.weight = weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "native" and x.dtype == torch.float32:
+            x = x.contiguous()
+            y = x.new_empty(*x.shape[:-1], self.out_features)
+            self.lib.ladder_gemm_f32(x.data_ptr(), self.weight.data_ptr(), y.data_ptr(),
+                                     x.numel() // self.in_features, self.out_features,
+                                     self.in_features)
+            return y
         if self.mode == "packed":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
         if self.mode == "t":
@@ -69,20 +84,104 @@ class FastLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, mode={self.mode}"
 
 
-def fast_cpu_decode(model: Transformer) -> Transformer:
+class NativeNorm(nn.Module):
+    """RMSNorm through `ladder_rmsnorm` (any rows; the torch module where the dtypes differ)."""
+
+    def __init__(self, norm: RMSNorm, lib) -> None:
+        super().__init__()
+        self.inner, self.lib = norm, lib
+        self.code = native.DTYPE_CODES.get(norm.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.inner.weight
+        if x.dtype != w.dtype or self.code is None or not x.is_contiguous():
+            return self.inner(x)
+        y = torch.empty_like(x)
+        d = x.shape[-1]
+        self.lib.ladder_rmsnorm(self.code, x.data_ptr(), w.data_ptr(), y.data_ptr(),
+                                x.numel() // d, d, self.inner.eps)
+        return y
+
+
+class NativeAttention(nn.Module):
+    """Attention whose decode step (one new token per row, with a KV cache) runs rotary
+    embedding, the cache write and attention as one `ladder_attn_decode` call between the two
+    weight products; prefill and cache-less forwards run the torch module."""
+
+    def __init__(self, attention: Attention, lib) -> None:
+        super().__init__()
+        self.inner, self.lib = attention, lib
+        self.scale = attention.head_dim ** -0.5
+        self._scratch = torch.empty(0)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        a, cache = self.inner, ctx.cache
+        b, t, _ = x.shape
+        code = native.DTYPE_CODES.get(x.dtype)
+        if t != 1 or cache is None or ctx.slot_ids is None or code is None \
+                or cache.k.dtype != x.dtype:
+            return a(x, ctx)
+        qkv = a.wqkv(x).contiguous()  # [B, 1, (H + 2K) E]
+        h, k_, e = a.n_heads, a.n_kv, a.head_dim
+        y = x.new_empty(b, 1, h * e)
+        threads = torch.get_num_threads()
+        if self._scratch.numel() < threads * cache.max_seq:
+            self._scratch = torch.empty(threads, cache.max_seq)
+        layer = a.layer_id * cache.k.stride(0) * cache.k.element_size()
+        self.lib.ladder_attn_decode(
+            code, qkv.data_ptr(), y.data_ptr(), b, h, k_, e, ctx.cos.data_ptr(),
+            ctx.sin.data_ptr(), cache.k.data_ptr() + layer, cache.v.data_ptr() + layer,
+            cache.max_seq, ctx.slot_ids.data_ptr(), ctx.positions.data_ptr(), self.scale,
+            self._scratch.data_ptr(), self._scratch.shape[0])
+        return a.wo(y)
+
+
+class NativeMLP(nn.Module):
+    """SwiGLU with silu(gate) * up as one `ladder_silu_mul` call between the weight products."""
+
+    def __init__(self, mlp: MLP, lib) -> None:
+        super().__init__()
+        self.inner, self.lib = mlp, lib
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.inner
+        code = native.DTYPE_CODES.get(x.dtype)
+        gu = m.w13(x)
+        if code is None or not gu.is_contiguous():
+            gate, up = gu.split(m.ffn, dim=-1)
+            return m.w2(F.silu(gate) * up)
+        a = gu.new_empty(*gu.shape[:-1], m.ffn)
+        self.lib.ladder_silu_mul(code, gu.data_ptr(), a.data_ptr(), gu.numel() // (2 * m.ffn),
+                                 m.ffn)
+        return m.w2(a)
+
+
+def fast_cpu_decode(model: Transformer, fused: bool = True) -> Transformer:
     """Re-lay out a CPU model's weights for decode speed (in place; returns the model).
 
-    Same outputs up to float32 summation order (bit-identical in bfloat16). A tied LM head gets
-    its own copy in the fast layout (the embedding lookup needs the rows); an untied one moves.
+    Same outputs up to the order of additions (the weight products alone are bit-identical in
+    bfloat16; the fused operators sum squares, dot products and softmax terms in their own
+    order). A tied LM head gets its own copy in the fast layout (the embedding lookup needs the
+    rows); an untied one moves. `fused=False` keeps torch's small operators (comparisons).
     """
     if model.tok_embeddings.weight.device.type != "cpu":
         return model
+    lib = native.load() if fused else None
     for layer in model.layers:
         for parent, name in ((layer.attention, "wqkv"), (layer.attention, "wo"),
                              (layer.mlp, "w13"), (layer.mlp, "w2")):
             lin = getattr(parent, name)
             if isinstance(lin, nn.Linear):
-                setattr(parent, name, FastLinear(lin.weight.detach()))
-    model.head = FastLinear(model.lm_head_weight().detach())
+                setattr(parent, name, FastLinear(lin.weight.detach(), lib))
+    model.head = FastLinear(model.lm_head_weight().detach(), lib)
     model.output = None  # an untied head's only copy now lives in `head`
+    if lib is not None:
+        for layer in model.layers:
+            if isinstance(layer.attention, Attention):
+                layer.attn_norm = NativeNorm(layer.attn_norm, lib)
+                layer.mlp_norm = NativeNorm(layer.mlp_norm, lib)
+                layer.attention = NativeAttention(layer.attention, lib)
+                layer.mlp = NativeMLP(layer.mlp, lib)
+        if isinstance(model.norm, RMSNorm):
+            model.norm = NativeNorm(model.norm, lib)
     return model

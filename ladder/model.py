@@ -79,6 +79,7 @@ class StepContext:
     positions: torch.Tensor  # [B, T]
     cache: "KVCache | None" = None
     slots: torch.Tensor | slice | None = None  # a slice when the rows sit in consecutive slots
+    slot_ids: torch.Tensor | None = None  # int64 [B]: the rows' slots, whichever form `slots` has
     kv_len: int = 0
     mask: torch.Tensor | None = None  # [B, 1, T, kv_len] bool, None when causal or unmasked
     causal: bool = False

@@ -1,0 +1,259 @@
+/* The small operators of a CPU decode step, fused: RMSNorm, rotary embedding + KV-cache write +
+ * attention for one new token per row, and SwiGLU's silu(gate) * up.
+ *
+ * Why: a SmolLM2 decode step is 30 layers of four weight products and ~60 small torch operators
+ * per layer; each small operator costs 1-8 us of dispatch on these cores, ~4 ms a token, as much
+ * as a third of a TP=2 rank's step. Here each is one call (ladder/native.py, ctypes) that costs
+ * ~1 us plus its arithmetic.
+ *
+ * The arithmetic is the model's (ladder/model.py), rounding where it rounds: in bfloat16, every
+ * torch operator rounds its result to bfloat16, so these kernels round at the same points; only
+ * the order of the additions inside a reduction (the norm's sum of squares, a dot product, the
+ * softmax sum) may differ. Compiled with -ffp-contract=off so that a * b + c is not fused where
+ * torch does two roundings.
+ *
+ * dtype codes: 0 float32, 1 bfloat16 (stored as uint16).
+ */
+
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef uint16_t bf16;
+
+static inline float bf2f(bf16 v) {
+    union { uint32_t u; float f; } c;
+    c.u = (uint32_t)v << 16;
+    return c.f;
+}
+
+static inline bf16 f2bf(float f) { /* round to nearest even, as torch does */
+    union { uint32_t u; float f; } c;
+    c.f = f;
+    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (bf16)((c.u >> 16) | 0x40); /* NaN */
+    return (bf16)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
+}
+
+/* x[i] as float, for either dtype */
+static inline float ld(int dt, const void *p, long i) {
+    return dt ? bf2f(((const bf16 *)p)[i]) : ((const float *)p)[i];
+}
+
+/* the value torch would hold after rounding a float result to the tensor's dtype */
+static inline float rnd(int dt, float v) { return dt ? bf2f(f2bf(v)) : v; }
+
+static inline void st(int dt, void *p, long i, float v) {
+    if (dt) ((bf16 *)p)[i] = f2bf(v);
+    else ((float *)p)[i] = v;
+}
+
+int ladder_native_version(void) { return 1; }
+
+/* y[m] = w * rms_norm(x[m]) for M rows of D: as RMSNorm.forward, normalised in float32, rounded
+ * to the dtype, then multiplied by the weight (one more rounding). */
+void ladder_rmsnorm(int dt, const void *x, const void *w, void *y, long M, long D, float eps) {
+    for (long m = 0; m < M; m++) {
+        long o = m * D;
+        float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+        for (long i = 0; i < D; i++) {
+            float v = ld(dt, x, o + i);
+            ss += v * v;
+        }
+        float r = 1.f / sqrtf(ss / (float)D + eps);
+        for (long i = 0; i < D; i++)
+            st(dt, y, o + i, ld(dt, w, i) * rnd(dt, ld(dt, x, o + i) * r));
+    }
+}
+
+/* out[m, i] = silu(gate[m, i]) * up[m, i]; gu [M, 2F] holds the gate columns, then the up ones.
+ * silu(g) = g / (1 + exp(-g)), rounded to the dtype before the product (two torch operators). */
+void ladder_silu_mul(int dt, const void *gu, void *out, long M, long F) {
+    for (long m = 0; m < M; m++) {
+        long g0 = m * 2 * F, u0 = g0 + F, o = m * F;
+        for (long i = 0; i < F; i++) {
+            float g = ld(dt, gu, g0 + i);
+            st(dt, out, o + i, rnd(dt, g / (1.f + expf(-g))) * ld(dt, gu, u0 + i));
+        }
+    }
+}
+
+/* Rotary embedding of one head (HF's rotate-half layout) into float: x*cos + rotate_half(x)*sin,
+ * each product and the sum rounded to the dtype as apply_rope's three operators do. */
+static inline void rope(int dt, const void *x, long xo, const void *cs, const void *sn, long co,
+                        long E, float *r) {
+    long h = E / 2;
+    for (long i = 0; i < E; i++) {
+        float rot = i < h ? -ld(dt, x, xo + i + h) : ld(dt, x, xo + i - h);
+        r[i] = rnd(dt, rnd(dt, ld(dt, x, xo + i) * ld(dt, cs, co + i)) +
+                           rnd(dt, rot * ld(dt, sn, co + i)));
+    }
+}
+
+/* One decode step of a layer's attention for B rows of one new token each.
+ *
+ * qkv   [B, (H + 2K) * E]   this rank's projections: H query heads, K key heads, K value heads
+ * cos, sin [B, E]           the rows' rotary tables (ladder.model.Transformer.rope)
+ * ck, cv                    this layer's cache, [n_slots, K, max_seq, E]
+ * slots, pos [B]            row b writes its key and value at position pos[b] of slot slots[b]
+ *                           and attends to positions 0..pos[b] of that slot
+ * out   [B, H * E]          per row, the heads side by side (as y.transpose(1, 2).reshape)
+ * scratch                   max_seq floats per thread (scores)
+ *
+ * Query head h reads KV head h / (H / K) (grouped-query attention). The scores are
+ * (q . k) * scale in float32, the softmax and the weighted sum of values in float32, the result
+ * rounded to the dtype once, as _decode_attention computes them. */
+void ladder_attn_decode(int dt, const void *qkv, void *out, long B, long H, long K, long E,
+                        const void *cs, const void *sn, void *ck, void *cv, long max_seq,
+                        const int64_t *slots, const int64_t *pos, float scale, float *scratch,
+                        long n_scratch) {
+    long width = (H + 2 * K) * E, per_slot = K * max_seq * E, G = H / K;
+    size_t el = dt ? 2 : 4;
+    for (long b = 0; b < B; b++) { /* the new keys (rotated) and values into the cache */
+        float kr[E];
+        for (long j = 0; j < K; j++) {
+            long at = slots[b] * per_slot + (j * max_seq + pos[b]) * E;
+            rope(dt, qkv, b * width + (H + j) * E, cs, sn, b * E, E, kr);
+            for (long i = 0; i < E; i++) st(dt, ck, at + i, kr[i]);
+            memcpy((char *)cv + at * el, (const char *)qkv + (b * width + (H + K + j) * E) * el,
+                   E * el);
+        }
+    }
+    long work = 0;
+    for (long b = 0; b < B; b++) work += (pos[b] + 1) * H;
+#pragma omp parallel for schedule(static) if (work * E > 65536 && n_scratch > 1)
+    for (long bh = 0; bh < B * H; bh++) {
+        long b = bh / H, h = bh % H, j = h / G, n = pos[b] + 1;
+        int t = omp_get_thread_num();
+        float *sc = scratch + (t < n_scratch ? t : 0) * max_seq;
+        float q[E], acc[E];
+        rope(dt, qkv, b * width + h * E, cs, sn, b * E, E, q);
+        long base = slots[b] * per_slot + j * max_seq * E;
+        float mx = -INFINITY;
+        for (long p = 0; p < n; p++) {
+            long kp = base + p * E;
+            float s = 0.f;
+            if (dt) {
+                const bf16 *k = (const bf16 *)ck + kp;
+#pragma omp simd reduction(+ : s)
+                for (long i = 0; i < E; i++) s += q[i] * bf2f(k[i]);
+            } else {
+                const float *k = (const float *)ck + kp;
+#pragma omp simd reduction(+ : s)
+                for (long i = 0; i < E; i++) s += q[i] * k[i];
+            }
+            s *= scale;
+            sc[p] = s;
+            if (s > mx) mx = s;
+        }
+        float sum = 0.f;
+        for (long p = 0; p < n; p++) {
+            sc[p] = expf(sc[p] - mx);
+            sum += sc[p];
+        }
+        for (long i = 0; i < E; i++) acc[i] = 0.f;
+        for (long p = 0; p < n; p++) {
+            float a = sc[p] / sum;
+            long vp = base + p * E;
+            if (dt) {
+                const bf16 *v = (const bf16 *)cv + vp;
+#pragma omp simd
+                for (long i = 0; i < E; i++) acc[i] += a * bf2f(v[i]);
+            } else {
+                const float *v = (const float *)cv + vp;
+#pragma omp simd
+                for (long i = 0; i < E; i++) acc[i] += a * v[i];
+            }
+        }
+        for (long i = 0; i < E; i++) st(dt, out, b * H * E + h * E + i, acc[i]);
+    }
+}
+
+/* ---- float32 weight products in a blocked layout (AVX-512) ------------------------------------
+ *
+ * y [M, out] = x [M, in] @ W.T for a weight stored as Wb [ceil(out / 16)][in][16]: block b holds
+ * output columns 16b..16b+15, and for each input i their 16 weights side by side, so that one
+ * 64-byte load feeds one fused multiply-add per row of x (x[r, i] broadcast). A tile computes R
+ * rows (up to 8) by NB blocks (16 * NB columns) in registers over the whole input, reading each
+ * weight once per tile; below 5 rows a tile takes 4 blocks (independent chains for one row),
+ * from 5 rows on 2 (also for the rows left at the end of a chunk). The blocks are shared among
+ * the OpenMP threads (torch's pool and thread count); rows come in chunks of 128 so that a
+ * chunk of x stays in L2 across the blocks.
+ *
+ * Against oneDNN's packed float32 product (ladder.kernels), one thread, SmolLM2's shapes: 0.72-0.91
+ * of its time at 1 row, 0.75-1.08 at 16 rows; two threads 0.80-1.05 and 0.67-1.07. The gain at
+ * one row is mostly oneDNN's fixed ~10 us per call, 121 calls a token. */
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE void gemm_tile(const float *x, long ldx, const float *wb, long in, float *y, long ldy,
+                      const int R, const int NB, __mmask16 last) {
+    __m512 acc[8][4];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+    for (long i = 0; i < in; i++) {
+        __m512 w[4];
+        for (int b = 0; b < NB; b++) w[b] = _mm512_loadu_ps(wb + b * in * 16 + i * 16);
+        for (int r = 0; r < R; r++) {
+            __m512 xv = _mm512_set1_ps(x[r * ldx + i]);
+            for (int b = 0; b < NB; b++) acc[r][b] = _mm512_fmadd_ps(w[b], xv, acc[r][b]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++)
+            _mm512_mask_storeu_ps(y + r * ldy + b * 16, b == NB - 1 ? last : (__mmask16)0xffff,
+                                  acc[r][b]);
+}
+
+#define TILE(R, NB) case R: gemm_tile(x, ldx, wb, in, y, ldy, R, NB, last); break;
+static void tile_nb(const float *x, long ldx, const float *wb, long in, float *y, long ldy,
+                    int R, int NB, __mmask16 last) { /* R rows (1-8) x NB blocks (4, 2 or 1) */
+    if (NB == 4 && R <= 4) {
+        switch (R) { TILE(1, 4) TILE(2, 4) TILE(3, 4)
+                     default: gemm_tile(x, ldx, wb, in, y, ldy, 4, 4, last); }
+    } else if (NB == 2) {
+        switch (R) { TILE(1, 2) TILE(2, 2) TILE(3, 2) TILE(4, 2) TILE(5, 2) TILE(6, 2) TILE(7, 2)
+                     default: gemm_tile(x, ldx, wb, in, y, ldy, 8, 2, last); }
+    } else {
+        switch (R) { TILE(1, 1) TILE(2, 1) TILE(3, 1) TILE(4, 1) TILE(5, 1) TILE(6, 1) TILE(7, 1)
+                     default: gemm_tile(x, ldx, wb, in, y, ldy, 8, 1, last); }
+    }
+}
+
+static __mmask16 cols_mask(long out, long block) {
+    long v = out - block * 16;
+    return v >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << v) - 1);
+}
+
+void ladder_gemm_f32(const float *x, const float *wb, float *y, long M, long out, long in) {
+    long nb = (out + 15) / 16;
+    int NB = M >= 5 ? 2 : 4;
+    long groups = (nb + NB - 1) / NB;
+    for (long m0 = 0; m0 < M; m0 += 128) {
+        long mc = M - m0 < 128 ? M - m0 : 128;
+#pragma omp parallel for schedule(static) if (nb * 16 * in >= 65536)
+        for (long g = 0; g < groups; g++) {
+            long b0 = g * NB, n = nb - b0 < NB ? nb - b0 : NB;
+            for (long r0 = 0; r0 < mc; r0 += 8) {
+                int R = mc - r0 < 8 ? (int)(mc - r0) : 8;
+                const float *xp = x + (m0 + r0) * in;
+                float *yp = y + (m0 + r0) * out + b0 * 16;
+                if (n == NB) /* fewer than 5 rows only when M is: then NB is 4 */
+                    tile_nb(xp, in, wb + b0 * in * 16, in, yp, out, R, NB,
+                            cols_mask(out, b0 + NB - 1));
+                else
+                    for (long b = 0; b < n; b++)
+                        tile_nb(xp, in, wb + (b0 + b) * in * 16, in, yp + b * 16, out, R, 1,
+                                cols_mask(out, b0 + b));
+            }
+        }
+    }
+}
+
+int ladder_native_features(void) { return 1; } /* bit 0: ladder_gemm_f32 */
+#else
+int ladder_native_features(void) { return 0; }
+#endif

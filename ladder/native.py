@@ -1,0 +1,128 @@
+"""The fused small operators of CPU decode (native.c), compiled on first use and called by ctypes.
+
+`load()` returns the library, or None where it cannot be had: no C compiler, a failed build, a
+machine that is not Linux, or `LADDER_NATIVE=0` in the environment (the plain torch operators
+then run, with the same results up to the order of additions). It is built with -march=native
+for the machine it runs on, once per source and CPU, into `$LADDER_NATIVE_DIR` (default
+`~/.cache/ladder-serve/native`), by a compiler run that takes about a second; concurrent first
+uses (the ranks of a group) each build into a temporary file and rename it into place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared"]
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+_error: str | None = None
+
+_P, _L, _F, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
+_SIGNATURES = {
+    "ladder_native_version": ([], ctypes.c_int),
+    "ladder_native_features": ([], ctypes.c_int),  # bit 0: ladder_gemm_f32 (AVX-512)
+    "ladder_gemm_f32": ([_P, _P, _P, _L, _L, _L], None),
+    "ladder_rmsnorm": ([_I, _P, _P, _P, _L, _L, _F], None),
+    "ladder_silu_mul": ([_I, _P, _P, _L, _L], None),
+    "ladder_attn_decode": ([_I, _P, _P, _L, _L, _L, _L, _P, _P, _P, _P, _L, _P, _P, _F, _P, _L],
+                           None),
+}
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+    return "\n".join(keep)
+
+
+def library_path() -> Path:
+    compiler = shutil.which(os.environ.get("CC", "cc")) or "cc"
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), compiler, _cpu_id(),
+                                    platform.machine()]).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("LADDER_NATIVE_DIR") or Path.home() / ".cache/ladder-serve/native")
+    return root / f"ladder_native-{key}.so"
+
+
+def build(path: Path) -> None:
+    """Compile native.c into `path` (atomically: a temporary file renamed into place)."""
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler ({cc!r} is not on PATH)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".so.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        run = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+                             text=True, timeout=120)
+        if run.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {SOURCE}: {run.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled library (built on first use), or None where it is unavailable."""
+    global _lib, _tried, _error
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("LADDER_NATIVE", "1") == "0":
+        _error = "turned off by LADDER_NATIVE=0"
+        return None
+    if platform.system() != "Linux":
+        _error = f"built on Linux only, this is {platform.system()}"
+        return None
+    try:
+        path = library_path()
+        if not path.exists():
+            build(path)
+        lib = ctypes.CDLL(str(path))
+        for name, (args, res) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, res
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _error = str(e)
+        log.warning("fused CPU decode operators unavailable, using torch's: %s", e)
+        return None
+    _lib = lib
+    return lib
+
+
+def has_gemm_f32(lib: ctypes.CDLL | None) -> bool:
+    return lib is not None and bool(lib.ladder_native_features() & 1)
+
+
+def block_weight(w: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> the blocked layout of ladder_gemm_f32, [ceil(out / 16), in, 16] (zero rows
+    pad the last block)."""
+    out, inp = w.shape
+    nb = -(-out // 16)
+    padded = w.new_zeros(nb * 16, inp)
+    padded[:out] = w
+    return padded.view(nb, 16, inp).transpose(1, 2).contiguous()
+
+
+def unavailable_reason() -> str | None:
+    """Why `load()` returned None (after it did), else None."""
+    return _error

@@ -1,0 +1,201 @@
+"""The fused CPU decode operators (ladder/native.c) compute what the torch operators compute.
+
+Each kernel runs against the model's own torch code on the same inputs: bit-identical where the
+kernel rounds where torch rounds and sums in no different order (bfloat16 norms and SwiGLU, the
+rotated keys written into the cache), within float32 summation-order noise elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ladder import native
+from ladder.comm import NoComm
+from ladder.config import ModelConfig, ResidualPlan
+from ladder.engine import ShardEngine, StepBatch
+from ladder.kernels import FastLinear, NativeAttention, fast_cpu_decode
+from ladder.model import Attention, KVCache, RMSNorm, StepContext, Transformer
+from ladder.tp import ShardSpec
+
+LIB = native.load()
+pytestmark = pytest.mark.skipif(LIB is None, reason=f"no native library: "
+                                f"{native.unavailable_reason()}")
+needs_gemm = pytest.mark.skipif(not native.has_gemm_f32(LIB), reason="CPU without AVX-512")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@needs_gemm
+@pytest.mark.parametrize("out_f,in_f", [(96, 32), (40, 37), (1, 16), (3072, 576)])
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 8, 13, 16, 130])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gemm_matches_f_linear(out_f, in_f, rows, threads):
+    torch.manual_seed(0)
+    w, x = torch.randn(out_f, in_f), torch.randn(rows, in_f)
+    lin = FastLinear(w, LIB)
+    assert lin.mode == "native"
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = lin(x)
+    finally:
+        torch.set_num_threads(saved)
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-4)
+    # leading dims and a non-contiguous input
+    x3 = torch.randn(2, 3, 2 * in_f)[..., ::2]
+    torch.testing.assert_close(lin(x3), F.linear(x3, w), rtol=1e-5, atol=1e-4)
+
+
+def test_block_weight_layout():
+    w = torch.arange(20 * 3, dtype=torch.float32).view(20, 3)
+    b = native.block_weight(w)
+    assert b.shape == (2, 3, 16)
+    assert torch.equal(b[1, 2, 3], w[19, 2]) and torch.equal(b[0, 1, 5], w[5, 1])
+    assert torch.all(b[1, :, 4:] == 0)  # the padding rows
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rmsnorm_and_silu_mul(dtype):
+    torch.manual_seed(0)
+    norm = RMSNorm(576, 1e-5).to(dtype)
+    norm.weight.data.normal_()
+    x = torch.randn(5, 576).to(dtype)
+    y = torch.empty_like(x)
+    LIB.ladder_rmsnorm(native.DTYPE_CODES[dtype], x.data_ptr(), norm.weight.data_ptr(),
+                       y.data_ptr(), 5, 576, 1e-5)
+    gu = torch.randn(3, 2 * 100).to(dtype)
+    a = torch.empty(3, 100, dtype=dtype)
+    LIB.ladder_silu_mul(native.DTYPE_CODES[dtype], gu.data_ptr(), a.data_ptr(), 3, 100)
+    gate, up = gu.split(100, dim=-1)
+    if dtype == torch.bfloat16:  # rounded where torch rounds: the same values
+        assert torch.equal(y, norm(x))
+        assert torch.equal(a, F.silu(gate) * up)
+    else:
+        torch.testing.assert_close(y, norm(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, F.silu(gate) * up, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("slots", [[0, 1, 2], [3, 0, 2]], ids=["consecutive", "scattered"])
+def test_attention_decode_step(dtype, slots):
+    """One decode token for three rows at different positions: the cache writes and the output
+    against the torch Attention's."""
+    cfg = ModelConfig(vocab_size=32, dim=96, intermediate_size=96, n_layers=2, n_heads=6,
+                      n_kv_heads=2, max_seq_len=32)
+    spec = ShardSpec.make(cfg, 0, 1)
+    torch.manual_seed(0)
+    attn = Attention(cfg, spec, layer_id=1)
+    for p in attn.parameters():
+        p.data.normal_(0, 0.3)
+    attn = attn.to(dtype).eval().requires_grad_(False)
+    model = Transformer(cfg, spec, ResidualPlan.parse("standard", 2)).to(dtype)
+    cache = KVCache(2, 4, 2, 32, cfg.head_dim, dtype)
+    cache.k.normal_()
+    cache.v.normal_()
+    starts = [5, 0, 17]
+    positions = torch.tensor(starts)[:, None]
+    keys = torch.arange(max(starts) + 1)
+    cos, sin = model.rope(positions, dtype)
+
+    def ctx(c, s):
+        return StepContext(cos=cos, sin=sin, positions=positions, cache=c, slots=s,
+                           slot_ids=torch.tensor(slots), kv_len=max(starts) + 1,
+                           mask=(keys[None, None, :] <= positions[:, :, None])[:, None])
+
+    x = torch.randn(3, 1, 96).to(dtype)
+    ref_cache, got_cache = cache, KVCache(2, 4, 2, 32, cfg.head_dim, dtype)
+    got_cache.k.copy_(cache.k)
+    got_cache.v.copy_(cache.v)
+    s = slice(0, 3) if slots == [0, 1, 2] else torch.tensor(slots)
+    with torch.inference_mode():
+        ref = attn(x, ctx(ref_cache, s))
+        got = NativeAttention(attn, LIB)(x, ctx(got_cache, s))
+    assert torch.equal(got_cache.k, ref_cache.k)  # rotated keys: the same roundings
+    assert torch.equal(got_cache.v, ref_cache.v)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, ref, **tol)
+
+
+def _engines(dtype, tp_plan="ladder"):
+    cfg = ModelConfig(vocab_size=96, dim=64, intermediate_size=128, n_layers=3, n_heads=4,
+                      n_kv_heads=2, max_seq_len=64)
+    spec = ShardSpec.make(cfg, 0, 1)
+    torch.manual_seed(0)
+    base = Transformer(cfg, spec, ResidualPlan.parse(tp_plan, 3))
+    for p in base.parameters():
+        p.data.normal_(0, 0.2)
+    state = {k: v.to(dtype) for k, v in base.state_dict().items() if k != "inv_freq"}
+    out = []
+    for fused in (False, True):
+        model = Transformer(cfg, spec, ResidualPlan.parse(tp_plan, 3)).to(dtype)
+        model.load_state_dict(state, strict=False)
+        model = fast_cpu_decode(model.eval().requires_grad_(False), fused=fused)
+        out.append(ShardEngine(model, NoComm(), n_slots=4, max_seq=48))
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_engine_decode_fused_equals_torch_operators(dtype):
+    """Prefill three prompts into scattered slots, then decode them together greedily: the
+    fused engine picks the same tokens, with logits within summation-order noise."""
+    plain, fused = _engines(dtype)
+    assert isinstance(fused.model.layers[0].attention, NativeAttention)
+    prompts = {3: [5, 9, 2, 11], 0: [7, 1], 2: [4, 4, 8, 15, 16, 23]}
+    runs = []
+    for eng in (plain, fused):
+        toks = {s: list(p) for s, p in prompts.items()}
+        logits = []
+        out = eng.step(StepBatch(tokens=list(prompts.values()), slots=list(prompts),
+                                 starts=[0] * 3))
+        for _ in range(12):
+            nxt = out.float().argmax(-1).tolist()
+            logits.append(out.float())
+            for s, t in zip(prompts, nxt):
+                toks[s].append(t)
+            out = eng.step(StepBatch(tokens=[[t] for t in nxt], slots=list(prompts),
+                                     starts=[len(toks[s]) - 1 for s in prompts]))
+        runs.append((toks, torch.stack(logits)))
+    assert runs[0][0] == runs[1][0]
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(runs[1][1], runs[0][1], rtol=tol, atol=tol)
+
+
+def test_turned_off_or_unbuildable_falls_back(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setenv("LADDER_NATIVE", "0")
+    assert native.load() is None and "LADDER_NATIVE=0" in native.unavailable_reason()
+
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.delenv("LADDER_NATIVE")
+    monkeypatch.setenv("LADDER_NATIVE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with caplog.at_level(logging.WARNING, logger="ladder.native"):
+        assert native.load() is None
+    assert "no C compiler" in native.unavailable_reason()
+    assert "using torch's" in caplog.text
+    assert list(tmp_path.iterdir()) == []
+    # the model still converts, to oneDNN's layout and torch's small operators
+    cfg = ModelConfig(vocab_size=32, dim=32, intermediate_size=64, n_layers=1, n_heads=2,
+                      n_kv_heads=1, max_seq_len=16)
+    model = fast_cpu_decode(Transformer(cfg, ShardSpec.make(cfg, 0, 1),
+                                        ResidualPlan.parse("standard", 1)).eval())
+    assert isinstance(model.layers[0].attention, Attention)
+    assert model.layers[0].attention.wqkv.mode in ("packed", "t", "plain")
+
+
+def test_builds_into_its_directory(monkeypatch, tmp_path):
+    """A fresh directory gets the library built (once; a second load finds it)."""
+    monkeypatch.setenv("LADDER_NATIVE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    lib = native.load()
+    assert lib is not None and lib.ladder_native_version() == 1
+    built = list(tmp_path.iterdir())
+    assert [p.name for p in built] == [native.library_path().name]
+    mtime = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(native, "_tried", False)
+    assert native.load() is not None and built[0].stat().st_mtime_ns == mtime
