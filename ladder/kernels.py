@@ -40,7 +40,8 @@ def _mkldnn_ok() -> bool:
 class FastLinear(nn.Module):
     """y = x @ W.T for a [out, in] weight, stored in the layout its dtype reads fastest.
 
-    `mode`: "native" (float32 in ladder.native's blocked layout, with `lib`, where AVX-512 is),
+    `mode`: "native" (ladder.native's blocked layout, with `lib`, where the CPU has the
+    instructions: AVX-512 for float32, AVX512-BF16 for bfloat16),
     "packed" (oneDNN blocked, float32 or bfloat16), "t" (float32 [in, out], where oneDNN is
     missing) or "plain" (F.linear).
     """
@@ -52,8 +53,10 @@ class FastLinear(nn.Module):
         out_f, in_f = weight.shape
         self.in_features, self.out_features = in_f, out_f
         self.lib = lib
-        if weight.dtype == torch.float32 and native.has_gemm_f32(lib):
+        if weight.dtype in native.gemm_dtypes(lib):
             self.mode = "native"
+            self._gemm = (lib.ladder_gemm_f32 if weight.dtype == torch.float32
+                          else lib.ladder_gemm_bf16)
             self.weight = native.block_weight(weight)
         elif weight.dtype in (torch.float32, torch.bfloat16) and _mkldnn_ok():
             self.mode = "packed"
@@ -67,12 +70,13 @@ class FastLinear(nn.Module):
             self.weight = weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "native" and x.dtype == torch.float32:
+        if self.mode == "native":
+            if x.dtype != self.weight.dtype:
+                raise TypeError(f"FastLinear: input is {x.dtype}, the weight {self.weight.dtype}")
             x = x.contiguous()
             y = x.new_empty(*x.shape[:-1], self.out_features)
-            self.lib.ladder_gemm_f32(x.data_ptr(), self.weight.data_ptr(), y.data_ptr(),
-                                     x.numel() // self.in_features, self.out_features,
-                                     self.in_features)
+            self._gemm(x.data_ptr(), self.weight.data_ptr(), y.data_ptr(),
+                       x.numel() // self.in_features, self.out_features, self.in_features)
             return y
         if self.mode == "packed":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")

@@ -253,7 +253,83 @@ void ladder_gemm_f32(const float *x, const float *wb, float *y, long M, long out
     }
 }
 
-int ladder_native_features(void) { return 1; } /* bit 0: ladder_gemm_f32 */
+/* ---- bfloat16 weight products (AVX512-BF16) ---------------------------------------------------
+ *
+ * The same tiles over Wb [ceil(out / 16)][ceil(in / 2)][16][2]: for each pair of inputs, the 16
+ * outputs' two weights side by side, so one 64-byte load and a broadcast pair of x feed one
+ * vdpbf16ps (32 products, summed in float32). The result is rounded to bfloat16 once, as
+ * oneDNN's bfloat16 product does; only the order of the float32 additions differs. */
+#ifdef __AVX512BF16__
+INLINE void bgemm_tile(const bf16 *x, long ldx, const bf16 *wb, long in, bf16 *y, long ldy,
+                       const int R, const int NB, __mmask16 last) {
+    long pairs = (in + 1) / 2, full = in / 2;
+    __m512 acc[8][4];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+    for (long p = 0; p < pairs; p++) {
+        __m512i w[4];
+        for (int b = 0; b < NB; b++)
+            w[b] = _mm512_loadu_si512((const void *)(wb + (b * pairs + p) * 32));
+        for (int r = 0; r < R; r++) {
+            uint32_t two;
+            if (p < full) memcpy(&two, x + r * ldx + 2 * p, 4);
+            else two = x[r * ldx + 2 * p]; /* odd input count: the pad input is 0 */
+            __m512bh xv = (__m512bh)_mm512_set1_epi32((int)two);
+            for (int b = 0; b < NB; b++)
+                acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)w[b], xv);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++)
+            _mm256_mask_storeu_epi16(y + r * ldy + b * 16, b == NB - 1 ? last : (__mmask16)0xffff,
+                                     (__m256i)_mm512_cvtneps_pbh(acc[r][b]));
+}
+
+#define BTILE(R, NB) case R: bgemm_tile(x, ldx, wb, in, y, ldy, R, NB, last); break;
+static void btile_nb(const bf16 *x, long ldx, const bf16 *wb, long in, bf16 *y, long ldy,
+                     int R, int NB, __mmask16 last) {
+    if (NB == 4 && R <= 4) {
+        switch (R) { BTILE(1, 4) BTILE(2, 4) BTILE(3, 4)
+                     default: bgemm_tile(x, ldx, wb, in, y, ldy, 4, 4, last); }
+    } else if (NB == 2) {
+        switch (R) { BTILE(1, 2) BTILE(2, 2) BTILE(3, 2) BTILE(4, 2) BTILE(5, 2) BTILE(6, 2)
+                     BTILE(7, 2) default: bgemm_tile(x, ldx, wb, in, y, ldy, 8, 2, last); }
+    } else {
+        switch (R) { BTILE(1, 1) BTILE(2, 1) BTILE(3, 1) BTILE(4, 1) BTILE(5, 1) BTILE(6, 1)
+                     BTILE(7, 1) default: bgemm_tile(x, ldx, wb, in, y, ldy, 8, 1, last); }
+    }
+}
+
+void ladder_gemm_bf16(const bf16 *x, const bf16 *wb, bf16 *y, long M, long out, long in) {
+    long nb = (out + 15) / 16, pairs = (in + 1) / 2;
+    int NB = M >= 5 ? 2 : 4;
+    long groups = (nb + NB - 1) / NB;
+    for (long m0 = 0; m0 < M; m0 += 128) {
+        long mc = M - m0 < 128 ? M - m0 : 128;
+#pragma omp parallel for schedule(static) if (nb * 16 * in >= 65536)
+        for (long g = 0; g < groups; g++) {
+            long b0 = g * NB, n = nb - b0 < NB ? nb - b0 : NB;
+            for (long r0 = 0; r0 < mc; r0 += 8) {
+                int R = mc - r0 < 8 ? (int)(mc - r0) : 8;
+                const bf16 *xp = x + (m0 + r0) * in;
+                bf16 *yp = y + (m0 + r0) * out + b0 * 16;
+                if (n == NB)
+                    btile_nb(xp, in, wb + b0 * pairs * 32, in, yp, out, R, NB,
+                             cols_mask(out, b0 + NB - 1));
+                else
+                    for (long b = 0; b < n; b++)
+                        btile_nb(xp, in, wb + (b0 + b) * pairs * 32, in, yp + b * 16, out, R, 1,
+                                 cols_mask(out, b0 + b));
+            }
+        }
+    }
+}
+#define BF16_GEMM 2
+#else
+#define BF16_GEMM 0
+#endif
+
+int ladder_native_features(void) { return 1 | BF16_GEMM; } /* bits: gemm_f32, gemm_bf16 */
 #else
 int ladder_native_features(void) { return 0; }
 #endif

@@ -35,8 +35,9 @@ _error: str | None = None
 _P, _L, _F, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
     "ladder_native_version": ([], ctypes.c_int),
-    "ladder_native_features": ([], ctypes.c_int),  # bit 0: ladder_gemm_f32 (AVX-512)
+    "ladder_native_features": ([], ctypes.c_int),  # bits: gemm_f32 (AVX-512), gemm_bf16
     "ladder_gemm_f32": ([_P, _P, _P, _L, _L, _L], None),
+    "ladder_gemm_bf16": ([_P, _P, _P, _L, _L, _L], None),
     "ladder_rmsnorm": ([_I, _P, _P, _P, _L, _L, _F], None),
     "ladder_silu_mul": ([_I, _P, _P, _L, _L], None),
     "ladder_attn_decode": ([_I, _P, _P, _L, _L, _L, _L, _P, _P, _P, _P, _L, _P, _P, _F, _P, _L],
@@ -109,18 +110,27 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
-def has_gemm_f32(lib: ctypes.CDLL | None) -> bool:
-    return lib is not None and bool(lib.ladder_native_features() & 1)
+def gemm_dtypes(lib: ctypes.CDLL | None) -> set[torch.dtype]:
+    """The weight dtypes whose products the library computes on this CPU."""
+    if lib is None:
+        return set()
+    bits = lib.ladder_native_features()
+    return {dt for dt, bit in ((torch.float32, 1), (torch.bfloat16, 2)) if bits & bit}
 
 
 def block_weight(w: torch.Tensor) -> torch.Tensor:
-    """[out, in] -> the blocked layout of ladder_gemm_f32, [ceil(out / 16), in, 16] (zero rows
-    pad the last block)."""
+    """[out, in] -> the blocked layout of the library's products (zeros pad the last block):
+    float32 [ceil(out / 16), in, 16]; bfloat16 [ceil(out / 16), ceil(in / 2), 16, 2]."""
     out, inp = w.shape
     nb = -(-out // 16)
-    padded = w.new_zeros(nb * 16, inp)
-    padded[:out] = w
-    return padded.view(nb, 16, inp).transpose(1, 2).contiguous()
+    if w.dtype == torch.float32:
+        padded = w.new_zeros(nb * 16, inp)
+        padded[:out] = w
+        return padded.view(nb, 16, inp).transpose(1, 2).contiguous()
+    pairs = -(-inp // 2)
+    padded = w.new_zeros(nb * 16, pairs * 2)
+    padded[:out, :inp] = w
+    return padded.view(nb, 16, pairs, 2).transpose(1, 2).contiguous()
 
 
 def unavailable_reason() -> str | None:
