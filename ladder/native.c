@@ -209,8 +209,10 @@ INLINE void gemm_tile(const float *x, long ldx, const float *wb, long in, float 
 }
 
 #define TILE(R, NB) case R: gemm_tile(x, ldx, wb, in, y, ldy, R, NB, last); break;
-static void tile_nb(const float *x, long ldx, const float *wb, long in, float *y, long ldy,
+static void tile_nb(const void *xv, long ldx, const void *wv, long in, void *yv, long ldy,
                     int R, int NB, __mmask16 last) { /* R rows (1-8) x NB blocks (4, 2 or 1) */
+    const float *x = xv, *wb = wv;
+    float *y = yv;
     if (NB == 4 && R <= 4) {
         switch (R) { TILE(1, 4) TILE(2, 4) TILE(3, 4)
                      default: gemm_tile(x, ldx, wb, in, y, ldy, 4, 4, last); }
@@ -228,7 +230,14 @@ static __mmask16 cols_mask(long out, long block) {
     return v >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << v) - 1);
 }
 
-void ladder_gemm_f32(const float *x, const float *wb, float *y, long M, long out, long in) {
+/* A tile kernel over one dtype: R rows of x by NB blocks of weights into y. */
+typedef void (*tile_fn)(const void *x, long ldx, const void *wb, long in, void *y, long ldy,
+                        int R, int NB, __mmask16 last);
+
+/* The loops shared by both dtypes: row chunks of 128, weight blocks in groups of NB over the
+ * threads, tiles of up to 8 rows. `el` is the element size, `block` a weight block's elements. */
+static void gemm_drive(tile_fn tile, const char *x, const char *wb, char *y, long M, long out,
+                       long in, long el, long block) {
     long nb = (out + 15) / 16;
     int NB = M >= 5 ? 2 : 4;
     long groups = (nb + NB - 1) / NB;
@@ -239,18 +248,23 @@ void ladder_gemm_f32(const float *x, const float *wb, float *y, long M, long out
             long b0 = g * NB, n = nb - b0 < NB ? nb - b0 : NB;
             for (long r0 = 0; r0 < mc; r0 += 8) {
                 int R = mc - r0 < 8 ? (int)(mc - r0) : 8;
-                const float *xp = x + (m0 + r0) * in;
-                float *yp = y + (m0 + r0) * out + b0 * 16;
+                const char *xp = x + (m0 + r0) * in * el;
+                char *yp = y + ((m0 + r0) * out + b0 * 16) * el;
                 if (n == NB) /* fewer than 5 rows only when M is: then NB is 4 */
-                    tile_nb(xp, in, wb + b0 * in * 16, in, yp, out, R, NB,
-                            cols_mask(out, b0 + NB - 1));
+                    tile(xp, in, wb + b0 * block * el, in, yp, out, R, NB,
+                         cols_mask(out, b0 + NB - 1));
                 else
                     for (long b = 0; b < n; b++)
-                        tile_nb(xp, in, wb + (b0 + b) * in * 16, in, yp + b * 16, out, R, 1,
-                                cols_mask(out, b0 + b));
+                        tile(xp, in, wb + (b0 + b) * block * el, in, yp + b * 16 * el, out, R, 1,
+                             cols_mask(out, b0 + b));
             }
         }
     }
+}
+
+void ladder_gemm_f32(const float *x, const float *wb, float *y, long M, long out, long in) {
+    gemm_drive(tile_nb, (const char *)x, (const char *)wb, (char *)y, M, out, in, 4,
+               in * 16);
 }
 
 /* ---- bfloat16 weight products (AVX512-BF16) ---------------------------------------------------
@@ -286,8 +300,10 @@ INLINE void bgemm_tile(const bf16 *x, long ldx, const bf16 *wb, long in, bf16 *y
 }
 
 #define BTILE(R, NB) case R: bgemm_tile(x, ldx, wb, in, y, ldy, R, NB, last); break;
-static void btile_nb(const bf16 *x, long ldx, const bf16 *wb, long in, bf16 *y, long ldy,
+static void btile_nb(const void *xv, long ldx, const void *wv, long in, void *yv, long ldy,
                      int R, int NB, __mmask16 last) {
+    const bf16 *x = xv, *wb = wv;
+    bf16 *y = yv;
     if (NB == 4 && R <= 4) {
         switch (R) { BTILE(1, 4) BTILE(2, 4) BTILE(3, 4)
                      default: bgemm_tile(x, ldx, wb, in, y, ldy, 4, 4, last); }
@@ -301,28 +317,8 @@ static void btile_nb(const bf16 *x, long ldx, const bf16 *wb, long in, bf16 *y, 
 }
 
 void ladder_gemm_bf16(const bf16 *x, const bf16 *wb, bf16 *y, long M, long out, long in) {
-    long nb = (out + 15) / 16, pairs = (in + 1) / 2;
-    int NB = M >= 5 ? 2 : 4;
-    long groups = (nb + NB - 1) / NB;
-    for (long m0 = 0; m0 < M; m0 += 128) {
-        long mc = M - m0 < 128 ? M - m0 : 128;
-#pragma omp parallel for schedule(static) if (nb * 16 * in >= 65536)
-        for (long g = 0; g < groups; g++) {
-            long b0 = g * NB, n = nb - b0 < NB ? nb - b0 : NB;
-            for (long r0 = 0; r0 < mc; r0 += 8) {
-                int R = mc - r0 < 8 ? (int)(mc - r0) : 8;
-                const bf16 *xp = x + (m0 + r0) * in;
-                bf16 *yp = y + (m0 + r0) * out + b0 * 16;
-                if (n == NB)
-                    btile_nb(xp, in, wb + b0 * pairs * 32, in, yp, out, R, NB,
-                             cols_mask(out, b0 + NB - 1));
-                else
-                    for (long b = 0; b < n; b++)
-                        btile_nb(xp, in, wb + (b0 + b) * pairs * 32, in, yp + b * 16, out, R, 1,
-                                 cols_mask(out, b0 + b));
-            }
-        }
-    }
+    gemm_drive(btile_nb, (const char *)x, (const char *)wb, (char *)y, M, out, in, 2,
+               (in + 1) / 2 * 32);
 }
 #define BF16_GEMM 2
 #else
