@@ -69,14 +69,79 @@ void ladder_rmsnorm(int dt, const void *x, const void *w, void *y, long M, long 
 
 /* out[m, i] = silu(gate[m, i]) * up[m, i]; gu [M, 2F] holds the gate columns, then the up ones.
  * silu(g) = g / (1 + exp(-g)), rounded to the dtype before the product (two torch operators). */
-void ladder_silu_mul(int dt, const void *gu, void *out, long M, long F) {
-    for (long m = 0; m < M; m++) {
-        long g0 = m * 2 * F, u0 = g0 + F, o = m * F;
-        for (long i = 0; i < F; i++) {
-            float g = ld(dt, gu, g0 + i);
-            st(dt, out, o + i, rnd(dt, g / (1.f + expf(-g))) * ld(dt, gu, u0 + i));
+#ifdef __AVX512F__
+#include <immintrin.h>
+__m512 _ZGVeN16v_expf(__m512 x); /* glibc's libmvec: expf on 16 lanes */
+
+static inline __m512 bf16x16_load(const bf16 *p, __mmask16 k) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+
+static inline __m512 bf16_round(__m512 v) { /* to the nearest bfloat16, ties to even */
+    __m512i u = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+static void silu_mul_row(int dt, const void *gu, void *out, long g0, long u0, long o, long F) {
+    const __m512 one = _mm512_set1_ps(1.f);
+    for (long i = 0; i < F; i += 16) {
+        __mmask16 k = F - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (F - i)) - 1);
+        __m512 g, u;
+        if (dt) {
+            g = bf16x16_load((const bf16 *)gu + g0 + i, k);
+            u = bf16x16_load((const bf16 *)gu + u0 + i, k);
+        } else {
+            g = _mm512_maskz_loadu_ps(k, (const float *)gu + g0 + i);
+            u = _mm512_maskz_loadu_ps(k, (const float *)gu + u0 + i);
+        }
+        __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, e));
+        if (dt) {
+            __m512 y = bf16_round(_mm512_mul_ps(bf16_round(silu), u));
+            _mm256_mask_storeu_epi16((bf16 *)out + o + i, k,
+                                     _mm512_cvtepi32_epi16(_mm512_srli_epi32(
+                                         _mm512_castps_si512(y), 16)));
+        } else {
+            _mm512_mask_storeu_ps((float *)out + o + i, k, _mm512_mul_ps(silu, u));
         }
     }
+}
+
+/* sc[p] = exp(sc[p] - mx) for p < n; returns their sum */
+static float softmax_exp(float *sc, long n, float mx) {
+    __m512 acc = _mm512_setzero_ps(), m = _mm512_set1_ps(mx);
+    for (long p = 0; p < n; p += 16) {
+        __mmask16 k = n - p >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - p)) - 1);
+        __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc + p), m));
+        _mm512_mask_storeu_ps(sc + p, k, e);
+        acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(k, e));
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+#else
+static void silu_mul_row(int dt, const void *gu, void *out, long g0, long u0, long o, long F) {
+    for (long i = 0; i < F; i++) {
+        float g = ld(dt, gu, g0 + i);
+        st(dt, out, o + i, rnd(dt, g / (1.f + expf(-g))) * ld(dt, gu, u0 + i));
+    }
+}
+
+static float softmax_exp(float *sc, long n, float mx) {
+    float sum = 0.f;
+    for (long p = 0; p < n; p++) {
+        sc[p] = expf(sc[p] - mx);
+        sum += sc[p];
+    }
+    return sum;
+}
+#endif
+
+void ladder_silu_mul(int dt, const void *gu, void *out, long M, long F) {
+#pragma omp parallel for schedule(static) if (M * F >= 32768)
+    for (long m = 0; m < M; m++) silu_mul_row(dt, gu, out, m * 2 * F, m * 2 * F + F, m * F, F);
 }
 
 /* Rotary embedding of one head (HF's rotate-half layout) into float: x*cos + rotate_half(x)*sin,
@@ -147,11 +212,7 @@ void ladder_attn_decode(int dt, const void *qkv, void *out, long B, long H, long
             sc[p] = s;
             if (s > mx) mx = s;
         }
-        float sum = 0.f;
-        for (long p = 0; p < n; p++) {
-            sc[p] = expf(sc[p] - mx);
-            sum += sc[p];
-        }
+        float sum = softmax_exp(sc, n, mx);
         for (long i = 0; i < E; i++) acc[i] = 0.f;
         for (long p = 0; p < n; p++) {
             float a = sc[p] / sum;
