@@ -81,7 +81,8 @@ class FastLinear(nn.Module):
             x = x.contiguous()
             y = x.new_empty(*x.shape[:-1], self.out_features)
             self._gemm(x.data_ptr(), self.weight.data_ptr(), y.data_ptr(),
-                       x.numel() // self.in_features, self.out_features, self.in_features)
+                       x.numel() // self.in_features, self.out_features, self.in_features,
+                       torch.get_num_threads())
             return y
         if self.mode == "packed":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
@@ -141,7 +142,7 @@ class NativeAttention(nn.Module):
             code, qkv.data_ptr(), y.data_ptr(), b, h, k_, e, ctx.cos.data_ptr(),
             ctx.sin.data_ptr(), cache.k.data_ptr() + layer, cache.v.data_ptr() + layer,
             cache.max_seq, ctx.slot_ids.data_ptr(), ctx.positions.data_ptr(), self.scale,
-            self._scratch.data_ptr(), self._scratch.shape[0])
+            self._scratch.data_ptr(), threads)
         return a.wo(y)
 
 
@@ -161,7 +162,7 @@ class NativeMLP(nn.Module):
             return m.w2(F.silu(gate) * up)
         a = gu.new_empty(*gu.shape[:-1], m.ffn)
         self.lib.ladder_silu_mul(code, gu.data_ptr(), a.data_ptr(), gu.numel() // (2 * m.ffn),
-                                 m.ffn)
+                                 m.ffn, torch.get_num_threads())
         return m.w2(a)
 
 

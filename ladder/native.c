@@ -12,7 +12,9 @@
  * softmax sum) may differ. Compiled with -ffp-contract=off so that a * b + c is not fused where
  * torch does two roundings.
  *
- * dtype codes: 0 float32, 1 bfloat16 (stored as uint16).
+ * dtype codes: 0 float32, 1 bfloat16 (stored as uint16). `nt` is the number of OpenMP threads
+ * a call may use (torch's intra-op thread count, passed in: OpenMP's own default is per calling
+ * thread and would ignore torch.set_num_threads in a serving thread).
  */
 
 #include <math.h>
@@ -139,8 +141,8 @@ static float softmax_exp(float *sc, long n, float mx) {
 }
 #endif
 
-void ladder_silu_mul(int dt, const void *gu, void *out, long M, long F) {
-#pragma omp parallel for schedule(static) if (M * F >= 32768)
+void ladder_silu_mul(int dt, const void *gu, void *out, long M, long F, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && M * F >= 32768)
     for (long m = 0; m < M; m++) silu_mul_row(dt, gu, out, m * 2 * F, m * 2 * F + F, m * F, F);
 }
 
@@ -164,7 +166,7 @@ static inline void rope(int dt, const void *x, long xo, const void *cs, const vo
  * slots, pos [B]            row b writes its key and value at position pos[b] of slot slots[b]
  *                           and attends to positions 0..pos[b] of that slot
  * out   [B, H * E]          per row, the heads side by side (as y.transpose(1, 2).reshape)
- * scratch                   max_seq floats per thread (scores)
+ * scratch                   max_seq floats for each of the nt threads (scores)
  *
  * Query head h reads KV head h / (H / K) (grouped-query attention). The scores are
  * (q . k) * scale in float32, the softmax and the weighted sum of values in float32, the result
@@ -172,7 +174,7 @@ static inline void rope(int dt, const void *x, long xo, const void *cs, const vo
 void ladder_attn_decode(int dt, const void *qkv, void *out, long B, long H, long K, long E,
                         const void *cs, const void *sn, void *ck, void *cv, long max_seq,
                         const int64_t *slots, const int64_t *pos, float scale, float *scratch,
-                        long n_scratch) {
+                        int nt) {
     long width = (H + 2 * K) * E, per_slot = K * max_seq * E, G = H / K;
     size_t el = dt ? 2 : 4;
     for (long b = 0; b < B; b++) { /* the new keys (rotated) and values into the cache */
@@ -187,11 +189,11 @@ void ladder_attn_decode(int dt, const void *qkv, void *out, long B, long H, long
     }
     long work = 0;
     for (long b = 0; b < B; b++) work += (pos[b] + 1) * H;
-#pragma omp parallel for schedule(static) if (work * E > 65536 && n_scratch > 1)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && work * E > 65536)
     for (long bh = 0; bh < B * H; bh++) {
         long b = bh / H, h = bh % H, j = h / G, n = pos[b] + 1;
         int t = omp_get_thread_num();
-        float *sc = scratch + (t < n_scratch ? t : 0) * max_seq;
+        float *sc = scratch + t * max_seq;
         float q[E], acc[E];
         rope(dt, qkv, b * width + h * E, cs, sn, b * E, E, q);
         long base = slots[b] * per_slot + j * max_seq * E;
@@ -298,13 +300,13 @@ typedef void (*tile_fn)(const void *x, long ldx, const void *wb, long in, void *
 /* The loops shared by both dtypes: row chunks of 128, weight blocks in groups of NB over the
  * threads, tiles of up to 8 rows. `el` is the element size, `block` a weight block's elements. */
 static void gemm_drive(tile_fn tile, const char *x, const char *wb, char *y, long M, long out,
-                       long in, long el, long block) {
+                       long in, long el, long block, int nt) {
     long nb = (out + 15) / 16;
     int NB = M >= 5 ? 2 : 4;
     long groups = (nb + NB - 1) / NB;
     for (long m0 = 0; m0 < M; m0 += 128) {
         long mc = M - m0 < 128 ? M - m0 : 128;
-#pragma omp parallel for schedule(static) if (nb * 16 * in >= 65536)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nb * 16 * in >= 65536)
         for (long g = 0; g < groups; g++) {
             long b0 = g * NB, n = nb - b0 < NB ? nb - b0 : NB;
             for (long r0 = 0; r0 < mc; r0 += 8) {
@@ -323,9 +325,10 @@ static void gemm_drive(tile_fn tile, const char *x, const char *wb, char *y, lon
     }
 }
 
-void ladder_gemm_f32(const float *x, const float *wb, float *y, long M, long out, long in) {
-    gemm_drive(tile_nb, (const char *)x, (const char *)wb, (char *)y, M, out, in, 4,
-               in * 16);
+void ladder_gemm_f32(const float *x, const float *wb, float *y, long M, long out, long in,
+                     int nt) {
+    gemm_drive(tile_nb, (const char *)x, (const char *)wb, (char *)y, M, out, in, 4, in * 16,
+               nt);
 }
 
 /* ---- bfloat16 weight products (AVX512-BF16) ---------------------------------------------------
@@ -377,9 +380,10 @@ static void btile_nb(const void *xv, long ldx, const void *wv, long in, void *yv
     }
 }
 
-void ladder_gemm_bf16(const bf16 *x, const bf16 *wb, bf16 *y, long M, long out, long in) {
+void ladder_gemm_bf16(const bf16 *x, const bf16 *wb, bf16 *y, long M, long out, long in,
+                      int nt) {
     gemm_drive(btile_nb, (const char *)x, (const char *)wb, (char *)y, M, out, in, 2,
-               (in + 1) / 2 * 32);
+               (in + 1) / 2 * 32, nt);
 }
 #define BF16_GEMM 2
 #else

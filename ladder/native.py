@@ -37,11 +37,11 @@ _P, _L, _F, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
     "ladder_native_version": ([], ctypes.c_int),
     "ladder_native_features": ([], ctypes.c_int),  # bits: gemm_f32 (AVX-512), gemm_bf16
-    "ladder_gemm_f32": ([_P, _P, _P, _L, _L, _L], None),
-    "ladder_gemm_bf16": ([_P, _P, _P, _L, _L, _L], None),
+    "ladder_gemm_f32": ([_P, _P, _P, _L, _L, _L, _I], None),
+    "ladder_gemm_bf16": ([_P, _P, _P, _L, _L, _L, _I], None),
     "ladder_rmsnorm": ([_I, _P, _P, _P, _L, _L, _F], None),
-    "ladder_silu_mul": ([_I, _P, _P, _L, _L], None),
-    "ladder_attn_decode": ([_I, _P, _P, _L, _L, _L, _L, _P, _P, _P, _P, _L, _P, _P, _F, _P, _L],
+    "ladder_silu_mul": ([_I, _P, _P, _L, _L, _I], None),
+    "ladder_attn_decode": ([_I, _P, _P, _L, _L, _L, _L, _P, _P, _P, _P, _L, _P, _P, _F, _P, _I],
                            None),
 }
 

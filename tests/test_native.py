@@ -80,7 +80,7 @@ def test_rmsnorm_and_silu_mul(dtype):
                        y.data_ptr(), 5, 576, 1e-5)
     gu = torch.randn(3, 2 * 100).to(dtype)
     a = torch.empty(3, 100, dtype=dtype)
-    LIB.ladder_silu_mul(native.DTYPE_CODES[dtype], gu.data_ptr(), a.data_ptr(), 3, 100)
+    LIB.ladder_silu_mul(native.DTYPE_CODES[dtype], gu.data_ptr(), a.data_ptr(), 3, 100, 1)
     gate, up = gu.split(100, dim=-1)
     if dtype == torch.bfloat16:  # rounded where torch rounds: the same values
         assert torch.equal(y, norm(x))
