@@ -50,6 +50,31 @@ def generate(leader: Leader, prompt: list[int], n: int, batch: int = 1) -> None:
         pass
 
 
+def native_products(model, rows: int, elsize: int) -> list[dict]:
+    """The weight products that ladder.native computes (C calls, invisible to the torch
+    profiler), timed outside decode: every layer's copy of each weight once per pass, as a
+    decode step reads them, with `rows` rows of input."""
+    from ladder.kernels import FastLinear
+    by_shape: dict[tuple[int, int], list] = {}
+    for m in model.modules():
+        if isinstance(m, FastLinear) and m.mode == "native":
+            by_shape.setdefault((m.in_features, m.out_features), []).append(m)
+    out = []
+    for (in_f, out_f), mods in by_shape.items():
+        x = torch.randn(rows, in_f).to(mods[0].weight.dtype)
+        for m in mods:
+            m(x)
+        t0, reps = time.perf_counter(), 5
+        for _ in range(reps):
+            for m in mods:
+                m(x)
+        per_call = (time.perf_counter() - t0) / (reps * len(mods))
+        out.append({"weight": f"{in_f}x{out_f}", "kernel": "ladder.native",
+                    "calls_per_token": len(mods), "us_per_token": per_call * len(mods) * 1e6,
+                    "gb_s": in_f * out_f * elsize / per_call / 1e9})
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     other = OtherLoad()
@@ -84,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
                     "calls_per_token": e.count / args.tokens,
                     "us_per_token": e.self_cpu_time_total / args.tokens,
                     "gb_s": nbytes * e.count / (e.self_cpu_time_total * 1e-6) / 1e9})
+    mms += native_products(engine.model, args.batch, elsize)
     mms.sort(key=lambda m: m["us_per_token"], reverse=True)
     total_us = sum(e.self_cpu_time_total for e in events)
     ops = [{"op": e.key, "calls_per_token": e.count / args.tokens,
@@ -105,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
                 [[o["op"], o["calls_per_token"], o["self_us_per_token"], o["share"]]
                  for o in ops]))
     print()
-    print(table("weight matmuls (one row per request in) by weight shape [in x out]",
+    print(table("weight matmuls (one row per request in) by weight shape [in x out]; "
+                "ladder.native's timed apart (not torch operators)",
                 ["weight", "kernel", "calls/token", "us/token", "GB/s"],
                 [[m["weight"], m["kernel"], m["calls_per_token"], m["us_per_token"], m["gb_s"]]
                  for m in mms]))
