@@ -174,7 +174,8 @@ class ShardEngine:
         starts = torch.tensor(batch.starts)
         positions = starts[:, None] + torch.arange(t)[None, :]
         kv_len = max(st + n for st, n in zip(batch.starts, lens))
-        slots: torch.Tensor | slice = torch.tensor(batch.slots)
+        slot_ids = torch.tensor(batch.slots, device=self.device)
+        slots: torch.Tensor | slice = slot_ids
         lo = batch.slots[0]
         if batch.slots == list(range(lo, lo + b)):  # consecutive: attention reads the cache
             slots = slice(lo, lo + b)               # in place instead of gathering a copy
@@ -187,10 +188,9 @@ class ShardEngine:
         else:
             keys = torch.arange(kv_len)
             mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, L]
-        cos, sin = self.model.rope(positions.to(self.device), self.dtype)
-        ctx = StepContext(cos=cos, sin=sin, positions=positions.to(self.device), cache=self.cache,
-                          slots=slots if isinstance(slots, slice) else slots.to(self.device),
-                          slot_ids=torch.tensor(batch.slots, device=self.device),
-                          kv_len=kv_len, causal=causal,
+        positions = positions.to(self.device)
+        cos, sin = self.model.rope(positions, self.dtype)
+        ctx = StepContext(cos=cos, sin=sin, positions=positions, cache=self.cache, slots=slots,
+                          slot_ids=slot_ids, kv_len=kv_len, causal=causal,
                           mask=None if mask is None else mask.to(self.device))
         return ctx, tokens.to(self.device), lens

@@ -57,7 +57,6 @@ class FastLinear(nn.Module):
         super().__init__()
         out_f, in_f = weight.shape
         self.in_features, self.out_features = in_f, out_f
-        self.lib = lib
         if weight.dtype in native.gemm_dtypes(lib):
             self.mode = "native"
             self._gemm = (lib.ladder_gemm_f32 if weight.dtype == torch.float32
@@ -163,15 +162,15 @@ class NativeMLP(nn.Module):
     def __init__(self, mlp: MLP, lib) -> None:
         super().__init__()
         self.inner, self.lib = mlp, lib
-        _plain(self, _w13=mlp.w13.forward, _w2=mlp.w2.forward, _ffn=mlp.ffn)
+        _plain(self, _torch=mlp.forward, _w13=mlp.w13.forward, _w2=mlp.w2.forward,
+               _ffn=mlp.ffn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self._ffn
         code = native.DTYPE_CODES.get(x.dtype)
-        gu = self._w13(x)
-        if code is None or not gu.is_contiguous():
-            gate, up = gu.split(f, dim=-1)
-            return self._w2(F.silu(gate) * up)
+        if code is None:
+            return self._torch(x)
+        gu = self._w13(x).contiguous()  # [..., 2F]: gate, then up
         a = gu.new_empty(*gu.shape[:-1], f)
         self.lib.ladder_silu_mul(code, gu.data_ptr(), a.data_ptr(), gu.numel() // (2 * f), f,
                                  torch.get_num_threads())

@@ -271,22 +271,29 @@ INLINE void gemm_tile(const float *x, long ldx, const float *wb, long in, float 
                                   acc[r][b]);
 }
 
-#define TILE(R, NB) case R: gemm_tile(x, ldx, wb, in, y, ldy, R, NB, last); break;
-static void tile_nb(const void *xv, long ldx, const void *wv, long in, void *yv, long ldy,
-                    int R, int NB, __mmask16 last) { /* R rows (1-8) x NB blocks (4, 2 or 1) */
-    const float *x = xv, *wb = wv;
-    float *y = yv;
-    if (NB == 4 && R <= 4) {
-        switch (R) { TILE(1, 4) TILE(2, 4) TILE(3, 4)
-                     default: gemm_tile(x, ldx, wb, in, y, ldy, 4, 4, last); }
-    } else if (NB == 2) {
-        switch (R) { TILE(1, 2) TILE(2, 2) TILE(3, 2) TILE(4, 2) TILE(5, 2) TILE(6, 2) TILE(7, 2)
-                     default: gemm_tile(x, ldx, wb, in, y, ldy, 8, 2, last); }
-    } else {
-        switch (R) { TILE(1, 1) TILE(2, 1) TILE(3, 1) TILE(4, 1) TILE(5, 1) TILE(6, 1) TILE(7, 1)
-                     default: gemm_tile(x, ldx, wb, in, y, ldy, 8, 1, last); }
+/* A tile kernel's dispatcher: R (1-8) and NB (4, 2 or 1) become compile-time constants, so that
+ * each combination keeps its accumulators in registers. */
+#define TILE_CASE(K, R, NB) case R: K(x, ldx, wb, in, y, ldy, R, NB, last); break;
+#define TILE_DISPATCH(NAME, K, T)                                                              \
+    static void NAME(const void *xv, long ldx, const void *wv, long in, void *yv, long ldy,    \
+                     int R, int NB, __mmask16 last) {                                          \
+        const T *x = xv, *wb = wv;                                                             \
+        T *y = yv;                                                                             \
+        if (NB == 4 && R <= 4) {                                                               \
+            switch (R) { TILE_CASE(K, 1, 4) TILE_CASE(K, 2, 4) TILE_CASE(K, 3, 4)              \
+                         default: K(x, ldx, wb, in, y, ldy, 4, 4, last); }                     \
+        } else if (NB == 2) {                                                                  \
+            switch (R) { TILE_CASE(K, 1, 2) TILE_CASE(K, 2, 2) TILE_CASE(K, 3, 2)              \
+                         TILE_CASE(K, 4, 2) TILE_CASE(K, 5, 2) TILE_CASE(K, 6, 2)              \
+                         TILE_CASE(K, 7, 2) default: K(x, ldx, wb, in, y, ldy, 8, 2, last); }  \
+        } else {                                                                               \
+            switch (R) { TILE_CASE(K, 1, 1) TILE_CASE(K, 2, 1) TILE_CASE(K, 3, 1)              \
+                         TILE_CASE(K, 4, 1) TILE_CASE(K, 5, 1) TILE_CASE(K, 6, 1)              \
+                         TILE_CASE(K, 7, 1) default: K(x, ldx, wb, in, y, ldy, 8, 1, last); }  \
+        }                                                                                      \
     }
-}
+
+TILE_DISPATCH(tile_nb, gemm_tile, float)
 
 static __mmask16 cols_mask(long out, long block) {
     long v = out - block * 16;
@@ -363,22 +370,7 @@ INLINE void bgemm_tile(const bf16 *x, long ldx, const bf16 *wb, long in, bf16 *y
                                      (__m256i)_mm512_cvtneps_pbh(acc[r][b]));
 }
 
-#define BTILE(R, NB) case R: bgemm_tile(x, ldx, wb, in, y, ldy, R, NB, last); break;
-static void btile_nb(const void *xv, long ldx, const void *wv, long in, void *yv, long ldy,
-                     int R, int NB, __mmask16 last) {
-    const bf16 *x = xv, *wb = wv;
-    bf16 *y = yv;
-    if (NB == 4 && R <= 4) {
-        switch (R) { BTILE(1, 4) BTILE(2, 4) BTILE(3, 4)
-                     default: bgemm_tile(x, ldx, wb, in, y, ldy, 4, 4, last); }
-    } else if (NB == 2) {
-        switch (R) { BTILE(1, 2) BTILE(2, 2) BTILE(3, 2) BTILE(4, 2) BTILE(5, 2) BTILE(6, 2)
-                     BTILE(7, 2) default: bgemm_tile(x, ldx, wb, in, y, ldy, 8, 2, last); }
-    } else {
-        switch (R) { BTILE(1, 1) BTILE(2, 1) BTILE(3, 1) BTILE(4, 1) BTILE(5, 1) BTILE(6, 1)
-                     BTILE(7, 1) default: bgemm_tile(x, ldx, wb, in, y, ldy, 8, 1, last); }
-    }
-}
+TILE_DISPATCH(btile_nb, bgemm_tile, bf16)
 
 void ladder_gemm_bf16(const bf16 *x, const bf16 *wb, bf16 *y, long M, long out, long in,
                       int nt) {

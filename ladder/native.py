@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("native.c")
 # no fused multiply-adds where torch rounds twice; libmvec: glibc's vector expf (SwiGLU)
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared"]
+LIBS = ["-lmvec", "-lm"]
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lib: ctypes.CDLL | None = None
@@ -58,7 +59,7 @@ def _cpu_id() -> str:
 
 def library_path() -> Path:
     compiler = shutil.which(os.environ.get("CC", "cc")) or "cc"
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), compiler, _cpu_id(),
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS + LIBS), compiler, _cpu_id(),
                                     platform.machine()]).encode()).hexdigest()[:16]
     root = Path(os.environ.get("LADDER_NATIVE_DIR") or Path.home() / ".cache/ladder-serve/native")
     return root / f"ladder_native-{key}.so"
@@ -73,7 +74,7 @@ def build(path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".so.tmp", dir=path.parent)
     os.close(fd)
     try:
-        run = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lmvec", "-lm"], capture_output=True,
+        run = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), *LIBS], capture_output=True,
                              text=True, timeout=120)
         if run.returncode != 0:
             raise RuntimeError(f"{cc} failed on {SOURCE}: {run.stderr.strip()[-2000:]}")
