@@ -37,6 +37,7 @@ from bench.hf_export import export
 from bench.openai_stream import PROMPT, Stream, StreamStats, forced_length, run_streams, summarize
 from bench.table import table
 from bench.timed import log
+from ladder.tp import HEAD_SPLITS
 
 HERE = Path(__file__).resolve().parent
 VLLM_PY = HERE / ".vllm-venv" / "bin" / "python"
@@ -208,7 +209,7 @@ def measure_ours(name: str, dtype: str, a) -> Row:
     tp, comm, residual = CONFIGS[name]
     log(f"ours: {name} {dtype}")
     opts = GroupOptions(model="smollm2", tp=tp, comm=comm, residual=residual, dtype=dtype,
-                        n_slots=a.streams, max_seq=MAX_SEQ)
+                        n_slots=a.streams, max_seq=MAX_SEQ, head_split=a.head_split)
     with LocalTPGroup(opts) as g:
         prompt = g.encode(PROMPT, chat=True)
         _engine_streams(g, prompt, 1, 8)
@@ -223,7 +224,8 @@ def measure_ours(name: str, dtype: str, a) -> Row:
 def report(rows: list[Row], a, failures: dict[str, str]) -> dict:
     vllm = {r.dtype: r for r in rows if r.system == "vllm"}
     out = {"bench": "vllm_compare", "model": "SmolLM2-135M-Instruct", "tokens": a.tokens,
-           "streams": a.streams, "prompt": PROMPT, "rows": [], "failures": failures,
+           "streams": a.streams, "head_split": a.head_split, "prompt": PROMPT, "rows": [],
+           "failures": failures,
            "loadavg": a.loadavg}
     trs = []
     for r in rows:
@@ -239,7 +241,8 @@ def report(rows: list[Row], a, failures: dict[str, str]) -> dict:
         out["rows"].append({**asdict(r),
                             "ratio_single": r1, "ratio_multi": rk})
     print(table(f"SmolLM2-135M-Instruct, {a.tokens} tokens, greedy; single stream and "
-                f"{a.streams} streams; ratios ours / vLLM (tokens/s, same dtype)",
+                f"{a.streams} streams; our TP=2 head split: {a.head_split}; ratios ours / vLLM "
+                "(tokens/s, same dtype)",
                 ["system", "dtype", "TPOT ms", "tok/s", "engine ms", "exposed ms",
                  "TTFT ms", f"{a.streams}x tok/s", "engine tok/s", f"{a.streams}x TPOT ms",
                  "ratio 1", f"ratio {a.streams}"], trs))
@@ -260,6 +263,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--no-vllm", action="store_true", help="our engine only")
+    p.add_argument("--head-split", default="even", choices=HEAD_SPLITS,
+                   help="how our TP=2 ranks split SmolLM2's 9 heads / 3 KV heads (ladder.tp): "
+                   "even 5/4 query heads (KV head 1 on both), or by KV groups 6/3")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="cores vLLM's OpenMP threads bind to (0..threads-1)")
     p.add_argument("--startup-s", type=float, default=600.0, help="vLLM start-up limit")

@@ -40,6 +40,7 @@ class ServerConfig:
     n_slots: int = 16
     max_seq: int = 2048
     threads: int = 1  # torch threads per rank
+    head_split: str = "groups"  # groups | even: how attention heads are split over the ranks
     strategy: str = "PACK"  # placement of the ranks (the deployment's placement group)
     api_keys: list[str] = field(default_factory=list)  # empty: no authentication
     queue_limit: int = 32  # generations waiting for a slot, past which: 503 + Retry-After
@@ -64,7 +65,7 @@ class ServerConfig:
         return GroupOptions(model=self.model, tp=self.tp, residual=self.residual,
                             dtype=self.dtype, device=self.device, comm=self.comm,
                             n_slots=self.n_slots, max_seq=self.max_seq, threads=self.threads,
-                            interconnect=self.interconnect)
+                            head_split=self.head_split, interconnect=self.interconnect)
 
 
 REPLICA_MEMORY = 256 * 2**20  # bytes reserved for the replica process (bundle 0)

@@ -11,6 +11,7 @@ import time
 
 from ladder.runner import COMMS, DTYPES, GroupError, GroupOptions, LocalTPGroup
 from ladder.sampling import SamplingParams
+from ladder.tp import HEAD_SPLITS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,12 +46,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="emulated link latency per all-reduce, microseconds (emulation)")
     p.add_argument("--max-seq", type=int, default=2048)
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores/tp)")
+    p.add_argument("--head-split", default="groups", choices=HEAD_SPLITS,
+                   help="groups: attention heads split by KV-head groups; even: query heads split "
+                   "evenly, a KV head shared by two ranks held by both (faster where the KV "
+                   "heads do not divide evenly, e.g. SmolLM2 at TP=2)")
 
 
 def group_options(args: argparse.Namespace, **kw) -> GroupOptions:
     return GroupOptions(model=args.model, tp=args.tp, residual=args.residual, dtype=args.dtype,
                         comm=args.comm, device=args.device, latency_s=args.latency_us * 1e-6, max_seq=args.max_seq,
-                        threads=args.threads, **kw)
+                        threads=args.threads, head_split=args.head_split, **kw)
 
 
 def run(args: argparse.Namespace) -> int:

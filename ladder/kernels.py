@@ -132,7 +132,9 @@ class NativeAttention(nn.Module):
         self._scratch = torch.empty(0)
         a = attention
         _plain(self, _torch=a.forward, _wqkv=a.wqkv.forward, _wo=a.wo.forward,
-               _shape=(a.n_heads, a.n_kv, a.head_dim), _layer=a.layer_id)
+               _shape=(a.n_heads, a.n_kv, a.head_dim), _layer=a.layer_id,
+               _kv_map=torch.tensor(a.kv_map or [j // (a.n_heads // a.n_kv)
+                                                 for j in range(a.n_heads)], dtype=torch.int64))
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         cache = ctx.cache
@@ -151,8 +153,8 @@ class NativeAttention(nn.Module):
         self.lib.ladder_attn_decode(
             code, qkv.data_ptr(), y.data_ptr(), b, h, k_, e, ctx.cos.data_ptr(),
             ctx.sin.data_ptr(), cache.k.data_ptr() + layer, cache.v.data_ptr() + layer,
-            cache.max_seq, ctx.slot_ids.data_ptr(), ctx.positions.data_ptr(), self.scale,
-            self._scratch.data_ptr(), threads)
+            cache.max_seq, ctx.slot_ids.data_ptr(), ctx.positions.data_ptr(),
+            self._kv_map.data_ptr(), self.scale, self._scratch.data_ptr(), threads)
         return self._wo(y)
 
 

@@ -107,6 +107,9 @@ class Attention(nn.Module):
         e = config.head_dim
         self.wqkv = nn.Linear(config.dim, (self.n_heads + 2 * self.n_kv) * e, bias=False)
         self.wo = nn.Linear(self.n_heads * e, config.dim, bias=False)
+        # the 'even' head split (ladder.tp): query heads whose KV head is not j // (H / K)
+        self.kv_map = None if spec.grouped else spec.kv_map
+        self._kv_index: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Partial output [B, T, D] of this rank's heads; the caller all-reduces it."""
@@ -135,12 +138,17 @@ class Attention(nn.Module):
                 cv[rr, :, idx] = v.transpose(1, 2)
             # scattered slots (an index tensor): a gathered copy of the rows' first kv_len
             k, v = ck[s, :, :ctx.kv_len], cv[s, :, :ctx.kv_len]
+        if self.kv_map is not None:  # one KV head per query head, in the query heads' order
+            idx = self._kv_index
+            if idx is None or idx.device != k.device:
+                idx = self._kv_index = torch.tensor(self.kv_map, device=k.device)
+            k, v = k.index_select(1, idx), v.index_select(1, idx)
         if t == 1:
             y = _decode_attention(q, k, v, ctx.mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask,
                                                is_causal=ctx.causal and ctx.mask is None,
-                                               enable_gqa=h != k_)
+                                               enable_gqa=h != k.shape[1])
         return self.wo(y.transpose(1, 2).reshape(b, t, h * e))
 
 

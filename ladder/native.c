@@ -166,16 +166,18 @@ static inline void rope(int dt, const void *x, long xo, const void *cs, const vo
  * slots, pos [B]            row b writes its key and value at position pos[b] of slot slots[b]
  *                           and attends to positions 0..pos[b] of that slot
  * out   [B, H * E]          per row, the heads side by side (as y.transpose(1, 2).reshape)
+ * kv_map [H]                the KV head each query head reads: h / (H / K) for grouped-query
+ *                           attention, any map for the 'even' head split (ladder.tp)
  * scratch                   max_seq floats for each of the nt threads (scores)
  *
- * Query head h reads KV head h / (H / K) (grouped-query attention). The scores are
+ * The scores are
  * (q . k) * scale in float32, the softmax and the weighted sum of values in float32, the result
  * rounded to the dtype once, as _decode_attention computes them. */
 void ladder_attn_decode(int dt, const void *qkv, void *out, long B, long H, long K, long E,
                         const void *cs, const void *sn, void *ck, void *cv, long max_seq,
-                        const int64_t *slots, const int64_t *pos, float scale, float *scratch,
-                        int nt) {
-    long width = (H + 2 * K) * E, per_slot = K * max_seq * E, G = H / K;
+                        const int64_t *slots, const int64_t *pos, const int64_t *kv_map,
+                        float scale, float *scratch, int nt) {
+    long width = (H + 2 * K) * E, per_slot = K * max_seq * E;
     size_t el = dt ? 2 : 4;
     for (long b = 0; b < B; b++) { /* the new keys (rotated) and values into the cache */
         float kr[E];
@@ -191,7 +193,7 @@ void ladder_attn_decode(int dt, const void *qkv, void *out, long B, long H, long
     for (long b = 0; b < B; b++) work += (pos[b] + 1) * H;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && work * E > 65536)
     for (long bh = 0; bh < B * H; bh++) {
-        long b = bh / H, h = bh % H, j = h / G, n = pos[b] + 1;
+        long b = bh / H, h = bh % H, j = kv_map[h], n = pos[b] + 1;
         int t = omp_get_thread_num();
         float *sc = scratch + t * max_seq;
         float q[E], acc[E];

@@ -25,7 +25,7 @@ from ladder.kernels import fast_cpu_decode
 from ladder.model import build_model
 from ladder.sampling import SamplingParams
 from ladder.scheduler import Request, Scheduler, TokenEvent, add_event, new_result
-from ladder.tp import ShardSpec
+from ladder.tp import HEAD_SPLITS, ShardSpec
 
 COMMS = ("auto", "gloo", "tcp", "shm", "nccl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,6 +47,7 @@ class GroupOptions:
     host: str = ""  # the address this rank's gloo binds to ('' = gloo's default resolution)
     interconnect: str = ""  # the link's label when the launcher knows it better (e.g. network)
     fast_kernels: bool = True  # CPU: weights re-laid out for decode (ladder.kernels)
+    head_split: str = "groups"  # groups | even: how attention heads are split (ladder.tp)
     startup_timeout_s: float = 300.0
     op_timeout_s: float = 300.0
 
@@ -57,6 +58,8 @@ class GroupOptions:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
         if self.comm not in COMMS:
             raise ValueError(f"comm {self.comm!r} is not one of {COMMS}")
+        if self.head_split not in HEAD_SPLITS:
+            raise ValueError(f"head_split {self.head_split!r} is not one of {HEAD_SPLITS}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device {self.device!r} is not one of ('cpu', 'cuda')")
         if (self.comm == "nccl") != (self.device == "cuda") and self.comm != "auto":
@@ -181,7 +184,7 @@ def build_engine(opts: GroupOptions, rank: int, comm: Communicator):
     from ladder.loaders import load_shard, open_checkpoint
     ckpt = open_checkpoint(opts.model)
     cfg = ckpt.config
-    spec = ShardSpec.make(cfg, rank, opts.tp)
+    spec = ShardSpec.make(cfg, rank, opts.tp, opts.head_split)
     plan = ckpt.plan(opts.residual)
     state = load_shard(ckpt, spec, DTYPES[opts.dtype])
     device = opts.cuda_device(rank) if opts.device == "cuda" else torch.device("cpu")

@@ -50,6 +50,33 @@ def test_config_validation_names_the_field():
     with pytest.raises(ConfigError, match="tp=4 exceeds the model's n_kv_heads=3"):
         ShardSpec.make(cfg, 0, 4)
     assert [ShardSpec.make(cfg, r, 2).q_heads for r in range(2)] == [(0, 6), (6, 9)]
+    with pytest.raises(ConfigError, match="head split 'odd' is not one of"):
+        ShardSpec.make(cfg, 0, 2, "odd")
+    with pytest.raises(ConfigError, match="tp=10 exceeds the model's n_heads=9"):
+        ShardSpec.make(cfg, 0, 10, "even")
+    with pytest.raises(ValueError, match="head_split 'odd' is not one of"):
+        GroupOptions(head_split="odd")
+
+
+def test_even_head_split():
+    """SmolLM2's shape at TP=2: query heads 5 and 4, KV head 1 on both ranks, the MLP halved
+    (the 'groups' split gives 6 and 3 query heads and a larger MLP to the rank with fewer)."""
+    cfg = ModelConfig(vocab_size=10, dim=576, n_layers=1, n_heads=9, n_kv_heads=3,
+                      intermediate_size=1536)
+    a, b = (ShardSpec.make(cfg, r, 2, "even") for r in range(2))
+    assert (a.q_heads, a.kv_heads, a.kv_map) == ((0, 5), (0, 2), (0, 0, 0, 1, 1))
+    assert (b.q_heads, b.kv_heads, b.kv_map) == ((5, 9), (1, 3), (0, 1, 1, 1))
+    assert (a.ffn, b.ffn) == ((0, 768), (768, 1536))
+    assert not a.grouped and not b.grouped
+    g = [ShardSpec.make(cfg, r, 2) for r in range(2)]
+    assert all(s.grouped for s in g) and g[0].ffn_size < g[1].ffn_size
+    # more ranks than KV heads: each rank holds the KV heads its query heads read
+    four = [ShardSpec.make(cfg, r, 4, "even") for r in range(4)]
+    assert [s.q_heads for s in four] == [(0, 3), (3, 5), (5, 7), (7, 9)]
+    assert [s.kv_heads for s in four] == [(0, 1), (1, 2), (1, 3), (2, 3)]
+    assert four[2].kv_map == (0, 1) and all(s.grouped for s in four)
+    # where the groups divide evenly, both splits agree
+    assert ShardSpec.make(cfg, 1, 3, "even") == ShardSpec.make(cfg, 1, 3)
     assert split_sizes(1536, 3, 256) == [512, 512, 512]
     assert split_sizes(100, 3, 32) == [32, 32, 36]
 

@@ -188,9 +188,12 @@ def test_parallel_residual_by_hand(tiny):
         assert torch.equal(F.linear(model.norm(h), model.lm_head_weight()), model(toks))
 
 
-@pytest.mark.parametrize("tp", [2, 3])
-def test_tp_groups_match_transformers_and_tp1(tiny, tp):
-    """Standard at TP=N equals transformers; ladder and partial ladder at TP=N equal TP=1."""
+@pytest.mark.parametrize("tp,head_split", [(2, "groups"), (3, "groups"), (2, "even"),
+                                           (4, "even")])
+def test_tp_groups_match_transformers_and_tp1(tiny, tp, head_split):
+    """Standard at TP=N equals transformers; ladder and partial ladder at TP=N equal TP=1.
+    'even' at TP=2 gives each rank 3 query heads over 2 KV heads (KV head 1 on both ranks); at
+    TP=4 (more ranks than KV heads) KV head 2 sits on two ranks."""
     path, hf = tiny
     rows = [p * 2 for p in PROMPTS]
     expected = {}
@@ -200,8 +203,8 @@ def test_tp_groups_match_transformers_and_tp1(tiny, tp):
             m = local_model(path, res)
             expected[res] = [m(torch.tensor([r]))[0] for r in rows]
     for res, ref in expected.items():
-        with LocalTPGroup(GroupOptions(model=str(path), tp=tp, residual=res,
-                                       max_seq=64)) as g:
+        with LocalTPGroup(GroupOptions(model=str(path), tp=tp, residual=res, max_seq=64,
+                                       head_split=head_split)) as g:
             got = g.logits(rows)
             for a, b in zip(got, ref):
                 assert (a - b).abs().max() < ATOL, res

@@ -92,19 +92,28 @@ def test_rmsnorm_and_silu_mul(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("slots", [[0, 1, 2], [3, 0, 2]], ids=["consecutive", "scattered"])
-def test_attention_decode_step(dtype, slots):
+@pytest.mark.parametrize("split", ["whole", "even"])
+def test_attention_decode_step(dtype, slots, split):
     """One decode token for three rows at different positions: the cache writes and the output
-    against the torch Attention's."""
-    cfg = ModelConfig(vocab_size=32, dim=96, intermediate_size=96, n_layers=2, n_heads=6,
-                      n_kv_heads=2, max_seq_len=32)
-    spec = ShardSpec.make(cfg, 0, 1)
+    against the torch Attention's. 'even': rank 1 of an even head split of 6 query heads over 3
+    KV heads at TP=2, whose query heads 3, 4, 5 read its KV heads 0, 1, 1 (unequal groups)."""
+    if split == "whole":
+        cfg = ModelConfig(vocab_size=32, dim=96, intermediate_size=96, n_layers=2, n_heads=6,
+                          n_kv_heads=2, max_seq_len=32)
+        spec = ShardSpec.make(cfg, 0, 1)
+    else:
+        cfg = ModelConfig(vocab_size=32, dim=96, intermediate_size=96, n_layers=2, n_heads=6,
+                          n_kv_heads=3, max_seq_len=32)
+        spec = ShardSpec.make(cfg, 1, 2, "even")
+        assert spec.kv_map == (0, 1, 1) and not spec.grouped
+    kv = spec.n_kv_heads
     torch.manual_seed(0)
     attn = Attention(cfg, spec, layer_id=1)
     for p in attn.parameters():
         p.data.normal_(0, 0.3)
     attn = attn.to(dtype).eval().requires_grad_(False)
     model = Transformer(cfg, spec, ResidualPlan.parse("standard", 2)).to(dtype)
-    cache = KVCache(2, 4, 2, 32, cfg.head_dim, dtype)
+    cache = KVCache(2, 4, kv, 32, cfg.head_dim, dtype)
     cache.k.normal_()
     cache.v.normal_()
     starts = [5, 0, 17]
@@ -118,7 +127,7 @@ def test_attention_decode_step(dtype, slots):
                            mask=(keys[None, None, :] <= positions[:, :, None])[:, None])
 
     x = torch.randn(3, 1, 96).to(dtype)
-    ref_cache, got_cache = cache, KVCache(2, 4, 2, 32, cfg.head_dim, dtype)
+    ref_cache, got_cache = cache, KVCache(2, 4, kv, 32, cfg.head_dim, dtype)
     got_cache.k.copy_(cache.k)
     got_cache.v.copy_(cache.v)
     s = slice(0, 3) if slots == [0, 1, 2] else torch.tensor(slots)
