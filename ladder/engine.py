@@ -3,7 +3,7 @@
 Leader-driven SPMD: the leader (rank 0) decides each step's batch and broadcasts it to the other
 ranks through the communicator's CPU group (`StepBatch.encode` -> one int64 header broadcast,
 one body broadcast); every rank then runs the same forward and its slice of the LM head; the
-leader gets the full logits.
+leader gets the full logits, or for a step whose rows are all greedy, their most likely tokens.
 Followers sit in `follow()` until the leader sends STOP. `ping()` is a health check that crosses
 every rank: a broadcast, then an all-reduce of ones that must sum to the group's size; an idle
 leader also pings as a heartbeat, so that no follower's wait runs into the link's timeout.
@@ -31,10 +31,12 @@ class StepBatch:
     slots: list[int]
     starts: list[int]
     all_logits: bool = False  # logits for every position (reference checks), not only the last
+    greedy: bool = False  # every row takes its most likely token: the step returns token ids
 
     def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
         t = max(len(r) for r in self.tokens)
-        head = torch.tensor([OP_STEP, len(self.tokens), t, int(self.all_logits)])
+        head = torch.tensor([OP_STEP, len(self.tokens), t,
+                             int(self.all_logits) | int(self.greedy) << 1])
         body = torch.zeros(len(self.tokens) * (t + 3), dtype=torch.int64)
         b = len(self.tokens)
         for i, row in enumerate(self.tokens):
@@ -53,7 +55,7 @@ class StepBatch:
         toks = body[:base].view(b, t)
         return cls(tokens=[toks[i, :lens[i]].tolist() for i in range(b)],
                    slots=body[base:base + b].tolist(), starts=body[base + b:base + 2 * b].tolist(),
-                   all_logits=bool(flags))
+                   all_logits=bool(flags & 1), greedy=bool(flags & 2))
 
 
 @dataclass(slots=True)
@@ -86,7 +88,9 @@ class ShardEngine:
 
     # -- SPMD ----------------------------------------------------------------------------------
     def step(self, batch: StepBatch) -> torch.Tensor | None:
-        """Leader: broadcast `batch`, run it, return logits [B, V] (or [B, T, V] with all_logits)."""
+        """Leader: broadcast `batch`, run it, return logits [B, V] (or [B, T, V] with all_logits),
+        or with `greedy` each row's most likely token id [B] (int64): then only each rank's best
+        (value, id) per row crosses the link, not the logits (ladder.model.Transformer.greedy)."""
         if self.comm.world_size > 1:
             head, body = batch.encode()
             self.comm.broadcast(head)
@@ -140,7 +144,9 @@ class ShardEngine:
             h = self.model.hidden(tokens, ctx)
             if not batch.all_logits:
                 h = h[torch.arange(h.shape[0]), torch.tensor(lens, device=h.device) - 1]
-            out = self.model.logits(h)  # every rank: the LM head is vocabulary-parallel
+            # every rank: the LM head is vocabulary-parallel
+            out = self.model.greedy(h) if batch.greedy and not batch.all_logits \
+                else self.model.logits(h)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         stats.collect()

@@ -13,6 +13,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import torch
+
 from ladder.engine import ShardEngine, StepBatch
 from ladder.sampling import Sampler, SamplingParams
 
@@ -147,20 +149,24 @@ class Scheduler:
             self.sampler.add(r.id, r.params)
             self.running[r.slot] = r
             admitted.append(r)
-        logits = self.engine.step(StepBatch(tokens=[r.prompt for r in admitted],
-                                            slots=[r.slot for r in admitted],
-                                            starts=[0] * len(admitted)))
-        return self._emit(admitted, logits)
+        greedy = all(r.params.greedy for r in admitted)
+        out = self.engine.step(StepBatch(tokens=[r.prompt for r in admitted],
+                                         slots=[r.slot for r in admitted],
+                                         starts=[0] * len(admitted), greedy=greedy))
+        return self._emit(admitted, out, greedy)
 
     def _decode(self) -> list[TokenEvent]:
         rows = sorted(self.running.values(), key=lambda r: r.slot)
-        logits = self.engine.step(StepBatch(
+        greedy = all(r.params.greedy for r in rows)
+        out = self.engine.step(StepBatch(
             tokens=[[r.output[-1]] for r in rows], slots=[r.slot for r in rows],
-            starts=[len(r.prompt) + len(r.output) - 1 for r in rows]))
-        return self._emit(rows, logits)
+            starts=[len(r.prompt) + len(r.output) - 1 for r in rows], greedy=greedy))
+        return self._emit(rows, out, greedy)
 
-    def _emit(self, rows: list[Request], logits) -> list[TokenEvent]:
-        toks = self.sampler.sample(logits, [r.id for r in rows], [r.params for r in rows])
+    def _emit(self, rows: list[Request], out: torch.Tensor, greedy: bool) -> list[TokenEvent]:
+        """`out`: the step's token ids when every row is greedy, else its logits to sample."""
+        toks = out.tolist() if greedy else \
+            self.sampler.sample(out, [r.id for r in rows], [r.params for r in rows])
         now = time.perf_counter()
         events = []
         for r, tok in zip(rows, toks):

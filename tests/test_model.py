@@ -19,7 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from ladder.config import ResidualPlan  # noqa: E402
 from ladder.engine import ShardEngine, StepBatch  # noqa: E402
 from ladder.loaders import load_shard, open_checkpoint  # noqa: E402
-from ladder.model import build_model  # noqa: E402
+from ladder.comm import NoComm  # noqa: E402
+from ladder.model import best_over_ranks, build_model  # noqa: E402
 from ladder.runner import GroupOptions, LocalTPGroup  # noqa: E402
 from ladder.sampling import SamplingParams  # noqa: E402
 from ladder.tp import ShardSpec  # noqa: E402
@@ -89,6 +90,31 @@ def test_incremental_decoding_equals_full_forward(tiny):
     for t in range(n0, toks.shape[1]):
         lg = engine.step(StepBatch(tokens=[[int(toks[0, t])]], slots=[3], starts=[t]))
         assert (lg[0] - full[t]).abs().max() < ATOL, t
+
+
+def test_greedy_step_returns_the_argmax_of_the_logits(tiny):
+    """A step whose rows are all greedy returns token ids: those of argmax over the logits,
+    and its flags survive the broadcast encoding."""
+    path, _ = tiny
+    plain, greedy = (ShardEngine(local_model(path), NoComm(), n_slots=4, max_seq=64)
+                     for _ in range(2))
+    batch = dict(tokens=PROMPTS, slots=[2, 0, 3], starts=[0, 0, 0])
+    lg = plain.step(StepBatch(**batch))
+    ids = greedy.step(StepBatch(**batch, greedy=True))
+    assert ids.dtype == torch.int64 and ids.tolist() == lg.float().argmax(-1).tolist()
+    b = StepBatch(**batch, greedy=True)
+    assert StepBatch.decode(*b.encode()) == b
+    b = StepBatch(**batch, all_logits=True)
+    assert StepBatch.decode(*b.encode()) == b
+
+
+def test_best_over_ranks_keeps_the_first_maximum():
+    """[world, 2, B] (value, token id) per rank and row: the best value wins; of equal values,
+    the lowest rank's (the lower token id, as argmax over the whole vocabulary)."""
+    best = torch.tensor([[[1.0, 5.0, 2.0, -3.0], [7, 8, 9, 10]],
+                         [[4.0, 5.0, 1.0, -1.0], [70, 80, 90, 100]],
+                         [[4.0, 2.0, 2.0, -2.0], [700, 800, 900, 1000]]])
+    assert best_over_ranks(best).tolist() == [70, 8, 9, 100]
 
 
 def test_padded_batch_equals_rows_alone(tiny):
