@@ -38,6 +38,7 @@ from pathlib import Path
 
 from bench.table import table
 from bench.timed import bench_main, emit, log
+from ladder.tp import HEAD_SPLITS
 
 RESIDUALS = {"standard": "standard", "ladder": "ladder", "partial": "ladder:upper-half",
              "parallel": "parallel"}
@@ -59,6 +60,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--comm", default="auto", choices=["auto", "gloo", "tcp"],
                    help="the all-reduce over network links (auto: the group's choice, gloo); "
                    "the shm link is always shared memory")
+    p.add_argument("--head-split", default="even", choices=HEAD_SPLITS,
+                   help="how the two ranks split the attention heads (ladder.tp; even is what "
+                   "deploy/smollm2.yaml serves)")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--prompt-lens", default="16,256", help="prompt lengths in tokens")
     p.add_argument("--tokens", type=int, default=24, help="new tokens per request (forced)")
@@ -201,7 +205,8 @@ def sweep(a: argparse.Namespace) -> dict:
             opts = GroupOptions(model=a.model, tp=2, residual=RESIDUALS.get(res, res),
                                 dtype=a.dtype, comm="auto" if link == "shm" else a.comm,
                                 n_slots=n_slots,
-                                max_seq=max(plens) + a.tokens + 8, threads=1)
+                                max_seq=max(plens) + a.tokens + 8, threads=1,
+                                head_split=a.head_split)
             if "direct" in paths:
                 with phase(f"direct: {res} over {link}: starting the group"):
                     g = TPGroup(opts, strategy=strategy, link=label, metrics=True,
@@ -241,7 +246,7 @@ def serve_sweep(a, opts, res, link, strategy, label, batches, plens, vocab, gaug
     from deploy.server import build_app
     args = {k: v for k, v in asdict(opts).items()
             if k in ("model", "tp", "residual", "dtype", "comm", "n_slots", "max_seq",
-                     "threads")}
+                     "threads", "head_split")}
     args.update(model_name="bench", strategy=strategy, link=label, queue_limit=64)
     out = []
     try:

@@ -28,8 +28,10 @@ import subprocess
 import sys
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from actors.group import LATENCY_LABEL, LINK_LABEL
 from cluster.links import Link
@@ -172,6 +174,38 @@ def _pick_subnet(name: str) -> str:
         if f"{subnet}." not in used:
             return subnet
     raise ClusterError("no free 10.87.x.0/24 subnet for the cluster's bridge")
+
+
+@contextmanager
+def veth_pair(link: Link, tag: str) -> Iterator[tuple[tuple[str, str], tuple[str, str]]]:
+    """Two network namespaces, `lsc-<tag>-0` and `lsc-<tag>-1`, joined by one veth pair whose
+    ends are shaped like `link` (tbf; the veth as it is for high-end): for a local group's two
+    ranks (`GroupOptions.netns`), without Ray. Yields (namespaces, addresses); both namespaces,
+    and with them the pair, are removed on exit, whatever happened. Raises ClusterError where
+    namespaces cannot be made (namespaces_allowed says why)."""
+    if not _NAME.match(tag):
+        raise ClusterError(f"veth pair tag {tag!r}: 1-6 lowercase letters or digits")
+    why = namespaces_allowed()
+    if why:
+        raise ClusterError(why)
+    ns = (f"lsc-{tag}-0", f"lsc-{tag}-1")
+    ends = (f"lsv{tag}n0", f"lsv{tag}n1")
+    ips = ("10.88.0.1", "10.88.0.2")  # each in its own namespace: nothing else can see them
+    try:
+        for n in ns:
+            _sh("ip", "netns", "add", n)
+        _sh("ip", "link", "add", ends[0], "netns", ns[0], "type", "veth", "peer", "name",
+            ends[1], "netns", ns[1])
+        for n, end, ip in zip(ns, ends, ips):
+            _sh(*_in_ns(n, "ip", "addr", "add", f"{ip}/24", "dev", end))
+            _sh(*_in_ns(n, "ip", "link", "set", end, "up"))
+            _sh(*_in_ns(n, "ip", "link", "set", "lo", "up"))
+            if link.rate_bit:
+                _sh(*_in_ns(n, "tc", "qdisc", "add", "dev", end, "root", *link.tbf_args()))
+        yield ns, ips
+    finally:
+        for n in ns:
+            _sh("ip", "netns", "del", n, check=False)
 
 
 # -- up ----------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import queue
 import socket
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
@@ -48,6 +48,10 @@ class GroupOptions:
     interconnect: str = ""  # the link's label when the launcher knows it better (e.g. network)
     fast_kernels: bool = True  # CPU: weights re-laid out for decode (ladder.kernels)
     head_split: str = "groups"  # groups | even: how attention heads are split (ladder.tp)
+    # a local group whose ranks sit in network namespaces (`ip netns` names, one per rank), each
+    # rank at its own address there (`hosts`): its links cross whatever joins the namespaces
+    netns: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
     startup_timeout_s: float = 300.0
     op_timeout_s: float = 300.0
 
@@ -58,6 +62,9 @@ class GroupOptions:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
         if self.comm not in COMMS:
             raise ValueError(f"comm {self.comm!r} is not one of {COMMS}")
+        if (self.netns or self.hosts) and not len(self.netns) == len(self.hosts) == self.tp:
+            raise ValueError(f"netns and hosts need one entry per rank (tp={self.tp}), got "
+                             f"{list(self.netns)} and {list(self.hosts)}")
         if self.head_split not in HEAD_SPLITS:
             raise ValueError(f"head_split {self.head_split!r} is not one of {HEAD_SPLITS}")
         if self.device not in ("cpu", "cuda"):
@@ -258,10 +265,28 @@ class Leader:
                 "has_tokenizer": self.tokenizer is not None}
 
 
+def enter_netns(name: str) -> None:
+    """Move this process into the network namespace `name` (/var/run/netns/<name>, as `ip netns
+    add` makes it). Call it before any thread or socket exists: only the calling thread moves,
+    and threads started later inherit its namespace."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            err = ctypes.get_errno()
+            raise OSError(err, f"entering network namespace {name!r}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
 def _rank_main(rank: int, opts: GroupOptions, init_method: str | None, status: mp.Queue,
                conn) -> None:
-    torch.set_num_threads(opts.threads or max(1, (os.cpu_count() or 1) // opts.tp))
     try:
+        if opts.netns:
+            enter_netns(opts.netns[rank])
+            opts = replace(opts, host=opts.hosts[rank])
+        torch.set_num_threads(opts.threads or max(1, (os.cpu_count() or 1) // opts.tp))
         comm = make_comm(opts, rank, init_method)
         ckpt, engine = build_engine(opts, rank, comm)
         leader = Leader(ckpt, engine) if rank == 0 else None
@@ -326,7 +351,9 @@ class LocalTPGroup:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         status = ctx.Queue()
-        init = f"tcp://127.0.0.1:{free_port()}"
+        # rank 0 hosts the rendezvous; in a namespace, at its address there (a fresh namespace
+        # has every port free)
+        init = f"tcp://{self.opts.hosts[0] if self.opts.hosts else '127.0.0.1'}:{free_port()}"
         self.procs = [ctx.Process(target=_rank_main, args=(r, self.opts, init, status,
                                                            child if r == 0 else None),
                                   daemon=True, name=f"ladder-rank{r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ def positive(x) -> bool:
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     r = subprocess.run([sys.executable, "-m", "bench.decode", "--quick", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=240)
+                       cwd=ROOT, capture_output=True, text=True, timeout=420)
     assert r.returncode == 0, r.stderr[-4000:]
     return r.stdout, out
 
@@ -52,6 +53,15 @@ def test_quick_overlap_figures(quick):
     links = o["links"]
     assert links[0]["comm"] == "gloo" and not links[0]["emulated"]
     assert links[-1]["emulated"] and links[-1]["latency_us"] > 0
+    # the real slow link: tcp between two namespaces over a shaped veth pair (root only)
+    shaped = [x for x in links if x.get("interconnect") == "veth 50mbit"]
+    assert len(shaped) == 1 and shaped[0]["comm"] == "tcp" and not shaped[0]["emulated"]
+    if os.geteuid() != 0:
+        assert shaped[0]["error"].startswith("skipped: creating network namespaces needs root")
+        links = [x for x in links if x is not shaped[0]]
+    else:
+        assert positive(shaped[0]["isolated_allreduce_us"])
+        assert "on tcp (veth 50mbit, real): one all-reduce of [1, 512] (isolated)" in quick[0]
     for link in links:
         assert "error" not in link, link
         assert set(link["per_token_ms"]) == set(RESIDUALS)

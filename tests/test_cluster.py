@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,32 @@ def test_tp_group_takes_the_link_label_of_its_nodes(shaped, tiny_llama):
     st = shaped[0]
     assert (label, comm, n) == ("high-end", "gloo", "4")
     assert ips == f"{st.nodes[1].ip},{st.nodes[2].ip}"  # the high-end workers, not the cheap one
+
+
+@needs_root
+def test_local_group_across_a_shaped_veth_pair(tiny_llama):
+    """A local group (no Ray) whose two ranks sit in namespaces joined by a veth pair shaped to
+    the cheap profile: it all-reduces over that link (tcp), names it, decodes the same greedy
+    tokens as on loopback, and the namespaces and the pair are gone afterwards."""
+    from ladder.runner import GroupOptions, LocalTPGroup
+    from ladder.sampling import SamplingParams
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)]
+    opts = GroupOptions(model=str(tiny_llama), tp=2, residual="ladder", comm="tcp", n_slots=2,
+                        max_seq=64, threads=1)
+    with LocalTPGroup(opts) as g:
+        want = g.generate([[1, 2, 3]], params)[0]["tokens"]
+    tag = f"vp{os.getpid() % 10000}"
+    with launcher.veth_pair(parse_link("cheap"), tag) as (ns, hosts):
+        assert ns == (f"lsc-{tag}-0", f"lsc-{tag}-1")
+        qdisc = subprocess.run(["ip", "netns", "exec", ns[0], "tc", "qdisc", "show"],
+                               capture_output=True, text=True).stdout
+        assert "tbf" in qdisc and "rate 1Gbit" in qdisc, qdisc
+        with LocalTPGroup(replace(opts, netns=ns, hosts=hosts, interconnect="cheap")) as g:
+            assert g.info["interconnect"] == "cheap"
+            assert g.generate([[1, 2, 3]], params)[0]["tokens"] == want
+    assert launcher._leftovers(tag) == []
+    with pytest.raises(ValueError, match="one entry per rank"):
+        replace(opts, netns=ns[:1], hosts=hosts[:1])
 
 
 @pytest.fixture(scope="module")
