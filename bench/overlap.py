@@ -106,7 +106,7 @@ def _allreduce_probe(rank: int, init: str, dim: int, iters: int, out) -> None:
     dist.destroy_process_group()
 
 
-def _link_probe(rank: int, opts: GroupOptions, init: str, dim: int, iters: int, out) -> None:
+def _link_probe(rank: int, init: str, opts: GroupOptions, dim: int, iters: int, out) -> None:
     """One rank of an isolated all-reduce on a group's own link (`make_comm`), in its namespace."""
     from ladder.runner import enter_netns, make_comm
     enter_netns(opts.netns[rank])
@@ -127,12 +127,12 @@ def _link_probe(rank: int, opts: GroupOptions, init: str, dim: int, iters: int, 
     comm.close()
 
 
-def link_allreduce_seconds(opts: GroupOptions, dim: int, iters: int) -> float:
-    """The median isolated all-reduce of [1, dim] float32 over a namespaced group's link."""
+def _probe_pair(target, host: str, *args) -> float:
+    """Two spawned ranks running `target(rank, init, *args, out)`; rank 0's figure."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    init = f"tcp://{opts.hosts[0]}:{free_port()}"
-    procs = [ctx.Process(target=_link_probe, args=(r, opts, init, dim, iters, out), daemon=True)
+    init = f"tcp://{host}:{free_port()}"
+    procs = [ctx.Process(target=target, args=(r, init, *args, out), daemon=True)
              for r in range(2)]
     for p in procs:
         p.start()
@@ -143,23 +143,15 @@ def link_allreduce_seconds(opts: GroupOptions, dim: int, iters: int) -> float:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+
+
+def link_allreduce_seconds(opts: GroupOptions, dim: int, iters: int) -> float:
+    """The median isolated all-reduce of [1, dim] float32 over a namespaced group's link."""
+    return _probe_pair(_link_probe, opts.hosts[0], opts, dim, iters)
 
 
 def allreduce_seconds(dim: int, iters: int) -> float:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    init = f"tcp://127.0.0.1:{free_port()}"
-    procs = [ctx.Process(target=_allreduce_probe, args=(r, init, dim, iters, out), daemon=True)
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        return out.get(timeout=120)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    return _probe_pair(_allreduce_probe, "127.0.0.1", dim, iters)
 
 
 def module_seconds(folder: Path, reps: int = 5) -> dict[str, float]:
