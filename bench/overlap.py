@@ -26,7 +26,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -108,10 +108,10 @@ def _allreduce_probe(rank: int, init: str, dim: int, iters: int, out) -> None:
 
 def _link_probe(rank: int, init: str, opts: GroupOptions, dim: int, iters: int, out) -> None:
     """One rank of an isolated all-reduce on a group's own link (`make_comm`), in its namespace."""
-    from ladder.runner import enter_netns, make_comm
-    enter_netns(opts.netns[rank])
+    from ladder.runner import make_comm, rank_options
+    opts = rank_options(opts, rank)
     torch.set_num_threads(1)
-    comm = make_comm(replace(opts, host=opts.hosts[rank]), rank, init)
+    comm = make_comm(opts, rank, init)
     x = torch.randn(1, dim)
     for _ in range(10):
         comm.all_reduce(x).wait()

@@ -133,8 +133,7 @@ class NativeAttention(nn.Module):
         a = attention
         _plain(self, _torch=a.forward, _wqkv=a.wqkv.forward, _wo=a.wo.forward,
                _shape=(a.n_heads, a.n_kv, a.head_dim), _layer=a.layer_id,
-               _kv_map=torch.tensor(a.kv_map or [j // (a.n_heads // a.n_kv)
-                                                 for j in range(a.n_heads)], dtype=torch.int64))
+               _kv_map=torch.tensor(a.kv_map, dtype=torch.int64))
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         cache = ctx.cache

@@ -107,8 +107,8 @@ class Attention(nn.Module):
         e = config.head_dim
         self.wqkv = nn.Linear(config.dim, (self.n_heads + 2 * self.n_kv) * e, bias=False)
         self.wo = nn.Linear(self.n_heads * e, config.dim, bias=False)
-        # the 'even' head split (ladder.tp): query heads whose KV head is not j // (H / K)
-        self.kv_map = None if spec.grouped else spec.kv_map
+        # the KV head each query head reads; not j // (H / K) under the 'even' head split
+        self.kv_map, self.grouped = spec.kv_map, spec.grouped
         self._kv_index: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -138,7 +138,7 @@ class Attention(nn.Module):
                 cv[rr, :, idx] = v.transpose(1, 2)
             # scattered slots (an index tensor): a gathered copy of the rows' first kv_len
             k, v = ck[s, :, :ctx.kv_len], cv[s, :, :ctx.kv_len]
-        if self.kv_map is not None:  # one KV head per query head, in the query heads' order
+        if not self.grouped:  # one KV head per query head, in the query heads' order
             idx = self._kv_index
             if idx is None or idx.device != k.device:
                 idx = self._kv_index = torch.tensor(self.kv_map, device=k.device)

@@ -170,9 +170,8 @@ static inline void rope(int dt, const void *x, long xo, const void *cs, const vo
  *                           attention, any map for the 'even' head split (ladder.tp)
  * scratch                   max_seq floats for each of the nt threads (scores)
  *
- * The scores are
- * (q . k) * scale in float32, the softmax and the weighted sum of values in float32, the result
- * rounded to the dtype once, as _decode_attention computes them. */
+ * The scores are (q . k) * scale in float32, the softmax and the weighted sum of values in
+ * float32, the result rounded to the dtype once, as _decode_attention computes them. */
 void ladder_attn_decode(int dt, const void *qkv, void *out, long B, long H, long K, long E,
                         const void *cs, const void *sn, void *ck, void *cv, long max_seq,
                         const int64_t *slots, const int64_t *pos, const int64_t *kv_map,

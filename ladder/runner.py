@@ -280,12 +280,19 @@ def enter_netns(name: str) -> None:
         os.close(fd)
 
 
+def rank_options(opts: GroupOptions, rank: int) -> GroupOptions:
+    """In a rank's own process, first thing: with `netns`, move into the rank's namespace and
+    return the options with its address there as `host`."""
+    if not opts.netns:
+        return opts
+    enter_netns(opts.netns[rank])
+    return replace(opts, host=opts.hosts[rank])
+
+
 def _rank_main(rank: int, opts: GroupOptions, init_method: str | None, status: mp.Queue,
                conn) -> None:
     try:
-        if opts.netns:
-            enter_netns(opts.netns[rank])
-            opts = replace(opts, host=opts.hosts[rank])
+        opts = rank_options(opts, rank)
         torch.set_num_threads(opts.threads or max(1, (os.cpu_count() or 1) // opts.tp))
         comm = make_comm(opts, rank, init_method)
         ckpt, engine = build_engine(opts, rank, comm)

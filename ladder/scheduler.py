@@ -13,8 +13,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
 from ladder.engine import ShardEngine, StepBatch
 from ladder.sampling import Sampler, SamplingParams
 
@@ -149,24 +147,25 @@ class Scheduler:
             self.sampler.add(r.id, r.params)
             self.running[r.slot] = r
             admitted.append(r)
-        greedy = all(r.params.greedy for r in admitted)
-        out = self.engine.step(StepBatch(tokens=[r.prompt for r in admitted],
-                                         slots=[r.slot for r in admitted],
-                                         starts=[0] * len(admitted), greedy=greedy))
-        return self._emit(admitted, out, greedy)
+        return self._step(admitted, [r.prompt for r in admitted], [0] * len(admitted))
 
     def _decode(self) -> list[TokenEvent]:
         rows = sorted(self.running.values(), key=lambda r: r.slot)
-        greedy = all(r.params.greedy for r in rows)
-        out = self.engine.step(StepBatch(
-            tokens=[[r.output[-1]] for r in rows], slots=[r.slot for r in rows],
-            starts=[len(r.prompt) + len(r.output) - 1 for r in rows], greedy=greedy))
-        return self._emit(rows, out, greedy)
+        return self._step(rows, [[r.output[-1]] for r in rows],
+                          [len(r.prompt) + len(r.output) - 1 for r in rows])
 
-    def _emit(self, rows: list[Request], out: torch.Tensor, greedy: bool) -> list[TokenEvent]:
-        """`out`: the step's token ids when every row is greedy, else its logits to sample."""
+    def _step(self, rows: list[Request], tokens: list[list[int]],
+              starts: list[int]) -> list[TokenEvent]:
+        """One engine step for `rows`, then a token each: the step's own token ids when every
+        row is greedy, else sampled from its logits."""
+        greedy = all(r.params.greedy for r in rows)
+        out = self.engine.step(StepBatch(tokens=tokens, slots=[r.slot for r in rows],
+                                         starts=starts, greedy=greedy))
         toks = out.tolist() if greedy else \
             self.sampler.sample(out, [r.id for r in rows], [r.params for r in rows])
+        return self._emit(rows, toks)
+
+    def _emit(self, rows: list[Request], toks: list[int]) -> list[TokenEvent]:
         now = time.perf_counter()
         events = []
         for r, tok in zip(rows, toks):

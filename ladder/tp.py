@@ -43,9 +43,11 @@ def _offsets(sizes: list[int], i: int) -> tuple[int, int]:
 
 
 HEAD_SPLITS = ("groups", "even")
+FFN_ALIGN = 32  # intermediate-dimension slices in multiples of this (quantized GGUF blocks)
 
 
-def balanced_ffn(config: ModelConfig, heads: list[tuple[int, int]], align: int = 32) -> list[int]:
+def balanced_ffn(config: ModelConfig, heads: list[tuple[int, int]],
+                 align: int = FFN_ALIGN) -> list[int]:
     """Intermediate sizes per rank that even out attention + MLP weights per layer.
 
     `heads`: each rank's (query heads, KV heads). Attention reads q + 2k heads' rows of wqkv
@@ -101,7 +103,7 @@ class ShardSpec:
         kv = [(lo // g, -(-hi // g)) for lo, hi in q]  # the groups each rank's queries touch
         heads = [(b - a, d - c) for (a, b), (c, d) in zip(q, kv)]
         ffn_sizes = balanced_ffn(config, heads) if head_split == "groups" else \
-            split_sizes(config.intermediate_size, world, 32)
+            split_sizes(config.intermediate_size, world, FFN_ALIGN)
         ffn = _offsets(ffn_sizes, rank)
         vocab = _offsets(split_sizes(config.vocab_size, world), rank)
         (q_lo, q_hi), (kv_lo, _) = q[rank], kv[rank]
