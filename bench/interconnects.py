@@ -232,8 +232,10 @@ def sweep(a: argparse.Namespace) -> dict:
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         gauges.write(Path(a.out) / "interconnects.prom")
+    from cluster.launcher import load_state
+    st = load_state(a.cluster)
     return {"bench": "interconnects", "model": a.model, "dtype": a.dtype, "tp": 2,
-            "tokens": a.tokens, "cells": cells, "overlap": overlap(cells),
+            "tokens": a.tokens, "mtu": st.mtu if st else None, "cells": cells, "overlap": overlap(cells),
             "speedup": speedups(cells)}
 
 
@@ -336,8 +338,9 @@ def report(result: dict, out: str | None) -> None:
     cells = result["cells"]
     rows = [[c["path"], c["interconnect"], c["residual"], c["batch"], c["prompt_len"],
              c["ms_per_token"], c.get("exposed_ms"), c["ttft_ms"], c["tok_s"]] for c in cells]
+    mtu = f", links of MTU {result['mtu']}" if result.get("mtu") else ""
     print(table(f"TP=2 {result['model']} {result['dtype']}, {result['tokens']} new tokens a "
-                "request", ["path", "interconnect", "residual", "batch", "prompt", "ms/token",
+                f"request{mtu}", ["path", "interconnect", "residual", "batch", "prompt", "ms/token",
                             "exposed ms", "TTFT ms", "tok/s"], rows))
     print(table("ladder's overlap efficiency (T_std - T_ladder) / (T_std - T_desync), direct; "
                 "live estimate beside it",

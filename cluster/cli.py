@@ -37,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--cpus", type=int, default=os.cpu_count() or 1,
                    help="logical CPUs of each worker node")
     u.add_argument("--head-cpus", type=int, default=0, help="logical CPUs of the head")
+    u.add_argument("--mtu", type=int, default=None,
+                   help="every link's MTU, the bridge's too (default 9000, jumbo frames: a "
+                        "shaped veth cuts and handles frames on the cores that compute, which a "
+                        "NIC does in hardware)")
     u.add_argument("--plain", action="store_true",
                    help="no namespaces or shaping: the nodes on loopback (no root needed)")
     u.add_argument("--timeout", type=float, default=90.0)
@@ -61,13 +65,17 @@ def run(a: argparse.Namespace) -> int:
 
 def _up(a: argparse.Namespace) -> int:
     from cluster.launcher import LINK_LABEL, ClusterError, token_path, up
-    from cluster.links import parse_links
+    from cluster.links import DEFAULT_MTU, check_mtu, parse_links
     if a.nodes < 1:
         raise ClusterError("--nodes must be at least 1")
     links = parse_links(a.link, a.nodes)
-    st = up(a.name, links, cpus=a.cpus, head_cpus=a.head_cpus, plain=a.plain,
+    if a.plain and a.mtu is not None:
+        raise ClusterError("--plain runs on loopback, whose MTU is its own: drop --mtu")
+    mtu = check_mtu(DEFAULT_MTU if a.mtu is None else a.mtu)
+    st = up(a.name, links, cpus=a.cpus, head_cpus=a.head_cpus, plain=a.plain, mtu=mtu,
             timeout_s=a.timeout)
-    print(f"cluster {st.name!r}: {len(st.nodes)} Ray nodes ready in {st.ready_s:.1f} s")
+    print(f"cluster {st.name!r}: {len(st.nodes)} Ray nodes ready in {st.ready_s:.1f} s"
+          + ("" if st.plain else f", links of MTU {st.mtu}"))
     for n in st.nodes:
         where = "loopback" if st.plain else n.ns
         print(f"  node {n.index} {'head  ' if n.index == 0 else 'worker'} {n.ip:<12} "
@@ -97,7 +105,7 @@ def _status(a: argparse.Namespace) -> int:
           f"{len(s['nodes'])} Ray nodes alive, address {s['address']}")
     for n in s["nodes"]:
         print(f"  node {n['index']} {n['ip']:<12} {n['link']:<14} {n['shaping']:<16} "
-              f"cpus={n['cpus']} {'running' if n['running'] else 'NOT RUNNING'}")
+              f"mtu={n['mtu']} cpus={n['cpus']} {'running' if n['running'] else 'NOT RUNNING'}")
     if "error" in s:
         print(f"  {s['error']}")
     return 0 if s["ray_alive"] == len(s["nodes"]) else 1

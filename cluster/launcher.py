@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Iterator
 
 from actors.group import LATENCY_LABEL, LINK_LABEL
-from cluster.links import Link
+from cluster.links import DEFAULT_MTU, Link, check_mtu
 STATE_ROOT = Path(os.environ.get("LADDER_CLUSTER_STATE", "/tmp/lsc"))
 RAY_PORT = 6379
 DASHBOARD_PORT = 8265
@@ -69,6 +69,7 @@ class ClusterState:
     dashboard_port: int = DASHBOARD_PORT
     started: float = 0.0
     ready_s: float = 0.0
+    mtu: int = 1500  # every link's, the bridge's included (loopback's own when plain)
 
     @property
     def head(self) -> NodeState:
@@ -177,9 +178,10 @@ def _pick_subnet(name: str) -> str:
 
 
 @contextmanager
-def veth_pair(link: Link, tag: str) -> Iterator[tuple[tuple[str, str], tuple[str, str]]]:
-    """Two network namespaces, `lsc-<tag>-0` and `lsc-<tag>-1`, joined by one veth pair whose
-    ends are shaped like `link` (tbf; the veth as it is for high-end): for a local group's two
+def veth_pair(link: Link, tag: str, mtu: int = 1500
+              ) -> Iterator[tuple[tuple[str, str], tuple[str, str]]]:
+    """Two network namespaces, `lsc-<tag>-0` and `lsc-<tag>-1`, joined by one veth pair of
+    `mtu` whose ends are shaped like `link` (tbf; the veth as it is for high-end): for a local group's two
     ranks (`GroupOptions.netns`), without Ray. Yields (namespaces, addresses); both namespaces,
     and with them the pair, are removed on exit, whatever happened. Raises ClusterError where
     namespaces cannot be made (namespaces_allowed says why)."""
@@ -198,10 +200,10 @@ def veth_pair(link: Link, tag: str) -> Iterator[tuple[tuple[str, str], tuple[str
             ends[1], "netns", ns[1])
         for n, end, ip in zip(ns, ends, ips):
             _sh(*_in_ns(n, "ip", "addr", "add", f"{ip}/24", "dev", end))
-            _sh(*_in_ns(n, "ip", "link", "set", end, "up"))
+            _sh(*_in_ns(n, "ip", "link", "set", end, "mtu", str(mtu), "up"))
             _sh(*_in_ns(n, "ip", "link", "set", "lo", "up"))
             if link.rate_bit:
-                _sh(*_in_ns(n, "tc", "qdisc", "add", "dev", end, "root", *link.tbf_args()))
+                _sh(*_in_ns(n, "tc", "qdisc", "add", "dev", end, "root", *link.tbf_args(mtu)))
         yield ns, ips
     finally:
         for n in ns:
@@ -210,8 +212,10 @@ def veth_pair(link: Link, tag: str) -> Iterator[tuple[tuple[str, str], tuple[str
 
 # -- up ----------------------------------------------------------------------------------------
 def up(name: str, links: list[Link], *, cpus: int, head_cpus: int = 0, plain: bool = False,
-       timeout_s: float = 90.0, log=print) -> ClusterState:
-    """Create the nodes and their links, start Ray on them, wait until all are alive."""
+       mtu: int = DEFAULT_MTU, timeout_s: float = 90.0, log=print) -> ClusterState:
+    """Create the nodes and their links (`mtu` on each, the bridge too), start Ray on them,
+    wait until all are alive."""
+    check_mtu(mtu)
     if not _NAME.match(name):
         raise ClusterError(f"cluster name {name!r}: 1-6 lowercase letters or digits")
     if load_state(name) is not None or _leftovers(name):
@@ -237,7 +241,7 @@ def up(name: str, links: list[Link], *, cpus: int, head_cpus: int = 0, plain: bo
     _, bridge, _ = _names(name)
     subnet = "" if plain else _pick_subnet(name)
     st = ClusterState(name=name, plain=plain, subnet=subnet, bridge="" if plain else bridge,
-                      started=time.time())
+                      started=time.time(), mtu=_loopback_mtu() if plain else mtu)
     if plain:
         st.port, st.dashboard_port = _listen_port(), _listen_port()
     for i, link in enumerate(links):
@@ -258,23 +262,31 @@ def up(name: str, links: list[Link], *, cpus: int, head_cpus: int = 0, plain: bo
     return st
 
 
+def _loopback_mtu() -> int:
+    try:
+        return int(Path("/sys/class/net/lo/mtu").read_text())
+    except (OSError, ValueError):
+        return 65536
+
+
 def _make_network(st: ClusterState, links: list[Link]) -> None:
-    _sh("ip", "link", "add", st.bridge, "type", "bridge")
+    mtu = str(st.mtu)
+    _sh("ip", "link", "add", st.bridge, "mtu", mtu, "type", "bridge")
     _sh("ip", "addr", "add", f"{st.subnet}.1/24", "dev", st.bridge)
     _sh("ip", "link", "set", st.bridge, "up")
     for node, link in zip(st.nodes, links):
         _sh("ip", "netns", "add", node.ns)
-        _sh("ip", "link", "add", node.veth, "type", "veth", "peer", "name", "eth0",
-            "netns", node.ns)
+        _sh("ip", "link", "add", node.veth, "mtu", mtu, "type", "veth", "peer", "name", "eth0",
+            "mtu", mtu, "netns", node.ns)
         _sh("ip", "link", "set", node.veth, "master", st.bridge)
         _sh("ip", "link", "set", node.veth, "up")
         _sh(*_in_ns(node.ns, "ip", "addr", "add", f"{node.ip}/24", "dev", "eth0"))
         _sh(*_in_ns(node.ns, "ip", "link", "set", "eth0", "up"))
         _sh(*_in_ns(node.ns, "ip", "link", "set", "lo", "up"))
         if link.rate_bit:  # both directions: the node's egress and the bridge's egress to it
-            _sh("tc", "qdisc", "add", "dev", node.veth, "root", *link.tbf_args())
+            _sh("tc", "qdisc", "add", "dev", node.veth, "root", *link.tbf_args(st.mtu))
             _sh(*_in_ns(node.ns, "tc", "qdisc", "add", "dev", "eth0", "root",
-                        *link.tbf_args()))
+                        *link.tbf_args(st.mtu)))
 
 
 def _ray_start_args(st: ClusterState, node: NodeState, link: Link) -> list[str]:
@@ -499,6 +511,7 @@ def status(name: str) -> dict:
         shaping = "loopback (plain)" if st.plain else _qdisc(node)
         nodes.append({"index": node.index, "ip": node.ip, "link": node.link, "cpus": node.cpus,
                       "namespace": node.ns, "shaping": shaping,
+                      "mtu": st.mtu if st.plain else _mtu(node),
                       "running": _session_alive(node)})
     try:
         alive = alive_nodes(st)
@@ -506,11 +519,18 @@ def status(name: str) -> dict:
         alive, err = [], str(e)
     else:
         err = ""
-    return {"name": name, "up": True, "plain": st.plain, "address": st.address,
+    return {"name": name, "up": True, "plain": st.plain, "mtu": st.mtu, "address": st.address,
             "dashboard": st.dashboard, "token_path": str(token_path(name)),
             "ready_s": round(st.ready_s, 1), "nodes": nodes, "ray_alive": len(alive),
             "ray_labels": sorted({n["labels"].get(LINK_LABEL, "?") for n in alive}),
             **({"error": err} if err else {})}
+
+
+def _mtu(node: NodeState) -> int:
+    """The MTU the node's link has now (0 if it is gone)."""
+    out = _sh(*_in_ns(node.ns, "ip", "-o", "link", "show", "dev", "eth0"), check=False)
+    m = re.search(r" mtu (\d+)", out)
+    return int(m[1]) if m else 0
 
 
 def _qdisc(node: NodeState) -> str:

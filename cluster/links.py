@@ -14,6 +14,15 @@ from dataclasses import dataclass
 
 PROFILES = {"high-end": 0, "cheap": 1_000_000_000}  # bit/s; 0 = unshaped
 
+# A cluster's links carry jumbo frames. A real NIC cuts TCP's 64 KiB segments into frames and
+# merges them back in hardware (TSO/GRO), so its host handles a 74 KiB all-reduce message in a few
+# pieces. A veth shaped by tbf cannot: tbf cuts each segment into frames in software and releases
+# them one timer tick at a time, and the receiving stack takes them one by one, all on the cores
+# that compute. At 1500 bytes that cost 0.55 ms of CPU per 74 KiB exchange here, as much as the
+# wire time it emulates; at 9000 bytes (jumbo frames, as cluster networks are set up) 0.2 ms.
+DEFAULT_MTU = 9000
+MTU_RANGE = (1280, 65535)  # IPv6's minimum; a veth's maximum
+
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)(k|m|g)bit$")
 _LATENCY = re.compile(r"^(\d+(?:\.\d+)?)(us|ms)$")
 _UNIT = {"k": 1e3, "m": 1e6, "g": 1e9}
@@ -31,19 +40,25 @@ class Link:
             return self.label
         return f"{self.label}@{round(self.latency_s * 1e6)}us"
 
-    def tbf_args(self) -> list[str]:
-        """`tc qdisc ... tbf` arguments for this rate: a bucket of 30 us of traffic (at least
-        4 KiB, about three frames) and a queue of 50 ms before drops.
+    def tbf_args(self, mtu: int = 1500) -> list[str]:
+        """`tc qdisc ... tbf` arguments for this rate on a link of `mtu`: a bucket of one frame
+        (at least 4 KiB, or 30 us of traffic where that is more) and a queue of 50 ms before
+        drops.
 
         The bucket is what a message can take at once, faster than the rate: a tensor-parallel
         all-reduce message is 2-150 KiB, so a bucket of 1 ms of traffic (125 KiB at 1 Gbit/s)
-        would let nearly every one through unshaped. With a small one, a 74 KiB message crosses
-        a 1 Gbit/s link in about 0.6 ms, as on the wire (tbf cuts segmentation-offload packets
-        larger than the bucket into frames itself). Round trips measured here between two
-        namespaces at 1 Gbit/s (unshaped: 22-46 us): 2.3 KiB 24 us, 8 KiB 125 us, 72 KiB
-        1.38 ms; with the old 125 KiB bucket: 24 us, 26 us and 46 us.
+        would let nearly every one through unshaped. With a bucket of one frame, a message
+        crosses the link at the rate but for its first frame: a 74 KiB message takes 0.6 ms at
+        1 Gbit/s, as on the wire, of which a 9000-byte frame is 72 us (tbf cuts
+        segmentation-offload packets larger than the bucket into frames itself). Round trips
+        measured here between two namespaces at 1 Gbit/s, 1500-byte frames (unshaped: 22-46 us):
+        2.3 KiB 24 us, 8 KiB 125 us, 72 KiB 1.38 ms; with the old 125 KiB bucket: 24 us, 26 us
+        and 46 us.
         """
-        burst = max(4096, self.rate_bit * 30 // 8_000_000)
+        # tc keeps the bucket as whole microseconds of traffic at the rate: 2 us on top of the
+        # frame (ethernet header included) keep it at least one frame after that rounding
+        burst = max(4096, mtu + 64 + self.rate_bit * 2 // 8_000_000,
+                    self.rate_bit * 30 // 8_000_000)
         return ["tbf", "rate", f"{self.rate_bit}bit", "burst", str(burst), "latency", "50ms"]
 
 
@@ -66,6 +81,14 @@ def parse_link(text: str) -> Link:
     if rate < 1_000_000:
         raise ValueError(f"link {text!r}: rates below 1mbit would stall Ray's own traffic")
     return Link(name, rate, latency)
+
+
+def check_mtu(mtu: int) -> int:
+    lo, hi = MTU_RANGE
+    if not lo <= mtu <= hi:
+        raise ValueError(f"--mtu {mtu}: a link's MTU must be {lo}-{hi} bytes (1500 is plain "
+                         "Ethernet, 9000 jumbo frames)")
+    return mtu
 
 
 def parse_links(text: str, nodes: int) -> list[Link]:

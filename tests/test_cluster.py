@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from cluster import launcher
-from cluster.links import Link, parse_link, parse_links
+from cluster.links import DEFAULT_MTU, Link, check_mtu, parse_link, parse_links
 
 LADDER = str(Path(sys.executable).with_name("ladder"))
 NAME = "ltest"
@@ -61,6 +61,18 @@ def test_link_profiles():
                                                                            "cheap"]
     assert len(parse_links("cheap", 4)) == 4
     assert "tbf" in parse_link("cheap").tbf_args()
+    # the bucket holds one frame whatever the MTU (else tbf drops full frames) and no more than
+    # 30 us of traffic or 4 KiB beyond it (else messages pass unshaped)
+    for rate, mtu in [("cheap", 1500), ("cheap", 9000), ("100mbit", 9000), ("10gbit", 1500),
+                      ("50mbit", 65535)]:
+        args = parse_link(rate).tbf_args(mtu)
+        burst = int(args[args.index("burst") + 1])
+        assert mtu + 14 < burst <= max(4096, mtu + 64 + parse_link(rate).rate_bit // 4_000_000,
+                                       parse_link(rate).rate_bit * 30 // 8_000_000), (rate, mtu)
+    assert check_mtu(9000) == 9000
+    for bad in (576, 70000):
+        with pytest.raises(ValueError, match=f"--mtu {bad}: a link's MTU must be 1280-65535"):
+            check_mtu(bad)
     for bad, msg in [("fast", "not a profile"), ("cheap@soon", "latency"),
                      ("10kbit", "below 1mbit"), ("", "empty")]:
         with pytest.raises(ValueError, match=msg):
@@ -108,6 +120,12 @@ def test_up_prints_address_and_status(shaped):
     assert s["ray_labels"] == ["cheap", "high-end"]
     shaping = [n["shaping"] for n in s["nodes"]]
     assert shaping == ["unshaped veth"] * 3 + ["tbf 1Gbit"] * 2
+    # jumbo frames on every link, as the interfaces themselves report them, the bridge's too
+    assert s["mtu"] == DEFAULT_MTU and f"links of MTU {DEFAULT_MTU}" in out
+    assert [n["mtu"] for n in s["nodes"]] == [DEFAULT_MTU] * 5
+    bridge = subprocess.run(["ip", "-o", "link", "show", "dev", st.bridge], capture_output=True,
+                            text=True).stdout
+    assert f" mtu {DEFAULT_MTU} " in bridge
     assert oct(launcher.token_path(NAME).stat().st_mode & 0o777) == "0o600"
     # a second `up` of the same name is refused, clearly, and harms nothing
     again = ladder("cluster", "up", "--name", NAME, "--nodes", "2")
@@ -126,11 +144,17 @@ def test_cheap_link_is_slower_for_a_large_allreduce(shaped):
         "ray.init()\n"
         f"he = allreduce_time({ips[1]!r}, {ips[2]!r}, 4 << 20)\n"
         f"ch = allreduce_time({ips[1]!r}, {ips[3]!r}, 4 << 20)\n"
-        "print(json.dumps([he, ch]))\n")
-    he, ch = json.loads(out.strip().splitlines()[-1])
+        f"he_tp = allreduce_time({ips[1]!r}, {ips[2]!r}, 72 << 10, reps=15)\n"
+        f"ch_tp = allreduce_time({ips[1]!r}, {ips[3]!r}, 72 << 10, reps=15)\n"
+        "print(json.dumps([he, ch, he_tp, ch_tp]))\n")
+    he, ch, he_tp, ch_tp = json.loads(out.strip().splitlines()[-1])
     print(f"4 MiB all-reduce: high-end {he * 1e3:.1f} ms, cheap {ch * 1e3:.1f} ms "
-          f"({ch / he:.1f}x)")
+          f"({ch / he:.1f}x); 72 KiB: {he_tp * 1e6:.0f} us, {ch_tp * 1e6:.0f} us "
+          f"({ch_tp / he_tp:.1f}x)")
     assert ch > 2 * he  # 1 Gbit/s moves 4 MiB in >= 33 ms; the veth takes a few
+    # a batch-32 decode all-reduce of SmolLM2 (74 KiB): the jumbo frames' one-frame bucket lets
+    # only 9 KiB of it through early, so it still takes ~0.5 ms at 1 Gbit/s
+    assert ch_tp > 1.5 * he_tp
 
 
 @needs_root
@@ -209,6 +233,7 @@ def test_bench_interconnects_short_run(shaped, tiny_with_tokenizer, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "ladder's overlap efficiency" in p.stdout and "speedup over standard" in p.stdout
     result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result["mtu"] == DEFAULT_MTU and f"links of MTU {DEFAULT_MTU}" in p.stdout
     cells = {(c["path"], c["residual"]): c for c in result["cells"]}
     assert set(cells) == {("direct", "standard"), ("direct", "ladder"), ("direct", "desync"),
                           ("serve", "standard"), ("serve", "ladder")}
@@ -265,6 +290,11 @@ def test_plain_cluster_without_shaping(tmp_path):
         assert out.strip().splitlines()[-1] == "['loopback']"
         shaped = ladder("cluster", "up", "--name", "lplai2", "--plain", "--link", "cheap")
         assert shaped.returncode == 2 and "--plain cannot shape links" in shaped.stderr
+        mtu = ladder("cluster", "up", "--name", "lplai2", "--plain", "--mtu", "9000")
+        assert mtu.returncode == 2 and "loopback, whose MTU is its own" in mtu.stderr
+        bad = ladder("cluster", "up", "--name", "lplai2", "--mtu", "100000")
+        assert bad.returncode == 2 and "a link's MTU must be 1280-65535" in bad.stderr
+        assert launcher.load_state("lplai2") is None and launcher._leftovers("lplai2") == []
     finally:
         d = ladder("cluster", "down", "--name", name)
     assert d.returncode == 0, d.stderr
