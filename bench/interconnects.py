@@ -18,6 +18,9 @@ prompt length it measures, per cell:
 A `desync` group (no communication: the speed bound) runs beside them on each link, so the
 overlap efficiency (T_standard - T_ladder) / (T_standard - T_desync) is measured, not guessed;
 the live estimate (1 - ladder's exposed wait per step / standard's, same link) is printed beside.
+The efficiency is a difference of differences of a few ms a token, so the direct path keeps every
+residual's group of a link up at once and runs their cells in turn, `--reps` times (medians): a
+change in the machine's load between two groups' runs would otherwise read as a schedule's gain.
 Outputs: tables, one JSON line (`--out DIR` writes it and the report's PNG/HTML there), the
 figures as Prometheus gauges (`ladder_bench_*`, a text file beside the JSON and, with
 `--metrics-port`, served while the run lasts), and the groups' own `ladder_*` series through
@@ -67,6 +70,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-lens", default="16,256", help="prompt lengths in tokens")
     p.add_argument("--tokens", type=int, default=24, help="new tokens per request (forced)")
     p.add_argument("--paths", default="direct,serve", help="direct and/or serve")
+    p.add_argument("--reps", type=int, default=3,
+                   help="direct path: runs of every cell, interleaved across the residuals' "
+                        "groups (medians reported)")
     p.add_argument("--phase-timeout", type=float, default=600.0,
                    help="a group's start, a cell or a Serve deploy that takes longer dumps "
                         "every thread's stack and ends the run")
@@ -176,9 +182,6 @@ def placement(link: str) -> tuple[str, str]:
 
 def sweep(a: argparse.Namespace) -> dict:
     import ray
-
-    from actors.group import TPGroup
-    from ladder.runner import GroupOptions
     ray.init(log_to_driver=False)
     residuals, links = _csv(a.residuals), _csv(a.links)
     batches = [int(b) for b in _csv(a.batches)]
@@ -201,29 +204,13 @@ def sweep(a: argparse.Namespace) -> dict:
     phase = _Phase(a.phase_timeout)
     for link in links:
         strategy, label = placement(link)
-        for res in [*residuals, "desync"] if "direct" in paths else residuals:
-            opts = GroupOptions(model=a.model, tp=2, residual=RESIDUALS.get(res, res),
-                                dtype=a.dtype, comm="auto" if link == "shm" else a.comm,
-                                n_slots=n_slots,
-                                max_seq=max(plens) + a.tokens + 8, threads=1,
-                                head_split=a.head_split)
-            if "direct" in paths:
-                with phase(f"direct: {res} over {link}: starting the group"):
-                    g = TPGroup(opts, strategy=strategy, link=label, metrics=True,
-                                model_label=Path(a.model).name, cpus_per_worker=1)
-                with g:
-                    for b in batches:
-                        for plen in plens:
-                            with phase(f"direct: {res} over {link}, batch {b}, prompt {plen}"):
-                                c = asyncio.run(direct_cell(g, b, plen, a.tokens, vocab))
-                            cells.append({"path": "direct", "link": link, "residual": res,
-                                          "interconnect": g.info["interconnect"],
-                                          "comm": g.opts.comm, "batch": b,
-                                          "prompt_len": plen, **c})
-                            gauges.set(cells[-1])
-            if "serve" in paths and res != "desync":
-                cells += serve_sweep(a, opts, res, link, strategy, label, batches, plens,
-                                     vocab, gauges, phase)
+        if "direct" in paths:
+            cells += direct_sweep(a, link, [*residuals, "desync"], batches, plens, n_slots,
+                                  vocab, gauges, phase)
+        if "serve" in paths:
+            for res in residuals:
+                cells += serve_sweep(a, group_options(a, res, link, n_slots, plens), res, link,
+                                     strategy, label, batches, plens, vocab, gauges, phase)
     with phase("shutting down"):
         if "serve" in paths:
             from ray import serve
@@ -235,8 +222,56 @@ def sweep(a: argparse.Namespace) -> dict:
     from cluster.launcher import load_state
     st = load_state(a.cluster)
     return {"bench": "interconnects", "model": a.model, "dtype": a.dtype, "tp": 2,
-            "tokens": a.tokens, "mtu": st.mtu if st else None, "cells": cells, "overlap": overlap(cells),
-            "speedup": speedups(cells)}
+            "tokens": a.tokens, "reps": a.reps, "mtu": st.mtu if st else None, "cells": cells,
+            "overlap": overlap(cells), "speedup": speedups(cells)}
+
+
+def group_options(a: argparse.Namespace, res: str, link: str, n_slots: int, plens: list[int]):
+    from ladder.runner import GroupOptions
+    return GroupOptions(model=a.model, tp=2, residual=RESIDUALS.get(res, res), dtype=a.dtype,
+                        comm="auto" if link == "shm" else a.comm, n_slots=n_slots,
+                        max_seq=max(plens) + a.tokens + 8, threads=1, head_split=a.head_split)
+
+
+def direct_sweep(a, link: str, kinds: list[str], batches: list[int], plens: list[int],
+                 n_slots: int, vocab: int, gauges, phase) -> list[dict]:
+    """Every residual's group over `link` at once, driven one at a time: each rep runs every
+    cell of every group, in turn (the order reversed every other rep), so a change in the
+    machine's load shifts all residuals alike instead of one. Each figure is the median over
+    the reps; `range_ms` is the spread of ms/token."""
+    from actors.group import TPGroup
+    strategy, label = placement(link)
+    groups: dict = {}
+    runs: dict = {}
+    try:
+        for res in kinds:
+            with phase(f"direct: {res} over {link}: starting the group"):
+                groups[res] = TPGroup(group_options(a, res, link, n_slots, plens),
+                                      strategy=strategy, link=label, metrics=True,
+                                      model_label=Path(a.model).name,
+                                      cpus_per_worker=1 / len(kinds))  # idle in turn
+        for rep in range(a.reps):
+            for b in batches:
+                for plen in plens:
+                    for res in kinds if rep % 2 == 0 else kinds[::-1]:
+                        with phase(f"direct: {res} over {link}, batch {b}, prompt {plen}, "
+                                   f"rep {rep + 1}/{a.reps}"):
+                            c = asyncio.run(direct_cell(groups[res], b, plen, a.tokens, vocab))
+                        runs.setdefault((res, b, plen), []).append(c)
+    finally:
+        for g in groups.values():
+            g.shutdown()
+    cells = []
+    for (res, b, plen), rs in runs.items():
+        ms = [r["ms_per_token"] for r in rs]
+        cells.append({"path": "direct", "link": link, "residual": res,
+                      "interconnect": groups[res].info["interconnect"],
+                      "comm": groups[res].opts.comm, "batch": b, "prompt_len": plen,
+                      **{k: statistics.median(r[k] for r in rs) for k in rs[0]},
+                      "reps": len(rs), "range_ms": max(ms) - min(ms)})
+        gauges.set(cells[-1])
+    cells.sort(key=lambda c: (kinds.index(c["residual"]), c["batch"], c["prompt_len"]))
+    return cells
 
 
 def serve_sweep(a, opts, res, link, strategy, label, batches, plens, vocab, gauges,
@@ -337,11 +372,14 @@ class _Gauges:
 def report(result: dict, out: str | None) -> None:
     cells = result["cells"]
     rows = [[c["path"], c["interconnect"], c["residual"], c["batch"], c["prompt_len"],
-             c["ms_per_token"], c.get("exposed_ms"), c["ttft_ms"], c["tok_s"]] for c in cells]
+             c["ms_per_token"], c.get("range_ms"), c.get("exposed_ms"), c["ttft_ms"], c["tok_s"]]
+            for c in cells]
     mtu = f", links of MTU {result['mtu']}" if result.get("mtu") else ""
+    reps = f", direct: medians of {result['reps']} interleaved reps" if result.get("reps") else ""
     print(table(f"TP=2 {result['model']} {result['dtype']}, {result['tokens']} new tokens a "
-                f"request{mtu}", ["path", "interconnect", "residual", "batch", "prompt", "ms/token",
-                            "exposed ms", "TTFT ms", "tok/s"], rows))
+                f"request{mtu}{reps}",
+                ["path", "interconnect", "residual", "batch", "prompt", "ms/token", "range ms",
+                 "exposed ms", "TTFT ms", "tok/s"], rows))
     print(table("ladder's overlap efficiency (T_std - T_ladder) / (T_std - T_desync), direct; "
                 "live estimate beside it",
                 ["interconnect", "batch", "prompt", "efficiency", "live"],

@@ -228,7 +228,7 @@ def test_bench_interconnects_short_run(shaped, tiny_with_tokenizer, tmp_path):
     out = tmp_path / "out"
     p = ladder("bench", "interconnects", "--cluster", NAME, "--model", str(tiny_with_tokenizer),
                "--residuals", "standard,ladder", "--links", "cheap", "--batches", "2",
-               "--prompt-lens", "8", "--tokens", "6", "--phase-timeout", "240",
+               "--prompt-lens", "8", "--tokens", "6", "--reps", "2", "--phase-timeout", "240",
                "--out", str(out), timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "ladder's overlap efficiency" in p.stdout and "speedup over standard" in p.stdout
@@ -240,6 +240,9 @@ def test_bench_interconnects_short_run(shaped, tiny_with_tokenizer, tmp_path):
     for c in cells.values():
         assert c["interconnect"] == "cheap" and c["batch"] == 2
         assert c["ms_per_token"] > 0 and c["ttft_ms"] > 0 and c["tok_s"] > 0
+    for res in ("standard", "ladder", "desync"):  # each direct figure: the median of 2 reps
+        assert cells[("direct", res)]["reps"] == 2 and cells[("direct", res)]["range_ms"] >= 0
+        assert "rep 2/2" in p.stderr
     assert cells[("direct", "desync")]["exposed_ms"] == 0
     assert cells[("direct", "standard")]["exposed_ms"] > 0
     assert [o["interconnect"] for o in result["overlap"]] == ["cheap"]
