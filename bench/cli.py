@@ -18,6 +18,7 @@ BENCHES = {
     "metrics_cost": "bench.metrics_cost",  # Prometheus metrics on vs off, per token
     "actors": "bench.actors",  # Ray actor groups vs the plain runner; 1/4/16 concurrent streams
     "interconnects": "bench.interconnects",  # ladder vs standard per link on a launched cluster
+    "linkcost": "bench.linkcost",  # what a shaped veth costs the computing cores, by MTU
     "adapt_curve": "bench.adapt_curve",  # ladder adaptation: perplexity recovery vs tokens
     "adapted_serve": "bench.adapted_serve",  # an adapted folder served: README prompt, TP2 = TP1
 }

@@ -330,3 +330,20 @@ def test_the_dispatcher_does_not_import_ray():
                        timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]"
+
+
+@needs_root
+def test_bench_linkcost_short_run(tmp_path):
+    """`ladder bench linkcost`: two ranks over a shaped veth pair per MTU; what it leaves is
+    nothing."""
+    p = ladder("bench", "linkcost", "--mtus", "1500,9000", "--iters", "20", "--reps", "1",
+               "--out", str(tmp_path), timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert [r["mtu"] for r in result["rows"]] == [1500, 9000]
+    for r in result["rows"]:
+        # 72 KiB each way over 1 Gbit/s take >= 0.5 ms of wire time that compute alone does not
+        assert r["standard_wall_us"] > r["none_wall_us"] and r["exchange_cpu_us"] == pytest.approx(
+            r["overlapped_cpu_us"] - r["none_cpu_us"])
+    assert list(tmp_path.glob("linkcost-*.json"))
+    assert not [n for n in launcher._netns_list() if n.startswith("lsc-lc")]

@@ -1,0 +1,196 @@
+"""What a shaped link costs the cores that compute, by frame size (`ladder cluster up --mtu`).
+
+Two ranks in two network namespaces joined by one veth pair shaped like `--link`
+(`cluster.launcher.veth_pair`), once per MTU in `--mtus`. Each iteration a rank computes for about
+`--compute-us` (a matmul that stays in cache) and exchanges a `--bytes` message with its peer over
+TCP (a TP all-reduce's traffic: 74 KiB is SmolLM2's at batch 32, float32), three ways:
+
+  none        compute only (the speed bound)
+  standard    compute, then send and wait for the peer's message
+  overlapped  send, compute, then wait (ladder's schedule)
+
+A wait polls the socket, yielding the core, as `ladder.tcp` does. Reported per iteration, medians
+over `--reps` interleaved rounds: wall and CPU time of each way, the exchange's CPU cost
+(overlapped - none, CPU time: what no schedule can hide on a core that computes) and the overlap
+efficiency (standard - overlapped) / (standard - none). On a real NIC the frames are cut, paced and
+merged in hardware; tbf does it in software, a timer tick per frame, on these cores, so the
+exchange's CPU cost falls as frames grow, while the bucket (one frame) lets a message's first
+frame through early.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+from bench.table import table
+from bench.timed import bench_main, emit, log
+
+MODES = ("none", "standard", "overlapped")
+PORT = 29561
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--link", default="cheap", help="the profile both ends are shaped like")
+    p.add_argument("--mtus", default="1500,9000,16000")
+    p.add_argument("--bytes", type=int, default=73728, help="message per rank per iteration")
+    p.add_argument("--compute-us", type=float, default=600.0)
+    p.add_argument("--iters", type=int, default=150, help="iterations per way per round")
+    p.add_argument("--reps", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--out", help="write the JSON line here")
+    p.add_argument("--worker", nargs=2, metavar=("RANK", "PEER_IP"), help=argparse.SUPPRESS)
+
+
+# -- a rank, inside its namespace ----------------------------------------------------------------
+def _worker(a: argparse.Namespace) -> int:
+    import torch
+    torch.set_num_threads(1)
+    rank, peer = int(a.worker[0]), a.worker[1]
+    if rank == 0:
+        srv = socket.create_server(("0.0.0.0", PORT))
+        srv.settimeout(60)
+        s, _ = srv.accept()
+        srv.close()
+    else:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                s = socket.create_connection((peer, PORT), timeout=5)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    s.settimeout(None)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        s.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+    x, y = torch.randn(200, 200), torch.randn(200, 200)
+    t0 = time.perf_counter()
+    for _ in range(50):
+        torch.mm(x, y)
+    k = max(1, round(a.compute_us * 1e-6 / ((time.perf_counter() - t0) / 50)))
+    msg, buf = bytearray(a.bytes), bytearray(a.bytes)
+    view = memoryview(buf)
+
+    def compute() -> None:
+        for _ in range(k):
+            torch.mm(x, y)
+
+    def receive(n: int) -> None:
+        got = 0
+        while got < n:
+            try:
+                r = s.recv_into(view[got:n], 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                os.sched_yield()
+                continue
+            if r == 0:
+                raise ConnectionError("the peer closed the connection")
+            got += r
+
+    def sync() -> None:  # both ranks start a way together
+        s.sendall(b"s")
+        receive(1)
+
+    def one(mode: str) -> None:
+        if mode == "none":
+            compute()
+        elif mode == "standard":
+            compute()
+            s.sendall(msg)
+            receive(a.bytes)
+        else:
+            s.sendall(msg)
+            compute()
+            receive(a.bytes)
+
+    runs: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
+    for m in MODES:  # warm-up
+        sync()
+        for _ in range(10):
+            one(m)
+    for rep in range(a.reps):
+        for m in MODES if rep % 2 == 0 else MODES[::-1]:
+            sync()
+            w0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(a.iters):
+                one(m)
+            runs[m].append(((time.perf_counter() - w0) / a.iters,
+                            (time.process_time() - c0) / a.iters))
+    sync()
+    s.close()
+    if rank == 0:
+        print(json.dumps({m: {"wall_us": 1e6 * statistics.median(r[0] for r in v),
+                              "cpu_us": 1e6 * statistics.median(r[1] for r in v)}
+                          for m, v in runs.items()} | {"matmuls": k}))
+    return 0
+
+
+# -- the driver ------------------------------------------------------------------------------------
+def _pair(a: argparse.Namespace, ns: tuple[str, str], ips: tuple[str, str]) -> dict:
+    def cmd(r: int) -> list[str]:
+        return ["ip", "netns", "exec", ns[r], sys.executable, "-m", "bench.linkcost",
+                "--worker", str(r), ips[1 - r], "--bytes", str(a.bytes),
+                "--compute-us", str(a.compute_us), "--iters", str(a.iters), "--reps", str(a.reps)]
+    procs = [subprocess.Popen(cmd(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=900) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(procs, outs):
+        if p.returncode:
+            raise SystemExit(f"bench linkcost: a rank failed:\n{err[-2000:]}")
+    return json.loads(outs[0][0].strip().splitlines()[-1])
+
+
+def run(a: argparse.Namespace) -> int:
+    if a.worker:
+        return _worker(a)
+    from cluster.launcher import ClusterError, veth_pair
+    from cluster.links import check_mtu, parse_link
+    link = parse_link(a.link)
+    rows = []
+    for mtu in (check_mtu(int(x)) for x in a.mtus.split(",") if x.strip()):
+        log(f"{link.spec}, MTU {mtu}: {a.reps} x {a.iters} iterations a way")
+        try:
+            with veth_pair(link, f"lc{os.getpid() % 10000}", mtu) as (ns, ips):
+                r = _pair(a, ns, ips)
+        except ClusterError as e:
+            print(f"bench linkcost: {e}", file=sys.stderr)
+            return 2
+        none, std, ovl = (r[m] for m in MODES)
+        gap = std["wall_us"] - none["wall_us"]
+        rows.append({"mtu": mtu, **{f"{m}_{k}": r[m][k] for m in MODES for k in ("wall_us",
+                                                                               "cpu_us")},
+                     "exchange_cpu_us": ovl["cpu_us"] - none["cpu_us"],
+                     "efficiency": (std["wall_us"] - ovl["wall_us"]) / gap if gap > 0 else None})
+    print(table(f"{a.bytes} bytes each way per iteration over a veth pair shaped {link.spec}, "
+                f"~{a.compute_us:.0f} us compute; us per iteration (medians of {a.reps})",
+                ["MTU", "none", "standard", "overlapped", "exchange CPU", "efficiency"],
+                [[r["mtu"], r["none_wall_us"], r["standard_wall_us"], r["overlapped_wall_us"],
+                  r["exchange_cpu_us"],
+                  "-" if r["efficiency"] is None else f"{r['efficiency']:.2f}"] for r in rows],
+                digits=1))
+    emit({"bench": "linkcost", "link": link.spec, "bytes": a.bytes,
+          "compute_us": a.compute_us, "iters": a.iters, "reps": a.reps, "rows": rows},
+         a.out, "linkcost")
+    return 0
+
+
+def main() -> int:
+    return bench_main(__doc__, add_args, run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
