@@ -181,10 +181,10 @@ def _pick_subnet(name: str) -> str:
 def veth_pair(link: Link, tag: str, mtu: int = 1500
               ) -> Iterator[tuple[tuple[str, str], tuple[str, str]]]:
     """Two network namespaces, `lsc-<tag>-0` and `lsc-<tag>-1`, joined by one veth pair of
-    `mtu` whose ends are shaped like `link` (tbf; the veth as it is for high-end): for a local group's two
-    ranks (`GroupOptions.netns`), without Ray. Yields (namespaces, addresses); both namespaces,
-    and with them the pair, are removed on exit, whatever happened. Raises ClusterError where
-    namespaces cannot be made (namespaces_allowed says why)."""
+    `mtu` whose ends are shaped like `link` (tbf; the veth as it is for high-end): for a local
+    group's two ranks (`GroupOptions.netns`), without Ray. Yields (namespaces, addresses);
+    both namespaces, and with them the pair, are removed on exit, whatever happened. Raises
+    ClusterError where namespaces cannot be made (namespaces_allowed says why)."""
     if not _NAME.match(tag):
         raise ClusterError(f"veth pair tag {tag!r}: 1-6 lowercase letters or digits")
     why = namespaces_allowed()
