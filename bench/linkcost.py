@@ -21,19 +21,16 @@ frame through early.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import time
 
 from bench.table import table
-from bench.timed import bench_main, emit, log
+from bench.timed import bench_main, emit, log, probe_pair
 
 MODES = ("none", "standard", "overlapped")
-PORT = 29561
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -44,16 +41,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=150, help="iterations per way per round")
     p.add_argument("--reps", type=int, default=3, help="interleaved rounds")
     p.add_argument("--out", help="write the JSON line here")
-    p.add_argument("--worker", nargs=2, metavar=("RANK", "PEER_IP"), help=argparse.SUPPRESS)
 
 
 # -- a rank, inside its namespace ----------------------------------------------------------------
-def _worker(a: argparse.Namespace) -> int:
+def _rank(rank: int, init: str, ns: tuple[str, str], a: argparse.Namespace, out) -> None:
+    """One rank: into its namespace, meet the peer at `init` (rank 0 listens), run every way."""
     import torch
+
+    from ladder.runner import enter_netns
+    enter_netns(ns[rank])
     torch.set_num_threads(1)
-    rank, peer = int(a.worker[0]), a.worker[1]
+    host, port = init.removeprefix("tcp://").rsplit(":", 1)
     if rank == 0:
-        srv = socket.create_server(("0.0.0.0", PORT))
+        srv = socket.create_server((host, int(port)))
         srv.settimeout(60)
         s, _ = srv.accept()
         srv.close()
@@ -61,7 +61,7 @@ def _worker(a: argparse.Namespace) -> int:
         deadline = time.monotonic() + 60
         while True:
             try:
-                s = socket.create_connection((peer, PORT), timeout=5)
+                s = socket.create_connection((host, int(port)), timeout=5)
                 break
             except OSError:
                 if time.monotonic() > deadline:
@@ -127,36 +127,13 @@ def _worker(a: argparse.Namespace) -> int:
     sync()
     s.close()
     if rank == 0:
-        print(json.dumps({m: {"wall_us": 1e6 * statistics.median(r[0] for r in v),
-                              "cpu_us": 1e6 * statistics.median(r[1] for r in v)}
-                          for m, v in runs.items()} | {"matmuls": k}))
-    return 0
+        out.put({m: {"wall_us": 1e6 * statistics.median(r[0] for r in v),
+                     "cpu_us": 1e6 * statistics.median(r[1] for r in v)}
+                 for m, v in runs.items()})
 
 
 # -- the driver ------------------------------------------------------------------------------------
-def _pair(a: argparse.Namespace, ns: tuple[str, str], ips: tuple[str, str]) -> dict:
-    def cmd(r: int) -> list[str]:
-        return ["ip", "netns", "exec", ns[r], sys.executable, "-m", "bench.linkcost",
-                "--worker", str(r), ips[1 - r], "--bytes", str(a.bytes),
-                "--compute-us", str(a.compute_us), "--iters", str(a.iters), "--reps", str(a.reps)]
-    procs = [subprocess.Popen(cmd(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in (0, 1)]
-    try:
-        outs = [p.communicate(timeout=900) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, (_, err) in zip(procs, outs):
-        if p.returncode:
-            raise SystemExit(f"bench linkcost: a rank failed:\n{err[-2000:]}")
-    return json.loads(outs[0][0].strip().splitlines()[-1])
-
-
 def run(a: argparse.Namespace) -> int:
-    if a.worker:
-        return _worker(a)
     from cluster.launcher import ClusterError, veth_pair
     from cluster.links import check_mtu, parse_link
     link = parse_link(a.link)
@@ -165,7 +142,7 @@ def run(a: argparse.Namespace) -> int:
         log(f"{link.spec}, MTU {mtu}: {a.reps} x {a.iters} iterations a way")
         try:
             with veth_pair(link, f"lc{os.getpid() % 10000}", mtu) as (ns, ips):
-                r = _pair(a, ns, ips)
+                r = probe_pair(_rank, ips[0], ns, a, timeout_s=900)
         except ClusterError as e:
             print(f"bench linkcost: {e}", file=sys.stderr)
             return 2

@@ -19,7 +19,6 @@ cheapest real link, so that its figure is the schedule's, not the transport's.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import signal
 import tempfile
@@ -33,11 +32,12 @@ from typing import Iterator
 import torch
 
 from bench.table import table
-from bench.timed import DecodeRun, OtherLoad, cpu_seconds, decode_run, log, median
+from bench.timed import (DecodeRun, OtherLoad, cpu_seconds, decode_run, log, median,
+                         probe_pair)
 from ladder.config import ResidualPlan
 from ladder.loaders import load_shard, open_checkpoint
 from ladder.model import build_model
-from ladder.runner import COMMS, GroupError, GroupOptions, LocalTPGroup, free_port
+from ladder.runner import COMMS, GroupError, GroupOptions, LocalTPGroup
 from ladder.tp import ShardSpec
 
 RESIDUALS = ("standard", "ladder", "parallel", "desync")
@@ -127,31 +127,13 @@ def _link_probe(rank: int, init: str, opts: GroupOptions, dim: int, iters: int, 
     comm.close()
 
 
-def _probe_pair(target, host: str, *args) -> float:
-    """Two spawned ranks running `target(rank, init, *args, out)`; rank 0's figure."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    init = f"tcp://{host}:{free_port()}"
-    procs = [ctx.Process(target=target, args=(r, init, *args, out), daemon=True)
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        return out.get(timeout=120)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-
-
 def link_allreduce_seconds(opts: GroupOptions, dim: int, iters: int) -> float:
     """The median isolated all-reduce of [1, dim] float32 over a namespaced group's link."""
-    return _probe_pair(_link_probe, opts.hosts[0], opts, dim, iters)
+    return probe_pair(_link_probe, opts.hosts[0], opts, dim, iters)
 
 
 def allreduce_seconds(dim: int, iters: int) -> float:
-    return _probe_pair(_allreduce_probe, "127.0.0.1", dim, iters)
+    return probe_pair(_allreduce_probe, "127.0.0.1", dim, iters)
 
 
 def module_seconds(folder: Path, reps: int = 5) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -9,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ladder.runner import LocalTPGroup
+from ladder.runner import LocalTPGroup, free_port
 from ladder.sampling import SamplingParams
 
 _T0 = time.perf_counter()
@@ -18,6 +19,38 @@ _T0 = time.perf_counter()
 def log(msg: str) -> None:
     """Progress on stderr (stdout carries the tables and the JSON line)."""
     print(f"[bench {time.perf_counter() - _T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+def probe_pair(target, host: str, *args, timeout_s: float = 120.0):
+    """Two spawned ranks running `target(rank, init, *args, out)`, `init` a free
+    tcp://host:port for them to meet at; what rank 0 puts on `out`. A rank that fails (its
+    traceback on stderr) ends the wait at once."""
+    import queue
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    init = f"tcp://{host}:{free_port()}"
+    procs = [ctx.Process(target=target, args=(r, init, *args, out), daemon=True)
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    deadline, grace = time.monotonic() + timeout_s, 30.0
+    try:
+        while True:
+            try:
+                return out.get(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if failed:
+                    grace = 0.0  # the other rank waits for the failed one: end it now
+                    raise RuntimeError(f"probe rank {failed[0]} of {target.__name__} exited "
+                                       f"with {procs[failed[0]].exitcode}") from None
+                if time.monotonic() >= deadline:
+                    raise
+    finally:
+        for p in procs:
+            p.join(timeout=grace)
+            if p.is_alive():
+                p.kill()
 
 
 def median(xs) -> float:

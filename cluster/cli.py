@@ -65,13 +65,13 @@ def run(a: argparse.Namespace) -> int:
 
 def _up(a: argparse.Namespace) -> int:
     from cluster.launcher import LINK_LABEL, ClusterError, token_path, up
-    from cluster.links import DEFAULT_MTU, check_mtu, parse_links
+    from cluster.links import DEFAULT_MTU, parse_links
     if a.nodes < 1:
         raise ClusterError("--nodes must be at least 1")
     links = parse_links(a.link, a.nodes)
     if a.plain and a.mtu is not None:
         raise ClusterError("--plain runs on loopback, whose MTU is its own: drop --mtu")
-    mtu = check_mtu(DEFAULT_MTU if a.mtu is None else a.mtu)
+    mtu = DEFAULT_MTU if a.mtu is None else a.mtu  # up() checks it
     st = up(a.name, links, cpus=a.cpus, head_cpus=a.head_cpus, plain=a.plain, mtu=mtu,
             timeout_s=a.timeout)
     print(f"cluster {st.name!r}: {len(st.nodes)} Ray nodes ready in {st.ready_s:.1f} s"

@@ -7,10 +7,10 @@ connection (TCP_NODELAY, non-blocking); `all_reduce(x)` writes this rank's parti
 peer at once (the kernel carries it: on a real link the NIC and the peer's kernel do the work
 while this rank computes) and returns; `wait()` reads the peers' partials, writing whatever is
 still unsent, until every byte of that operation is in (polling, then after 20 ms without
-progress sleeping in select), then sums in rank order (so every rank
-holds bit-identical sums, as with `shm`). Several operations may be in flight: bytes travel in
-issue order on each connection. A peer that closes its connection fails the wait at once; one
-that stalls fails it after `timeout_s`.
+progress sleeping in select), then sums in rank order (so every rank holds bit-identical sums,
+as with `shm`). Several operations may be in flight: bytes travel in issue order on each
+connection. A peer that closes its connection fails the wait at once; one that stalls fails it
+after `timeout_s`.
 
 The connections are set up through the gloo group (which also carries step plans and
 barriers): each rank listens on its node's address and tells the others through an all-gather;
