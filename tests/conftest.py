@@ -55,6 +55,14 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+    except OSError:
+        return "?"
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -109,6 +117,7 @@ def ray_cluster():
         while any(_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
         left = [p for p in pids if _alive(p)]
+        names = {p: _cmdline(p) for p in left}  # read before the kill: what outlived it
         for p in left:  # ours, by id: never a pattern match on other sessions' Ray
             os.kill(p, signal.SIGKILL)
         import shutil
@@ -118,7 +127,7 @@ def ray_cluster():
                 os.rmdir(ray_tmp)
             except OSError:
                 pass
-        assert not left, f"Ray processes outlived the cluster's shutdown: {left}"
+        assert not left, f"Ray processes outlived the cluster's shutdown: {names}"
 
 
 @pytest.fixture(scope="session")

@@ -144,17 +144,11 @@ def test_cheap_link_is_slower_for_a_large_allreduce(shaped):
         "ray.init()\n"
         f"he = allreduce_time({ips[1]!r}, {ips[2]!r}, 4 << 20)\n"
         f"ch = allreduce_time({ips[1]!r}, {ips[3]!r}, 4 << 20)\n"
-        f"he_tp = allreduce_time({ips[1]!r}, {ips[2]!r}, 72 << 10, reps=15)\n"
-        f"ch_tp = allreduce_time({ips[1]!r}, {ips[3]!r}, 72 << 10, reps=15)\n"
-        "print(json.dumps([he, ch, he_tp, ch_tp]))\n")
-    he, ch, he_tp, ch_tp = json.loads(out.strip().splitlines()[-1])
+        "print(json.dumps([he, ch]))\n")
+    he, ch = json.loads(out.strip().splitlines()[-1])
     print(f"4 MiB all-reduce: high-end {he * 1e3:.1f} ms, cheap {ch * 1e3:.1f} ms "
-          f"({ch / he:.1f}x); 72 KiB: {he_tp * 1e6:.0f} us, {ch_tp * 1e6:.0f} us "
-          f"({ch_tp / he_tp:.1f}x)")
+          f"({ch / he:.1f}x)")
     assert ch > 2 * he  # 1 Gbit/s moves 4 MiB in >= 33 ms; the veth takes a few
-    # a batch-32 decode all-reduce of SmolLM2 (74 KiB): the jumbo frames' one-frame bucket lets
-    # only 9 KiB of it through early, so it still takes ~0.5 ms at 1 Gbit/s
-    assert ch_tp > 1.5 * he_tp
 
 
 @needs_root
