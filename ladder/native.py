@@ -5,7 +5,9 @@ machine that is not Linux, or `LADDER_NATIVE=0` in the environment (the plain to
 then run, with the same results up to the order of additions). It is built with -march=native
 for the machine it runs on, once per source and CPU, into `$LADDER_NATIVE_DIR` (default
 `~/.cache/ladder-serve/native`), by a compiler run that takes about a second; concurrent first
-uses (the ranks of a group) each build into a temporary file and rename it into place.
+uses (the ranks of a group) each build into a temporary file and rename it into place. Each
+build prunes the directory to the `KEEP` newest libraries (other checkouts and CPUs sharing it
+keep theirs) and drops temporary files a crashed build left an hour or more ago.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared"]
 LIBS = ["-lmvec", "-lm"]
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+KEEP = 4  # libraries kept in the directory: this source's and a few other checkouts' or CPUs'
 
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -82,6 +85,34 @@ def build(path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    prune(path.parent, keep=path)
+
+
+def prune(root: Path, keep: Path | None = None, now: float | None = None) -> list[Path]:
+    """Remove all but the `KEEP` newest libraries in `root` (never `keep`), and temporary files of
+    builds that started an hour or more ago; returns what it removed. A library in use stays
+    mapped in the processes that loaded it."""
+    import time
+    now = time.time() if now is None else now
+    libs, gone = [], []
+    for p in root.glob("ladder_native-*"):
+        try:
+            mtime = p.stat().st_mtime
+        except OSError:  # another process pruned or renamed it meanwhile
+            continue
+        if p.name.endswith(".so.tmp"):
+            if now - mtime >= 3600:
+                gone.append(p)
+        elif p.suffix == ".so" and p != keep:
+            libs.append((mtime, p))
+    libs.sort(reverse=True)
+    gone += [p for _, p in libs[KEEP - (keep is not None):]]
+    for p in gone:
+        try:
+            p.unlink()
+        except OSError:
+            pass
+    return gone
 
 
 def load() -> ctypes.CDLL | None:

@@ -8,6 +8,8 @@ rotated keys written into the cache), within float32 summation-order noise elsew
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 import pytest
 import torch
@@ -220,3 +222,24 @@ def test_builds_into_its_directory(monkeypatch, tmp_path):
     mtime = built[0].stat().st_mtime_ns
     monkeypatch.setattr(native, "_tried", False)
     assert native.load() is not None and built[0].stat().st_mtime_ns == mtime
+
+
+def test_build_prunes_old_libraries(monkeypatch, tmp_path):
+    """A build keeps the KEEP newest libraries (its own among them) and drops an hour-old
+    temporary file of a crashed build; a fresh temporary file (a build under way) stays."""
+    monkeypatch.setenv("LADDER_NATIVE_DIR", str(tmp_path))
+    now = time.time()
+    old = []
+    for i in range(native.KEEP + 2):  # other checkouts' builds, newest first
+        p = tmp_path / f"ladder_native-{i:016x}.so"
+        p.write_bytes(b"")
+        os.utime(p, (now - 60 * (i + 1),) * 2)
+        old.append(p)
+    crashed, running = tmp_path / "ladder_native-x.so.tmp", tmp_path / "ladder_native-y.so.tmp"
+    for p, age in ((crashed, 7200), (running, 10)):
+        p.write_bytes(b"")
+        os.utime(p, (now - age,) * 2)
+    native.build(native.library_path())
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([native.library_path().name, running.name,
+                           *(p.name for p in old[:native.KEEP - 1])])
