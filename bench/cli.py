@@ -18,7 +18,8 @@ BENCHES = {
     "metrics_cost": "bench.metrics_cost",  # Prometheus metrics on vs off, per token
     "actors": "bench.actors",  # Ray actor groups vs the plain runner; 1/4/16 concurrent streams
     "interconnects": "bench.interconnects",  # ladder vs standard per link on a launched cluster
-    "linkcost": "bench.linkcost",  # what a shaped veth costs the computing cores, by MTU
+    "linkcost": "bench.linkcost",  # what a link costs the computing cores, by MTU and size
+    "sampling": "bench.sampling",  # sampled decode against greedy at TP=2, per link and batch
     "adapt_curve": "bench.adapt_curve",  # ladder adaptation: perplexity recovery vs tokens
     "adapted_serve": "bench.adapted_serve",  # an adapted folder served: README prompt, TP2 = TP1
 }

@@ -3,7 +3,8 @@
 Leader-driven SPMD: the leader (rank 0) decides each step's batch and broadcasts it to the other
 ranks through the communicator's CPU group (`StepBatch.encode` -> one int64 header broadcast,
 one body broadcast); every rank then runs the same forward and its slice of the LM head; the
-leader gets the full logits, or for a step whose rows are all greedy, their most likely tokens.
+leader gets the rows' tokens (greedy, or sampled under each row's parameters, without gathering
+the logits), or the full logits where the batch asks for them.
 Followers sit in `follow()` until the leader sends STOP. `ping()` is a health check that crosses
 every rank: a broadcast, then an all-reduce of ones that must sum to the group's size; an idle
 leader also pings as a heartbeat, so that no follower's wait runs into the link's timeout.
@@ -32,30 +33,44 @@ class StepBatch:
     starts: list[int]
     all_logits: bool = False  # logits for every position (reference checks), not only the last
     greedy: bool = False  # every row takes its most likely token: the step returns token ids
+    # each row's sampling (ladder.sampling.encode_rows, int64 [B, 4]): the step returns token ids
+    sampling: torch.Tensor | None = None
+
+    def body_len(self) -> int:
+        return self.body_size(len(self.tokens), max(len(r) for r in self.tokens),
+                              self.sampling is not None)
+
+    @staticmethod
+    def body_size(b: int, t: int, sampled: bool) -> int:
+        return b * (t + 3) + (4 * b if sampled else 0)
 
     def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
         t = max(len(r) for r in self.tokens)
         head = torch.tensor([OP_STEP, len(self.tokens), t,
-                             int(self.all_logits) | int(self.greedy) << 1])
-        body = torch.zeros(len(self.tokens) * (t + 3), dtype=torch.int64)
+                             int(self.all_logits) | int(self.greedy) << 1
+                             | int(self.sampling is not None) << 2])
+        body = torch.zeros(self.body_len(), dtype=torch.int64)
         b = len(self.tokens)
         for i, row in enumerate(self.tokens):
             body[i * t:i * t + len(row)] = torch.tensor(row)
         base = b * t
         body[base:base + b] = torch.tensor(self.slots)
         body[base + b:base + 2 * b] = torch.tensor(self.starts)
-        body[base + 2 * b:] = torch.tensor([len(r) for r in self.tokens])
+        body[base + 2 * b:base + 3 * b] = torch.tensor([len(r) for r in self.tokens])
+        if self.sampling is not None:
+            body[base + 3 * b:] = self.sampling.reshape(-1)
         return head, body
 
     @classmethod
     def decode(cls, head: torch.Tensor, body: torch.Tensor) -> "StepBatch":
         _, b, t, flags = head.tolist()
         base = b * t
-        lens = body[base + 2 * b:].tolist()
+        lens = body[base + 2 * b:base + 3 * b].tolist()
         toks = body[:base].view(b, t)
         return cls(tokens=[toks[i, :lens[i]].tolist() for i in range(b)],
                    slots=body[base:base + b].tolist(), starts=body[base + b:base + 2 * b].tolist(),
-                   all_logits=bool(flags & 1), greedy=bool(flags & 2))
+                   all_logits=bool(flags & 1), greedy=bool(flags & 2),
+                   sampling=body[base + 3 * b:].view(b, 4).clone() if flags & 4 else None)
 
 
 @dataclass(slots=True)
@@ -89,8 +104,9 @@ class ShardEngine:
     # -- SPMD ----------------------------------------------------------------------------------
     def step(self, batch: StepBatch) -> torch.Tensor | None:
         """Leader: broadcast `batch`, run it, return logits [B, V] (or [B, T, V] with all_logits),
-        or with `greedy` each row's most likely token id [B] (int64): then only each rank's best
-        (value, id) per row crosses the link, not the logits (ladder.model.Transformer.greedy)."""
+        or with `greedy` each row's most likely token id [B] (int64), or with `sampling` each
+        row's sampled token id [B]: then only each rank's best (value, id) per row crosses the
+        link, not the logits (ladder.model.Transformer.greedy and .sample)."""
         if self.comm.world_size > 1:
             head, body = batch.encode()
             self.comm.broadcast(head)
@@ -124,13 +140,13 @@ class ShardEngine:
         head = torch.zeros(_HEADER, dtype=torch.int64)
         while True:
             self.comm.broadcast(head)
-            op, b, t, _ = head.tolist()
+            op, b, t, flags = head.tolist()
             if op == OP_STOP:
                 return
             if op == OP_PING:
                 self._ping_reduce()
                 continue
-            body = torch.zeros(b * (t + 3), dtype=torch.int64)
+            body = torch.zeros(StepBatch.body_size(b, t, bool(flags & 4)), dtype=torch.int64)
             self.comm.broadcast(body)
             self._run(StepBatch.decode(head, body))
 
@@ -145,8 +161,14 @@ class ShardEngine:
             if not batch.all_logits:
                 h = h[torch.arange(h.shape[0]), torch.tensor(lens, device=h.device) - 1]
             # every rank: the LM head is vocabulary-parallel
-            out = self.model.greedy(h) if batch.greedy and not batch.all_logits \
-                else self.model.logits(h)
+            if batch.all_logits:
+                out = self.model.logits(h)
+            elif batch.sampling is not None:
+                out = self.model.sample(h, batch.sampling)
+            elif batch.greedy:
+                out = self.model.greedy(h)
+            else:
+                out = self.model.logits(h)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         stats.collect()

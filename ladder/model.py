@@ -300,16 +300,153 @@ class Transformer(nn.Module):
         argmax over the gathered logits, ties included (the first maximum: vocabulary slices
         are in rank order).
         """
-        local = self.local_logits(h).float()
+        return self._best(self.local_logits(h).float())
+
+    def _best(self, local: torch.Tensor) -> torch.Tensor:
+        """Token ids [B] of the largest of `local` [B, V_local] over every rank's slice."""
         idx = local.argmax(-1)
         if self.spec.world == 1:
             return idx
-        best = local.new_zeros(self.spec.world, 2, h.shape[0])
+        best = local.new_zeros(self.spec.world, 2, local.shape[0])
         best[self.spec.rank, 0] = local.gather(-1, idx[:, None])[:, 0]
         best[self.spec.rank, 1] = (idx + self.spec.vocab[0]).float()  # exact below 2**24
         work = self._reduce.all_reduce(best)
         work.kind = "gather"
         return best_over_ranks(work.wait())
+
+    def sample(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """A token per row of h [B, D] under each row's sampling (`ladder.sampling.encode_rows`:
+        temperature, top_k, top_p, the step's seed; a temperature under `MIN_TEMPERATURE` is
+        greedy): int64 [B] on the leader (every rank must call this; the others' result means
+        nothing), without gathering the logits.
+
+        Every sampled row draws by inverse CDF in vocabulary order (`sampling.picks`). One
+        all-reduce carries, per sampled row, each rank's logsumexp of logit / temperature over
+        its slice and its largest values with their ids (`CANDIDATES` of them where top-p is on,
+        top_k where top-k is). A row that top-k or top-p cut is drawn by the leader from those
+        candidates when every token it keeps is among them (`sampling.thresholds`); a row that
+        cuts nothing is drawn in the slice of the rank its draw falls in (the slices' masses
+        are in the table), which sends its token in the same (value, id) exchange that greedy
+        rows use; a top-p row whose nucleus reaches below the candidates, or a top_k beyond
+        `TOPK_IN_TABLE`, gathers its logits.
+        Where top-p is on, the leader's reading of which rows those are is sent to all ranks (a
+        [rows] all-reduce), since the branches differ in collectives.
+        """
+        from ladder.sampling import (CANDIDATES, MIN_TEMPERATURE, TOPK_IN_TABLE, decode_rows,
+                                     picks, thresholds, uniform)
+        temp, top_k, top_p, seeds = decode_rows(rows)
+        local = self.local_logits(h).float()
+        sampled = [i for i, t in enumerate(temp) if t >= MIN_TEMPERATURE]
+        if not sampled:
+            return self._best(local)
+        world, rank, lead = self.spec.world, self.spec.rank, self.spec.rank == 0
+        lo, hi = self.spec.vocab
+        v_local = hi - lo
+        x = local[sampled] / torch.tensor([temp[i] for i in sampled],
+                                          dtype=torch.float32)[:, None]
+        vocab = self.config.vocab_size
+        ks = [k if k < vocab else 0 for k in (top_k[i] for i in sampled)]  # k >= V cuts nothing
+        ps = [top_p[i] for i in sampled]
+        us = [uniform(seeds[i]) for i in sampled]
+        n = len(sampled)
+        cut = [j for j in range(n) if ks[j] or ps[j] < 1]
+        c = max(1, *(k for k in ks if k <= TOPK_IN_TABLE),
+                CANDIDATES if min(ps) < 1 else 0) if cut else 1
+        # per rank and sampled row: c values, their ids (rows that cut), logsumexp, whether
+        # tokens stayed home
+        table = x.new_zeros(world, n, 2 * c + 2)
+        table[rank, :, :c] = float("-inf")
+        if cut:
+            top = x[cut].topk(min(c, v_local), -1)
+            w = top.values.shape[1]
+            table[rank, cut, :w] = top.values
+            table[rank, cut, c:c + w] = (top.indices + lo).float()  # exact below 2**24
+        peak = x.max(-1).values
+        e = (x - peak[:, None]).exp_()  # [n, V_local]: exp(x) / exp(peak)
+        table[rank, :, 2 * c] = peak + e.sum(-1).log()
+        table[rank, :, 2 * c + 1] = float(v_local > c)
+        if world > 1:
+            table = self._gather_wait(table)
+        lse = table[:, :, 2 * c]  # [world, n]
+        log_z = torch.logsumexp(lse, 0)
+        last = table[:, :, c - 1].masked_fill(table[:, :, 2 * c + 1] == 0, float("-inf"))
+        bound = last.max(0).values  # every token that stayed home is at most this
+        LOCAL, FROM_TABLE, WHOLE = 0, 1, 2
+        modes = [LOCAL] * n
+        f64 = torch.float64
+        us_t = torch.tensor(us, dtype=f64)
+        if cut:
+            vals = table[:, cut, :c].permute(1, 0, 2).reshape(len(cut), -1)
+            ids = table[:, cut, c:2 * c].permute(1, 0, 2).reshape(len(cut), -1)
+            tau, ok = thresholds(vals.sort(-1, descending=True).values,
+                                 torch.tensor([ks[j] for j in cut]),
+                                 torch.tensor([ps[j] for j in cut], dtype=f64),
+                                 log_z[cut], bound[cut])
+            from_table = ok & (bound[cut].double() < tau)  # every kept token is a candidate
+            for f, j in enumerate(cut):  # a top_k beyond the table: gathered, on every rank
+                modes[j] = FROM_TABLE if from_table[f] and ks[j] <= TOPK_IN_TABLE else WHOLE
+            if world > 1 and min(ps) < 1:  # the leader's reading decides
+                agreed = x.new_zeros(n)
+                if lead:
+                    agreed[:] = torch.tensor(modes, dtype=torch.float32)
+                modes = [int(m) for m in self._gather_wait(agreed).tolist()]
+        out = torch.zeros(local.shape[0], dtype=torch.int64)  # filled in below, on the leader
+        if lead and cut:
+            rows_t = [f for f, j in enumerate(cut) if modes[j] == FROM_TABLE]
+            if rows_t:
+                keep = vals[rows_t].double() >= tau[rows_t, None]
+                got = picks(vals[rows_t].masked_fill(~keep, float("-inf")), ids[rows_t].long(),
+                            us_t[[cut[f] for f in rows_t]])
+                for f, t in zip(rows_t, got.tolist()):
+                    out[sampled[cut[f]]] = t
+        whole = [j for j in range(n) if modes[j] == WHOLE]
+        if whole:
+            full = x.new_zeros(len(whole), vocab)
+            full[:, lo:hi] = x[whole]
+            if world > 1:
+                full = self._gather_wait(full)
+            if lead:
+                none = torch.full((len(whole),), float("-inf"), dtype=f64)
+                tau_w, _ = thresholds(full.sort(-1, descending=True).values,
+                                      torch.tensor([ks[j] for j in whole]),
+                                      torch.tensor([ps[j] for j in whole], dtype=f64),
+                                      torch.logsumexp(full, -1), none)
+                got = picks(full.masked_fill(full.double() < tau_w[:, None], float("-inf")),
+                            torch.arange(vocab).expand(len(whole), vocab), us_t[whole])
+                for j, t in zip(whole, got.tolist()):
+                    out[sampled[j]] = t
+        drawn = [j for j in range(n) if modes[j] == LOCAL]
+        greedy = [i for i, t in enumerate(temp) if t < MIN_TEMPERATURE]
+        if not drawn and not greedy:
+            return out
+        mass = (lse.double() - log_z.double()).exp()  # [world, n]: each slice's share
+        before = mass.cumsum(0) - mass
+        best = local.new_zeros(world, 2, local.shape[0])
+        if drawn:  # this rank's draw for each such row, were it to fall in this slice
+            d = torch.tensor(drawn)
+            share = (us_t[d] - before[rank, d]) / mass[rank, d].clamp_min(1e-300)
+            best[rank, 1, [sampled[j] for j in drawn]] = (_draw(e[d], share) + lo).float()
+        if greedy:
+            g = local[greedy].argmax(-1)
+            best[rank, 0, greedy] = local[greedy].gather(-1, g[:, None])[:, 0]
+            best[rank, 1, greedy] = (g + lo).float()
+        if world > 1:
+            best = self._gather_wait(best)
+        if lead:
+            if greedy:
+                out[greedy] = best_over_ranks(best[:, :, greedy])
+            for j in drawn:  # the slice the draw falls in (the last with mass, at the edge)
+                ends = (before[:, j] + mass[:, j]).tolist()
+                r = next((r for r in range(world) if us[j] < ends[r]),
+                         max(r for r in range(world) if mass[r, j] > 0))
+                out[sampled[j]] = int(best[r, 1, sampled[j]])
+        return out
+
+    def _gather_wait(self, table: torch.Tensor) -> torch.Tensor:
+        """All-reduce a table that each rank fills in its own part (zeros elsewhere)."""
+        work = self._reduce.all_reduce(table)
+        work.kind = "gather"
+        return work.wait()
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Full logits [..., V] on every rank: each computes its vocabulary rows, then one
@@ -322,6 +459,24 @@ class Transformer(nn.Module):
         work = self._reduce.all_reduce(full)
         work.kind = "gather"
         return work.wait()
+
+
+def _draw(e: torch.Tensor, share: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """Inverse CDF per row of weights e [R, V] (float32): the first index whose cumulative
+    weight exceeds share [R] (float64, in [0, 1)) of the row's total; out of range, the edge.
+    Sums of `block` weights in float32, accumulated in float64: one pass over e, then one block."""
+    r, v = e.shape
+    nb = -(-v // block)
+    if v % block:
+        e = torch.cat([e, e.new_zeros(r, nb * block - v)], 1)
+    blocks = e.view(r, nb, block)
+    ends = blocks.sum(-1).double().cumsum(-1)  # [R, nb]
+    target = share * ends[:, -1]
+    b = torch.searchsorted(ends, target[:, None], right=True)[:, 0].clamp_(0, nb - 1)
+    prev = torch.where(b > 0, ends.gather(1, (b - 1).clamp_min(0)[:, None])[:, 0], 0.0)
+    inner = blocks[torch.arange(r), b].double().cumsum(-1)  # [R, block]
+    k = torch.searchsorted(inner, (target - prev)[:, None], right=True)[:, 0].clamp_(0, block - 1)
+    return (b * block + k).clamp_(max=v - 1)
 
 
 def best_over_ranks(best: torch.Tensor) -> torch.Tensor:

@@ -42,9 +42,18 @@ class SamplingParams:
         return self.temperature == 0
 
 
+# each rank's largest values (and their ids) per top-p row that cross the link: they decide the
+# nucleus unless it reaches below them (a flat distribution), when the row's logits cross instead
+CANDIDATES = 128
+TOPK_IN_TABLE = 512  # a larger top_k gathers its row: the k-th largest needs k values a rank
+MIN_TEMPERATURE = 1e-4  # below it a row is greedy (logit / temperature would overflow)
+
+
 class Sampler:
-    """Samples one token per row; each request owns a torch.Generator seeded from its seed,
-    so its tokens do not depend on what else is in the batch."""
+    """Each sampled request owns a torch.Generator seeded from its seed; every step draws 62
+    random bits per row from it (the step's `uniform`), and the ranks sample by inverse CDF in
+    vocabulary order. So a request's tokens depend on neither the rest of the batch nor the TP
+    size."""
 
     def __init__(self) -> None:
         self._gens: dict[object, torch.Generator] = {}
@@ -59,25 +68,87 @@ class Sampler:
     def remove(self, key: object) -> None:
         self._gens.pop(key, None)
 
-    def sample(self, logits: torch.Tensor, keys: list, params: list[SamplingParams]) -> list[int]:
-        """logits [B, V] (any float dtype) -> one token id per row."""
-        logits = logits.float().cpu()
-        out = logits.argmax(-1).tolist()
-        for i, p in enumerate(params):
-            if not p.greedy:
-                out[i] = self._sample_row(logits[i], p, self._gens[keys[i]])
-        return out
+    def rows(self, keys: list, params: list[SamplingParams]) -> torch.Tensor:
+        """A step's sampling table (`encode_rows`), with this step's seed for each sampled row."""
+        seeds = [0 if p.greedy else int(torch.randint(0, 2**62, (), generator=self._gens[k]))
+                 for k, p in zip(keys, params)]
+        return encode_rows([p.temperature for p in params], [p.top_k for p in params],
+                           [p.top_p for p in params], seeds)
 
-    @staticmethod
-    def _sample_row(row: torch.Tensor, p: SamplingParams, g: torch.Generator) -> int:
-        row = row / p.temperature
-        if p.top_k:
-            kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        if p.top_p < 1:
-            sorted_, idx = row.sort(descending=True)
-            probs = sorted_.softmax(-1)
-            # drop a token when the tokens before it already reach top_p (keeps at least one)
-            drop = probs.cumsum(-1) - probs >= p.top_p
-            row = row.scatter(0, idx[drop], float("-inf"))
-        return int(torch.multinomial(row.softmax(-1), 1, generator=g).item())
+
+def encode_rows(temperature, top_k, top_p, seeds) -> torch.Tensor:
+    """int64 [B, 4]: temperature and top_p as float64 bits, top_k, the step's seed (it travels in
+    the step's int64 broadcast)."""
+    t = torch.tensor(temperature, dtype=torch.float64).view(torch.int64)
+    p = torch.tensor(top_p, dtype=torch.float64).view(torch.int64)
+    return torch.stack([t, torch.tensor(top_k, dtype=torch.int64), p,
+                        torch.tensor(seeds, dtype=torch.int64)], 1)
+
+
+def decode_rows(rows: torch.Tensor) -> tuple[list[float], list[int], list[float], list[int]]:
+    r = rows.t().contiguous()
+    return (r[0].view(torch.float64).tolist(), r[1].tolist(), r[2].view(torch.float64).tolist(),
+            r[3].tolist())
+
+
+def uniform(seed: int) -> float:
+    """The step's draw in [0, 1) from a row's seed (62 random bits)."""
+    return seed / 2.0**62
+
+
+def picks(values: torch.Tensor, ids: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws, one per row of values [R, N] (weights exp(values); -inf weighs
+    nothing) over the tokens ids [R, N] (any order): the first token in vocabulary order whose
+    cumulative probability exceeds u [R] (float64). The same rule as a vocabulary-parallel draw
+    (`ladder.model.Transformer.sample`), so a seed draws the same token however the vocabulary
+    is split. Returns token ids [R] (int64)."""
+    order = ids.argsort(1)
+    v = values.gather(1, order).double()
+    cdf = (v - v.max(1, keepdim=True).values).exp().cumsum(1)
+    k = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
+    return ids.gather(1, order).gather(1, k.clamp_(max=v.shape[1] - 1))[:, 0].long()
+
+
+def pick(values: torch.Tensor, ids: torch.Tensor, u: float) -> int:
+    """`picks` for one row."""
+    return int(picks(values[None], ids[None], torch.tensor([u], dtype=torch.float64))[0])
+
+
+def thresholds(values: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+               log_z: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The least value (logit / temperature) a token needs to stay in play after top-k, then
+    top-p (-inf: nothing cut), per row, and whether `values` decide it.
+
+    values [R, N]: candidates in descending order (-inf pads allowed), holding every token above
+    bound [R] and, where top_k [R] (0: off) is on, at least the top_k largest overall; top_p [R]
+    (1: off); log_z [R]: logsumexp over the whole vocabulary. Top-k keeps the tokens at least as
+    large as the k-th largest; top-p then keeps, of those, the largest in order until the ones
+    before reach `top_p` of their (renormalized) mass, and every token equal to the last one
+    kept. Returns (thresholds [R] float64, decided [R] bool): undecided where a token that is
+    not among the candidates may be kept by top-p, or weighs in its normalization.
+    """
+    r, n = values.shape
+    v = values.double()
+    ninf = torch.tensor(float("-inf"), dtype=torch.float64)
+    kth = v.gather(1, (top_k - 1).clamp(0, n - 1)[:, None])[:, 0]
+    k_on = (top_k > 0) & (top_k <= n) & (kth > ninf)
+    tau = torch.where(k_on, kth, ninf)
+    kept = (v >= tau[:, None]) & (v > ninf)  # a prefix of each row
+    lz = torch.where(k_on, torch.logsumexp(v.masked_fill(~kept, ninf), 1), log_z.double())
+    probs = (v - lz[:, None]).exp().masked_fill(~kept, 0.0)
+    before = probs.cumsum(1) - probs
+    count = ((before < top_p.double()[:, None]) & kept).sum(1).clamp_(min=1)
+    cut = v.gather(1, (count - 1)[:, None])[:, 0]
+    p_on = top_p < 1
+    b = bound.double()
+    decided = ~p_on | ((b < cut) & (~k_on | (b < tau)))
+    return torch.where(p_on, torch.maximum(tau, cut), tau), decided
+
+
+def threshold(values: torch.Tensor, top_k: int, top_p: float, log_z: float,
+              bound: float = float("-inf")) -> float | None:
+    """`thresholds` for one row; None where the candidates do not decide it."""
+    f64 = torch.float64
+    tau, ok = thresholds(values[None], torch.tensor([top_k]), torch.tensor([top_p], dtype=f64),
+                         torch.tensor([log_z], dtype=f64), torch.tensor([bound], dtype=f64))
+    return float(tau[0]) if bool(ok[0]) else None

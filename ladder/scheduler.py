@@ -156,14 +156,14 @@ class Scheduler:
 
     def _step(self, rows: list[Request], tokens: list[list[int]],
               starts: list[int]) -> list[TokenEvent]:
-        """One engine step for `rows`, then a token each: the step's own token ids when every
-        row is greedy, else sampled from its logits."""
+        """One engine step for `rows`, then a token each: the step's own token ids, greedy or
+        sampled on the ranks under each row's parameters (ladder.model.Transformer.sample)."""
         greedy = all(r.params.greedy for r in rows)
+        sampling = None if greedy else \
+            self.sampler.rows([r.id for r in rows], [r.params for r in rows])
         out = self.engine.step(StepBatch(tokens=tokens, slots=[r.slot for r in rows],
-                                         starts=starts, greedy=greedy))
-        toks = out.tolist() if greedy else \
-            self.sampler.sample(out, [r.id for r in rows], [r.params for r in rows])
-        return self._emit(rows, toks)
+                                         starts=starts, greedy=greedy, sampling=sampling))
+        return self._emit(rows, out.tolist())
 
     def _emit(self, rows: list[Request], toks: list[int]) -> list[TokenEvent]:
         now = time.perf_counter()

@@ -348,6 +348,25 @@ def test_bench_linkcost_short_run(tmp_path):
     assert not [n for n in launcher._netns_list() if n.startswith("lsc-lc")]
 
 
+@needs_root
+def test_bench_sampling_short_run(tmp_path):
+    """`ladder bench sampling`: greedy, sampled and top-p decode at TP=2 over loopback and a
+    cheap veth pair; sampling adds a few KiB a step, never the logits; nothing is left."""
+    p = ladder("bench", "sampling", "--links", "loopback,cheap", "--batches", "2",
+               "--tokens", "3", "--reps", "1", "--out", str(tmp_path), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert [(r["link"], r["batch"]) for r in result["rows"]] == [("loopback", 2), ("cheap", 2)]
+    assert result["skipped"] == {}
+    for r in result["rows"]:
+        assert set(r["ms_per_step"]) == {"greedy", "sampled", "top-p"}
+        extra = r["extra_bytes_per_step"]
+        # 2 rows of logits would be 2 x 49152 x 4 = 384 KiB a step
+        assert extra["greedy"] == 0 and 0 < extra["sampled"] < extra["top-p"] < 8 * 1024
+    assert "over greedy" in p.stdout and list(tmp_path.glob("sampling-*.json"))
+    assert not [n for n in launcher._netns_list() if n.startswith("lsc-sa")]
+
+
 @pytest.mark.parametrize("args, says", [
     (["--links", "cheap@100us"], "emulated latency"),
     (["--links", "high-end,fast"], "is not a profile"),

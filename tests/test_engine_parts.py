@@ -12,7 +12,8 @@ import torch
 from ladder.comm import EmulatedLatency, NoComm
 from ladder.config import ConfigError, ModelConfig, ResidualPlan
 from ladder.runner import GroupOptions, LocalTPGroup
-from ladder.sampling import Sampler, SamplingParams
+from ladder.sampling import (CANDIDATES, MIN_TEMPERATURE, Sampler, SamplingParams, decode_rows,
+                             encode_rows, pick, threshold, uniform)
 from ladder.tp import ShardSpec, split_sizes
 
 
@@ -81,23 +82,110 @@ def test_even_head_split():
     assert split_sizes(100, 3, 32) == [32, 32, 36]
 
 
-def test_sampling():
-    logits = torch.randn(3, 50)
+def _softmax_reference(row: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Probabilities of temperature-1 sampling from a full row after top-k, then top-p (ties at
+    the cut kept), by the textbook steps."""
+    row = row.double().clone()
+    if top_k:
+        row[row < torch.topk(row, top_k).values[-1]] = float("-inf")
+    if top_p < 1:
+        vals, idx = row.sort(descending=True)
+        probs = vals.softmax(-1)
+        keep = (probs.cumsum(-1) - probs) < top_p
+        row[row < vals[keep][-1]] = float("-inf")
+    return row.softmax(-1)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (5, 1.0), (0, 0.6), (8, 0.7)])
+def test_threshold_matches_the_full_row(top_k, top_p):
+    """`sampling.threshold` from a rank's candidates keeps what the textbook cut of the full row
+    keeps; where the candidates cannot tell, it says None (and the row is gathered)."""
+    torch.manual_seed(top_k)
+    row = torch.randn(300) * 3
+    ref = _softmax_reference(row, top_k, top_p)
+    log_z = float(torch.logsumexp(row, 0))
+    full = threshold(row.sort(descending=True).values, top_k, top_p, log_z)
+    assert torch.equal(row >= full, ref > 0)
+    # two ranks' 40 largest: enough here (the nucleus of 3x-scaled normals is small)
+    halves = row[:150], row[150:]
+    cands = torch.cat([h.topk(40).values for h in halves]).sort(descending=True).values
+    bound = max(float(h.topk(40).values[-1]) for h in halves)
+    assert threshold(cands, top_k, top_p, log_z, bound) == full
+    # a flat row: a nucleus of 0.6 needs far more than 5 candidates a rank
+    flat = torch.zeros(300) + torch.arange(300) * 1e-3
+    few = torch.cat([h.topk(5).values for h in (flat[:150], flat[150:])]).sort(
+        descending=True).values
+    got = threshold(few, 0, 0.6, float(torch.logsumexp(flat, 0)),
+                    max(float(flat[:150].topk(5).values[-1]), float(flat[150:].topk(5).values[-1])))
+    assert got is None
+
+
+def test_pick_samples_the_softmax_in_vocabulary_order():
+    """`sampling.pick` draws each token with its softmax probability (4000 draws over 6 tokens,
+    every frequency within 4 standard errors), and the same token whatever order the
+    candidates come in."""
+    row = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    probs = row.softmax(-1)
+    ids = torch.arange(6)
+    n = 4000
+    gen = torch.Generator().manual_seed(0)
+    us = [uniform(int(s)) for s in torch.randint(0, 2**62, (n,), generator=gen)]
+    counts = torch.bincount(torch.tensor([pick(row, ids, u) for u in us]), minlength=6).double()
+    se = (probs * (1 - probs) / n).sqrt()
+    assert ((counts / n - probs).abs() <= 4 * se + 1e-3).all(), (counts / n, probs)
+    perm = torch.randperm(6, generator=gen)
+    assert [pick(row[perm], ids[perm], u) for u in us[:50]] == [pick(row, ids, u) for u in us[:50]]
+
+
+def test_model_sample_equals_the_full_row_draw():
+    """`Transformer.sample` (one rank: the slice is the vocabulary, 600 > CANDIDATES tokens)
+    draws what `pick` draws from the full row after the textbook cut, greedy rows their argmax,
+    for 40 seeds of each kind of row: temperature alone (drawn in the slice), top-k, top-k with
+    top-p (drawn from the candidates), a flat top-p row and a top-k beyond the table (gathered),
+    a nearly uniform row, and a temperature so small that it is greedy."""
+    from ladder.model import Transformer
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=600, dim=32, intermediate_size=64, n_layers=1, n_heads=2,
+                      n_kv_heads=1, max_seq_len=16)
+    model = Transformer(cfg, ShardSpec.make(cfg, 0, 1), ResidualPlan.parse("standard", 1)).eval()
+
+    kinds = [(0.0, 0, 1.0), (0.9, 0, 1.0), (0.7, 10, 1.0), (0.5, 50, 0.9), (30.0, 0, 0.97),
+             (0.8, 550, 1.0), (1e6, 0, 0.5), (1e-30, 0, 1.0)]  # top_k > TOPK_IN_TABLE: gathered
+    h = torch.randn(len(kinds), 32) * 4
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        logits = model.local_logits(h).float()
+        for _ in range(40):
+            seeds = torch.randint(0, 2**62, (len(kinds),), generator=gen).tolist()
+            rows = encode_rows(*zip(*kinds), seeds)
+            got = model.sample(h, rows).tolist()
+            want = []
+            for i, (temp, k, p) in enumerate(kinds):
+                if temp < MIN_TEMPERATURE:  # greedy
+                    want.append(int(logits[i].argmax()))
+                    continue
+                x = logits[i] / torch.tensor(temp, dtype=torch.float32)
+                keep = _softmax_reference(x, k, p) > 0
+                if i == 4:  # the flat row keeps more than CANDIDATES: its logits are gathered
+                    assert keep.sum() > CANDIDATES
+                want.append(pick(x[keep], torch.arange(600)[keep], uniform(seeds[i])))
+            assert got == want, (got, want)
+
+
+def test_sampler_rows_and_params():
     s = Sampler()
     greedy = SamplingParams(temperature=0)
-    top1 = SamplingParams(temperature=1.0, top_k=1, seed=1)
-    tiny_p = SamplingParams(temperature=1.0, top_p=1e-6, seed=2)
-    for k, p in enumerate([greedy, top1, tiny_p]):
-        s.add(k, p)
-    assert s.sample(logits, [0, 1, 2], [greedy, top1, tiny_p]) == logits.argmax(-1).tolist()
-
-    def draws(seed):
-        s2 = Sampler()
-        p = SamplingParams(temperature=1.0, top_k=10, seed=seed)
-        s2.add("r", p)
-        return [s2.sample(logits[:1], ["r"], [p])[0] for _ in range(20)]
-    assert draws(5) == draws(5)
-    assert set(draws(5)) <= set(torch.topk(logits[0], 10).indices.tolist())
+    hot = SamplingParams(temperature=0.7, top_k=10, top_p=0.9, seed=5)
+    s.add("g", greedy)
+    s.add("h", hot)
+    rows = s.rows(["g", "h"], [greedy, hot])
+    temp, top_k, top_p, seeds = decode_rows(rows)
+    assert temp == [0.0, 0.7] and top_k == [0, 10] and top_p == [1.0, 0.9] and seeds[0] == 0
+    s2 = Sampler()
+    s2.add("h", hot)
+    # a request's seeds follow from its seed alone, step after step
+    assert [decode_rows(s2.rows(["h"], [hot]))[3] for _ in range(3)] == \
+        [[seeds[1]]] + [decode_rows(s.rows(["h"], [hot]))[3] for _ in range(2)]
     for kw, msg in [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
                     ({"max_tokens": 0}, "max_tokens"), ({"top_k": -1}, "top_k")]:
         with pytest.raises(ValueError, match=msg):

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ladder.runner import GroupOptions, LocalTPGroup, free_port, make_comm
-from ladder.sampling import SamplingParams
+from ladder.sampling import CANDIDATES, SamplingParams
 from ladder.shm import SHM_DIR, CommTimeout, ShmComm
 
 SIZES = [1, 7, 1024, 1025, 3 * 1024 + 5, 20_000]  # float32 elements; a slot holds 1024
@@ -273,3 +273,48 @@ def test_greedy_tokens_over_tcp_equal_gloo(greedy):
     assert info["interconnect"] == "loopback" and not info["emulated"]
     assert tokens == greedy["gloo"][0] and timing.decode_steps == 15
     assert timing.bytes == greedy["gloo"][2].bytes  # the same reduces, moved another way
+
+
+# top_p 0.95 at temperature 5 is nearly flat over SmolLM2's 49152 tokens: its nucleus reaches
+# below each rank's CANDIDATES largest values, so that row gathers its logits instead
+SAMPLED = [SamplingParams(max_tokens=12, temperature=0.8, seed=1, ignore_eos=True),
+           SamplingParams(max_tokens=12, temperature=0.7, top_k=20, top_p=0.9, seed=2,
+                          ignore_eos=True),
+           SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+           SamplingParams(max_tokens=12, temperature=5.0, top_p=0.95, seed=3, ignore_eos=True)]
+
+
+def test_sampled_tokens_do_not_depend_on_tp_and_leave_the_logits_home():
+    """Sampling on the ranks (inverse CDF in vocabulary order, the cut found from each rank's
+    largest values): the same seeds give the same tokens at TP=1 and at TP=2 over tcp, a flat
+    top-p row (gathered) included; rows whose cut the candidates decide move 4 KiB a step, not
+    the logits (V * 4 bytes a row)."""
+    prompts = ["Write a haiku about rain.", "Name three colours.", "Count to five.",
+               "Say something random."]
+    out = {}
+    for tp, comm in ((1, "gloo"), (2, "tcp")):
+        with LocalTPGroup(GroupOptions(model="smollm2", tp=tp, comm=comm, max_seq=128,
+                                       n_slots=4)) as g:
+            ids = [g.encode(p, chat=True) for p in prompts]
+            out[tp] = [r["tokens"] for r in g.generate(ids, SAMPLED)]
+            if tp == 2:  # against the same rows greedy: with and without the flat one
+                greedy = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)] * 4
+                t = {}
+                for name, rows, params in (("greedy", 3, greedy), ("sampled", 3, SAMPLED),
+                                           ("greedy4", 4, greedy), ("sampled4", 4, SAMPLED)):
+                    g.reset_timing()
+                    res = g.generate(ids[:rows], params[:rows])
+                    assert [len(r["tokens"]) for r in res] == [12] * rows
+                    t[name] = g.timing()
+    assert out[1] == out[2], out
+    assert all(len(toks) == 12 for toks in out[2])
+    assert out[2][0] != out[2][2]  # sampled, not greedy
+    assert t["sampled"].decode_steps == t["greedy"].decode_steps == 11
+    # the same module all-reduces and (value, id) tables; besides, a step's table of the two
+    # sampled rows (2 ranks x 2 rows x (CANDIDATES values and ids, logsumexp, flag) float32)
+    # and the leader's reading of them (2 floats): 4 KiB, where the logits are 576 KiB
+    extra = (t["sampled"].bytes - t["greedy"].bytes) / t["sampled"].steps
+    assert extra == 2 * 2 * (2 * CANDIDATES + 2) * 4 + 2 * 4 < 3 * 49152 * 4 / 100
+    # the flat row's nucleus reaches below the candidates: its logits cross (one row's, 192 KiB)
+    extra4 = (t["sampled4"].bytes - t["greedy4"].bytes) / t["sampled4"].steps
+    assert 49152 * 4 * 0.9 < extra4 < 49152 * 4 * 1.1, extra4

@@ -1,0 +1,130 @@
+"""Sampled decode against greedy at TP=2: what drawing tokens costs, per link and batch size.
+
+SmolLM2 float32 at TP=2 over `tcp`, on loopback and (as root) between two network namespaces
+joined by a veth pair shaped like each other link named (`cheap`: 1 Gbit/s, MTU 9000, as
+`ladder cluster up` makes them). Per link and batch size in `--batches`, the same prompts decode
+`--tokens` new tokens a row in three ways, interleaved `--reps` times (the order reversed every
+other rep), medians:
+
+  greedy    temperature 0: each rank's best (value, id) per row crosses the link
+  sampled   temperature 1, nothing cut (the OpenAI API's defaults)
+  top-p     temperature 0.7, top_p 0.9
+
+Reported: the engine's decode time per step (a step decodes one token of every row), the
+all-reduce bytes a step beyond greedy's, and each sampled way's time over greedy's. Sampling runs on the ranks
+(`ladder.model.Transformer.sample`): a step moves each rank's logsumexp and largest values, not
+the logits (V x 4 bytes a row, 192 KiB for SmolLM2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import ExitStack
+
+from bench.table import table
+from bench.timed import emit, log, median
+from ladder.runner import GroupOptions, LocalTPGroup
+from ladder.sampling import SamplingParams
+
+WAYS = {
+    "greedy": dict(temperature=0.0),
+    "sampled": dict(temperature=1.0),
+    "top-p": dict(temperature=0.7, top_p=0.9),
+}
+PROMPT = "Write a short story about a robot who learns to paint."
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--links", default="loopback,cheap",
+                   help="loopback and/or a profile for a shaped veth pair (needs root)")
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--tokens", type=int, default=16, help="new tokens a row")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--out", help="write the JSON line here")
+
+
+def _params(way: str, n: int, tokens: int) -> list[SamplingParams]:
+    return [SamplingParams(max_tokens=tokens, ignore_eos=True, seed=1000 + i, **WAYS[way])
+            for i in range(n)]
+
+
+def _one(g: LocalTPGroup, ids: list[int], way: str, n: int, tokens: int) -> tuple[float, float]:
+    """(decode seconds per step, all-reduce bytes per step) of one run of `n` rows."""
+    g.reset_timing()
+    res = g.generate([ids] * n, _params(way, n, tokens))
+    if [len(r["tokens"]) for r in res] != [tokens] * n:
+        raise RuntimeError(f"{way}: expected {tokens} tokens a row, got "
+                           f"{[len(r['tokens']) for r in res]}")
+    t = g.timing()
+    return t.decode_s / t.decode_steps, t.bytes / t.steps
+
+
+def run(a: argparse.Namespace) -> int:
+    try:
+        batches = [int(x) for x in a.batches.split(",") if x.strip()]
+        links = [x.strip() for x in a.links.split(",") if x.strip()]
+        if not batches or min(batches) < 1 or not links or a.tokens < 2 or a.reps < 1:
+            raise ValueError("need batches >= 1, a link, --tokens >= 2 and --reps >= 1")
+    except ValueError as e:
+        print(f"bench sampling: {e}", file=sys.stderr)
+        return 2
+    rows, skipped = [], {}
+    for link in links:
+        with ExitStack() as stack:
+            where = {}
+            if link != "loopback":
+                from cluster.launcher import ClusterError, veth_pair
+                from cluster.links import DEFAULT_MTU, parse_link
+                try:
+                    spec = parse_link(link)
+                    ns, hosts = stack.enter_context(veth_pair(spec, f"sa{os.getpid() % 10000}",
+                                                              DEFAULT_MTU))
+                except (ClusterError, ValueError) as e:  # said, not hidden
+                    print(f"bench sampling: link {link}: {e}", file=sys.stderr)
+                    skipped[link] = str(e)
+                    continue
+                where = dict(netns=ns, hosts=hosts, interconnect=f"veth {link}")
+            opts = GroupOptions(model=a.model, tp=2, comm="tcp", threads=1, n_slots=max(batches),
+                                max_seq=128 + a.tokens, **where)
+            g = stack.enter_context(LocalTPGroup(opts))
+            ids = g.encode(PROMPT, chat=True)
+            for n in batches:
+                log(f"{link}, batch {n}: {a.reps} x {len(WAYS)} runs of {a.tokens} tokens")
+                for way in WAYS:  # warm-up
+                    _one(g, ids, way, n, 2)
+                got: dict[str, list[tuple[float, float]]] = {w: [] for w in WAYS}
+                for rep in range(a.reps):
+                    for way in list(WAYS) if rep % 2 == 0 else list(WAYS)[::-1]:
+                        got[way].append(_one(g, ids, way, n, a.tokens))
+                ms = {w: 1e3 * median(x[0] for x in v) for w, v in got.items()}
+                rows.append({"link": link, "batch": n,
+                             "ms_per_step": ms,
+                             "range_ms": {w: 1e3 * (max(x[0] for x in v) - min(x[0] for x in v))
+                                          for w, v in got.items()},
+                             # over greedy's: the same prompts and module all-reduces
+                             "extra_bytes_per_step": {
+                                 w: median(x[1] for x in v) - median(x[1] for x in got["greedy"])
+                                 for w, v in got.items()},
+                             "over_greedy": {w: ms[w] / ms["greedy"] for w in WAYS}})
+    print(table(f"TP=2 {a.model} float32 over tcp, {a.tokens} new tokens a row: decode ms per "
+                f"step (medians of {a.reps} interleaved reps); all-reduce KiB a step more than "
+                "greedy's",
+                ["link", "batch", "way", "ms/step", "range ms", "+KiB/step", "over greedy"],
+                [[r["link"], r["batch"], w, r["ms_per_step"][w], r["range_ms"][w],
+                  r["extra_bytes_per_step"][w] / 1024, f"{r['over_greedy'][w]:.2f}"]
+                 for r in rows for w in WAYS], digits=2))
+    emit({"bench": "sampling", "model": a.model, "tokens": a.tokens, "reps": a.reps,
+          "rows": rows, "skipped": skipped}, a.out, "sampling")
+    return 0 if rows else 1
+
+
+def main() -> int:
+    from bench.timed import bench_main
+    return bench_main(__doc__, add_args, run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
