@@ -342,8 +342,9 @@ class Transformer(nn.Module):
         world, rank, lead = self.spec.world, self.spec.rank, self.spec.rank == 0
         lo, hi = self.spec.vocab
         v_local = hi - lo
-        x = local[sampled] / torch.tensor([temp[i] for i in sampled],
-                                          dtype=torch.float32)[:, None]
+        dev = local.device  # the tables cross on it (NCCL's are CUDA tensors); decisions: CPU
+        x = local[sampled] / torch.tensor([temp[i] for i in sampled], dtype=torch.float32,
+                                          device=dev)[:, None]
         vocab = self.config.vocab_size
         ks = [k if k < vocab else 0 for k in (top_k[i] for i in sampled)]  # k >= V cuts nothing
         ps = [top_p[i] for i in sampled]
@@ -367,6 +368,7 @@ class Transformer(nn.Module):
         table[rank, :, 2 * c + 1] = float(v_local > c)
         if world > 1:
             table = self._gather_wait(table)
+        table = table.cpu()
         lse = table[:, :, 2 * c]  # [world, n]
         log_z = torch.logsumexp(lse, 0)
         last = table[:, :, c - 1].masked_fill(table[:, :, 2 * c + 1] == 0, float("-inf"))
@@ -388,7 +390,7 @@ class Transformer(nn.Module):
             if world > 1 and min(ps) < 1:  # the leader's reading decides
                 agreed = x.new_zeros(n)
                 if lead:
-                    agreed[:] = torch.tensor(modes, dtype=torch.float32)
+                    agreed[:] = torch.tensor(modes, dtype=torch.float32, device=dev)
                 modes = [int(m) for m in self._gather_wait(agreed).tolist()]
         out = torch.zeros(local.shape[0], dtype=torch.int64)  # filled in below, on the leader
         if lead and cut:
@@ -406,6 +408,7 @@ class Transformer(nn.Module):
             if world > 1:
                 full = self._gather_wait(full)
             if lead:
+                full = full.cpu()
                 none = torch.full((len(whole),), float("-inf"), dtype=f64)
                 tau_w, _ = thresholds(full.sort(-1, descending=True).values,
                                       torch.tensor([ks[j] for j in whole]),
@@ -425,13 +428,15 @@ class Transformer(nn.Module):
         if drawn:  # this rank's draw for each such row, were it to fall in this slice
             d = torch.tensor(drawn)
             share = (us_t[d] - before[rank, d]) / mass[rank, d].clamp_min(1e-300)
-            best[rank, 1, [sampled[j] for j in drawn]] = (_draw(e[d], share) + lo).float()
+            best[rank, 1, [sampled[j] for j in drawn]] = \
+                (_draw(e[d.to(dev)], share.to(dev)) + lo).float()
         if greedy:
             g = local[greedy].argmax(-1)
             best[rank, 0, greedy] = local[greedy].gather(-1, g[:, None])[:, 0]
             best[rank, 1, greedy] = (g + lo).float()
         if world > 1:
             best = self._gather_wait(best)
+        best = best.cpu()
         if lead:
             if greedy:
                 out[greedy] = best_over_ranks(best[:, :, greedy])
@@ -474,7 +479,7 @@ def _draw(e: torch.Tensor, share: torch.Tensor, block: int = 256) -> torch.Tenso
     target = share * ends[:, -1]
     b = torch.searchsorted(ends, target[:, None], right=True)[:, 0].clamp_(0, nb - 1)
     prev = torch.where(b > 0, ends.gather(1, (b - 1).clamp_min(0)[:, None])[:, 0], 0.0)
-    inner = blocks[torch.arange(r), b].double().cumsum(-1)  # [R, block]
+    inner = blocks[torch.arange(r, device=e.device), b].double().cumsum(-1)  # [R, block]
     k = torch.searchsorted(inner, (target - prev)[:, None], right=True)[:, 0].clamp_(0, block - 1)
     return (b * block + k).clamp_(max=v - 1)
 
