@@ -468,20 +468,24 @@ class Transformer(nn.Module):
 
 def _draw(e: torch.Tensor, share: torch.Tensor, block: int = 256) -> torch.Tensor:
     """Inverse CDF per row of weights e [R, V] (float32): the first index whose cumulative
-    weight exceeds share [R] (float64, in [0, 1)) of the row's total; out of range, the edge.
-    Sums of `block` weights in float32, accumulated in float64: one pass over e, then one block."""
+    weight exceeds share [R] (float64, in [0, 1)) of the row's total; out of range, the first or
+    last index that weighs anything. Sums of `block` weights in float32, accumulated in
+    float64: one pass over e, then one block."""
     r, v = e.shape
     nb = -(-v // block)
     if v % block:
         e = torch.cat([e, e.new_zeros(r, nb * block - v)], 1)
     blocks = e.view(r, nb, block)
     ends = blocks.sum(-1).double().cumsum(-1)  # [R, nb]
-    target = share * ends[:, -1]
-    b = torch.searchsorted(ends, target[:, None], right=True)[:, 0].clamp_(0, nb - 1)
+    target = share.clamp(min=0.0) * ends[:, -1]
+    # rounding at the top edge must not land on a weightless token: at most the last that weighs
+    b = torch.minimum(torch.searchsorted(ends, target[:, None], right=True)[:, 0],
+                      (ends < ends[:, -1:]).sum(-1))
     prev = torch.where(b > 0, ends.gather(1, (b - 1).clamp_min(0)[:, None])[:, 0], 0.0)
     inner = blocks[torch.arange(r, device=e.device), b].double().cumsum(-1)  # [R, block]
-    k = torch.searchsorted(inner, (target - prev)[:, None], right=True)[:, 0].clamp_(0, block - 1)
-    return (b * block + k).clamp_(max=v - 1)
+    k = torch.minimum(torch.searchsorted(inner, (target - prev)[:, None], right=True)[:, 0],
+                      (inner < inner[:, -1:]).sum(-1))
+    return b * block + k
 
 
 def best_over_ranks(best: torch.Tensor) -> torch.Tensor:

@@ -92,8 +92,9 @@ def decode_rows(rows: torch.Tensor) -> tuple[list[float], list[int], list[float]
 
 
 def uniform(seed: int) -> float:
-    """The step's draw in [0, 1) from a row's seed (62 random bits)."""
-    return seed / 2.0**62
+    """The step's draw in [0, 1) from a row's seed (62 random bits; the top 52 make a double
+    that is never 1)."""
+    return (seed >> 10) / 2.0**52
 
 
 def picks(values: torch.Tensor, ids: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -106,7 +107,8 @@ def picks(values: torch.Tensor, ids: torch.Tensor, u: torch.Tensor) -> torch.Ten
     v = values.gather(1, order).double()
     cdf = (v - v.max(1, keepdim=True).values).exp().cumsum(1)
     k = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
-    return ids.gather(1, order).gather(1, k.clamp_(max=v.shape[1] - 1))[:, 0].long()
+    last = (cdf < cdf[:, -1:]).sum(1, keepdim=True)  # the last token that weighs anything
+    return ids.gather(1, order).gather(1, torch.minimum(k, last))[:, 0].long()
 
 
 def pick(values: torch.Tensor, ids: torch.Tensor, u: float) -> int:

@@ -172,6 +172,19 @@ def test_model_sample_equals_the_full_row_draw():
             assert got == want, (got, want)
 
 
+def test_draws_never_land_on_a_weightless_token():
+    """At the edges of [0, 1) (rounding between the ranks' masses) a draw takes the first or
+    last token that weighs anything, never one whose weight underflowed to 0."""
+    from ladder.model import _draw
+    e = torch.zeros(1, 600)
+    e[0, 1], e[0, 300], e[0, 301] = 1.0, 2.0, 1.0
+    got = [int(_draw(e, torch.tensor([s], dtype=torch.float64))[0])
+           for s in (-1e-12, 0.0, 0.2, 0.3, 0.7, 0.99, 1.0, 1.0 + 1e-12)]
+    assert got == [1, 1, 1, 300, 300, 301, 301, 301]
+    v = torch.tensor([float("-inf"), 0.0, float("-inf"), 0.0, float("-inf")])
+    assert [pick(v, torch.arange(5), u) for u in (0.0, 0.49, 0.51, 1.0)] == [1, 1, 3, 3]
+
+
 def test_sampler_rows_and_params():
     s = Sampler()
     greedy = SamplingParams(temperature=0)
