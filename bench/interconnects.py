@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from bench.table import table
-from bench.timed import bench_main, emit, log
+from bench.timed import bench_main, csv, emit, log
 from ladder.tp import HEAD_SPLITS
 
 RESIDUALS = {"standard": "standard", "ladder": "ladder", "partial": "ladder:upper-half",
@@ -79,10 +79,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=0,
                    help="serve the ladder_bench_* gauges on this port while the run lasts")
     p.add_argument("--out", help="write the JSON line, the .prom file and the report here")
-
-
-def _csv(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 # -- driver side (inside the cluster) -----------------------------------------------------------
@@ -183,10 +179,10 @@ def placement(link: str) -> tuple[str, str]:
 def sweep(a: argparse.Namespace) -> dict:
     import ray
     ray.init(log_to_driver=False)
-    residuals, links = _csv(a.residuals), _csv(a.links)
-    batches = [int(b) for b in _csv(a.batches)]
-    plens = [int(x) for x in _csv(a.prompt_lens)]
-    paths = _csv(a.paths)
+    residuals, links = csv(a.residuals), csv(a.links)
+    batches = [int(b) for b in csv(a.batches)]
+    plens = [int(x) for x in csv(a.prompt_lens)]
+    paths = csv(a.paths)
     bad = sorted(set(residuals) - set(RESIDUALS))
     if bad:
         raise SystemExit(f"--residuals: {bad} are not among {sorted(RESIDUALS)}")
@@ -435,7 +431,7 @@ def _launch_and_drive(a: argparse.Namespace) -> int:
                       f"--name {a.cluster} --nodes 5 --link high-end,high-end,high-end,cheap,"
                       f"cheap`, or pass --launch", file=sys.stderr)
                 return 2
-            nets = [li for li in _csv(a.links) if li != "shm"] or ["high-end"]
+            nets = [li for li in csv(a.links) if li != "shm"] or ["high-end"]
             spec = ",".join([nets[0]] + [li for li in nets for _ in range(2)])
             log(f"launching cluster {a.cluster!r}: {spec}")
             up(a.cluster, parse_links(spec, 1 + 2 * len(nets)), cpus=2, log=log)

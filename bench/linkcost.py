@@ -31,7 +31,7 @@ import sys
 import time
 
 from bench.table import table
-from bench.timed import bench_main, emit, log, probe_pair
+from bench.timed import bench_main, csv, csv_ints, emit, log, probe_pair
 
 MODES = ("none", "standard", "overlapped")
 
@@ -145,25 +145,16 @@ def _rank(rank: int, init: str, ns: tuple[str, str], a: argparse.Namespace, out)
 def run(a: argparse.Namespace) -> int:
     from cluster.launcher import ClusterError, veth_pair
     from cluster.links import check_mtu, parse_link
-    def ints(flag: str, text: str) -> list[int]:
-        try:
-            out = [int(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise ValueError(f"{flag} {text!r}: give comma-separated whole numbers") from None
-        if not out or min(out) < 1:
-            raise ValueError(f"{flag} {text!r}: give at least one number, each >= 1")
-        return out
-
     try:
-        links = [parse_link(x) for x in a.links.split(",") if x.strip()]
+        links = [parse_link(x) for x in csv(a.links)]
         if not links:
             raise ValueError(f"--links {a.links!r}: give at least one profile")
         for link in links:
             if link.latency_s:
                 raise ValueError(f"--links: {link.spec} adds emulated latency, which lives in "
                                  "the communicator, not on the link this bench measures")
-        mtus = [check_mtu(m) for m in ints("--mtus", a.mtus)]
-        sizes = ints("--bytes", a.bytes)
+        mtus = [check_mtu(m) for m in csv_ints("--mtus", a.mtus)]
+        sizes = csv_ints("--bytes", a.bytes)
     except ValueError as e:
         print(f"bench linkcost: {e}", file=sys.stderr)
         return 2

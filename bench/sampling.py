@@ -24,7 +24,7 @@ import sys
 from contextlib import ExitStack
 
 from bench.table import table
-from bench.timed import emit, log, median
+from bench.timed import csv, csv_ints, emit, log, median
 from ladder.runner import GroupOptions, LocalTPGroup
 from ladder.sampling import SamplingParams
 
@@ -64,10 +64,9 @@ def _one(g: LocalTPGroup, ids: list[int], way: str, n: int, tokens: int) -> tupl
 
 def run(a: argparse.Namespace) -> int:
     try:
-        batches = [int(x) for x in a.batches.split(",") if x.strip()]
-        links = [x.strip() for x in a.links.split(",") if x.strip()]
-        if not batches or min(batches) < 1 or not links or a.tokens < 2 or a.reps < 1:
-            raise ValueError("need batches >= 1, a link, --tokens >= 2 and --reps >= 1")
+        batches, links = csv_ints("--batches", a.batches), csv(a.links)
+        if not links or a.tokens < 2 or a.reps < 1:
+            raise ValueError("need a link, --tokens >= 2 and --reps >= 1")
     except ValueError as e:
         print(f"bench sampling: {e}", file=sys.stderr)
         return 2

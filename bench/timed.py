@@ -53,6 +53,22 @@ def probe_pair(target, host: str, *args, timeout_s: float = 120.0):
                 p.kill()
 
 
+def csv(text: str) -> list[str]:
+    """The non-empty items of a comma-separated flag."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def csv_ints(flag: str, text: str) -> list[int]:
+    """A comma-separated flag of whole numbers >= 1; ValueError naming the flag otherwise."""
+    try:
+        out = [int(x) for x in csv(text)]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: give comma-separated whole numbers") from None
+    if not out or min(out) < 1:
+        raise ValueError(f"{flag} {text!r}: give at least one number, each >= 1")
+    return out
+
+
 def median(xs) -> float:
     return float(statistics.median(xs))
 

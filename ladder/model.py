@@ -304,15 +304,17 @@ class Transformer(nn.Module):
 
     def _best(self, local: torch.Tensor) -> torch.Tensor:
         """Token ids [B] of the largest of `local` [B, V_local] over every rank's slice."""
-        idx = local.argmax(-1)
         if self.spec.world == 1:
-            return idx
+            return local.argmax(-1)
         best = local.new_zeros(self.spec.world, 2, local.shape[0])
-        best[self.spec.rank, 0] = local.gather(-1, idx[:, None])[:, 0]
-        best[self.spec.rank, 1] = (idx + self.spec.vocab[0]).float()  # exact below 2**24
-        work = self._reduce.all_reduce(best)
-        work.kind = "gather"
-        return best_over_ranks(work.wait())
+        self._fill_best(best, local, slice(None))
+        return best_over_ranks(self._gather_wait(best))
+
+    def _fill_best(self, best: torch.Tensor, local: torch.Tensor, rows) -> None:
+        """This rank's (largest value, its token id) of local[rows] into best[rank, :, rows]."""
+        idx = local[rows].argmax(-1)
+        best[self.spec.rank, 0, rows] = local[rows].gather(-1, idx[:, None])[:, 0]
+        best[self.spec.rank, 1, rows] = (idx + self.spec.vocab[0]).float()  # exact below 2**24
 
     def sample(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """A token per row of h [B, D] under each row's sampling (`ladder.sampling.encode_rows`:
@@ -431,9 +433,7 @@ class Transformer(nn.Module):
             best[rank, 1, [sampled[j] for j in drawn]] = \
                 (_draw(e[d.to(dev)], share.to(dev)) + lo).float()
         if greedy:
-            g = local[greedy].argmax(-1)
-            best[rank, 0, greedy] = local[greedy].gather(-1, g[:, None])[:, 0]
-            best[rank, 1, greedy] = (g + lo).float()
+            self._fill_best(best, local, greedy)
         if world > 1:
             best = self._gather_wait(best)
         best = best.cpu()
@@ -461,9 +461,7 @@ class Transformer(nn.Module):
             return local
         full = local.new_zeros(*local.shape[:-1], self.config.vocab_size)
         full[..., self.spec.vocab[0]:self.spec.vocab[1]] = local
-        work = self._reduce.all_reduce(full)
-        work.kind = "gather"
-        return work.wait()
+        return self._gather_wait(full)
 
 
 def _draw(e: torch.Tensor, share: torch.Tensor, block: int = 256) -> torch.Tensor:

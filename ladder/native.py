@@ -88,12 +88,12 @@ def build(path: Path) -> None:
     prune(path.parent, keep=path)
 
 
-def prune(root: Path, keep: Path | None = None, now: float | None = None) -> list[Path]:
+def prune(root: Path, keep: Path | None = None) -> list[Path]:
     """Remove all but the `KEEP` newest libraries in `root` (never `keep`), and temporary files of
     builds that started an hour or more ago; returns what it removed. A library in use stays
     mapped in the processes that loaded it."""
     import time
-    now = time.time() if now is None else now
+    now = time.time()
     libs, gone = [], []
     for p in root.glob("ladder_native-*"):
         try:

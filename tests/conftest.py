@@ -63,6 +63,15 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
+def _wait_gone(pids: list[int], seconds: float) -> list[int]:
+    """Wait up to `seconds` for `pids` to end; those still alive."""
+    import time
+    deadline = time.monotonic() + seconds
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -113,21 +122,14 @@ def ray_cluster():
         ray.shutdown()
         cluster.shutdown()
         import signal
-        import time
-        deadline = time.monotonic() + 15
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        slow = [p for p in pids if _alive(p)]
+        slow = _wait_gone(pids, 15)
         names = {p: _cmdline(p) for p in slow}  # read before the kill: what outlived it
         for p in slow:  # ours, by id: never a pattern match on other sessions' Ray
             try:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + 10
-        while any(_alive(p) for p in slow) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        left = [p for p in slow if _alive(p)]
+        left = _wait_gone(slow, 10)
         if slow:  # a loaded machine can keep a worker past the grace: slow, but gone now
             import warnings
             warnings.warn(f"Ray processes outlived the cluster's shutdown by 15 s and were "
