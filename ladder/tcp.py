@@ -13,14 +13,20 @@ connection. A peer that closes its connection fails the wait at once; one that s
 after `timeout_s`.
 
 The connections are set up through the gloo group (which also carries step plans and
-barriers): each rank listens on its node's address and tells the others through an all-gather;
-a rank connects to every lower rank and accepts every higher one.
+barriers): each rank listens on its node's address and tells the others through an all-gather,
+in which rank 0 also hands out a random token for this group; a rank connects to every lower
+rank and greets it with its rank and the token, and accepts every higher one. A connection with
+a wrong token, an unexpected rank or no greeting is closed (and logged) and the wait for the
+real peer goes on: anything else that can reach the port cannot join the group or break it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hmac
+import logging
 import os
+import secrets
 import selectors
 import socket
 import struct
@@ -33,6 +39,7 @@ import torch.distributed as dist
 from ladder.comm import Communicator, TorchComm
 from ladder.shm import CommTimeout
 
+log = logging.getLogger(__name__)
 _HALF = (torch.float16, torch.bfloat16)
 _BUF_BYTES = 4 << 20  # socket buffers: a decode step's partials fit with room to spare
 # A wait polls the sockets (yielding the core between polls) this long before it sleeps in
@@ -41,6 +48,8 @@ _BUF_BYTES = 4 << 20  # socket buffers: a decode step's partials fit with room t
 # (a memory-bound matmul here: 680 us alone, 817 us after a 50 us sleep against 792 us after a
 # 50 us spin, 1165 against 1038 us after 300 us).
 _POLL_S = 0.02
+_HELLO = struct.Struct("!I16s")  # a connecting rank's greeting: its rank, the group's token
+_HELLO_S = 5.0  # a real peer greets as it connects: a connection silent this long is dropped
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
@@ -99,32 +108,54 @@ class TcpComm(Communicator):
         srv = socket.create_server((host, 0), backlog=max(1, self.world_size))
         try:
             addrs: list = [None] * self.world_size
-            dist.all_gather_object(addrs, (host, srv.getsockname()[1]), group=self.cpu_group)
+            mine = secrets.token_bytes(16) if self.rank == 0 else None
+            dist.all_gather_object(addrs, (host, srv.getsockname()[1], mine),
+                                   group=self.cpu_group)
+            token = addrs[0][2]
             deadline = time.monotonic() + self.timeout_s
             for r in range(self.rank):  # lower ranks: their listening sockets queue us
-                s = socket.create_connection(tuple(addrs[r]), timeout=self.timeout_s)
-                s.sendall(struct.pack("!I", self.rank))
+                s = socket.create_connection(tuple(addrs[r][:2]), timeout=self.timeout_s)
+                s.sendall(_HELLO.pack(self.rank, token))
                 self._add(r, s)
-            for _ in range(self.world_size - 1 - self.rank):
-                srv.settimeout(max(0.1, deadline - time.monotonic()))
-                try:
-                    s, _ = srv.accept()
-                except socket.timeout:
-                    raise CommTimeout(f"tcp: rank {self.rank} waited {self.timeout_s:.0f} s for "
-                                      "the higher ranks to connect") from None
-                s.settimeout(self.timeout_s)
-                peer = struct.unpack("!I", self._recv_exact(s, 4))[0]
-                if peer <= self.rank or peer >= self.world_size or peer in self.socks:
-                    s.close()
-                    raise ValueError(f"tcp: rank {self.rank} got a connection claiming rank "
-                                     f"{peer}")
-                self._add(peer, s)
+            while len(self.socks) < self.world_size - 1:
+                self._accept(srv, token, deadline)
         except BaseException:
             for s in self.socks.values():
                 s.close()
             raise
         finally:
             srv.close()
+
+    def _accept(self, srv: socket.socket, token: bytes, deadline: float) -> None:
+        """Take one connection: kept if it greets with the token and a higher rank not yet
+        connected, else closed (the reason logged) while the wait for the real peers goes on."""
+        srv.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            s, addr = srv.accept()
+        except socket.timeout:
+            raise CommTimeout(f"tcp: rank {self.rank} waited {self.timeout_s:.0f} s for "
+                              "the higher ranks to connect") from None
+        s.settimeout(min(_HELLO_S, max(0.1, deadline - time.monotonic())))
+        peer, why = self._greeting(s, token)
+        if why:
+            s.close()
+            log.warning("tcp: rank %d refused a connection from %s:%d: %s", self.rank, *addr[:2],
+                        why)
+            return
+        s.settimeout(self.timeout_s)
+        self._add(peer, s)
+
+    def _greeting(self, s: socket.socket, token: bytes) -> tuple[int, str]:
+        """(the rank a new connection greets with, '' or why it is refused)."""
+        try:
+            peer, got = _HELLO.unpack(self._recv_exact(s, _HELLO.size))
+        except OSError as e:  # closed, reset or silent
+            return -1, f"no greeting ({e})"
+        if not hmac.compare_digest(got, token):
+            return peer, "a wrong token"
+        if not self.rank < peer < self.world_size or peer in self.socks:
+            return peer, f"rank {peer}, which this rank does not wait for"
+        return peer, ""
 
     def _add(self, peer: int, s: socket.socket) -> None:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

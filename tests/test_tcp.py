@@ -3,13 +3,17 @@
 Integer-valued sums must equal gloo's bit for bit at any TP size, random ones at TP=2 (one
 addition) and within rounding at TP=3; every rank must hold bit-identical sums. Tensors past
 the socket buffers (8 M floats) make both ranks write and read in turns; two operations are in
-flight, waited in either order.
+flight, waited in either order. During set-up, connections that do not greet with the group's
+token and an expected rank are refused without breaking the group.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import socket
+import struct
 import time
 
 import pytest
@@ -18,6 +22,7 @@ import torch.distributed as dist
 from test_shm import DTYPES, SIZES, Ranks, _gloo, compare_with_gloo, make_comm_ranks
 
 from ladder.shm import CommTimeout
+from ladder import tcp
 from ladder.tcp import TcpComm
 
 BIG = 8 * 1024 * 1024  # float32 elements: 32 MiB, far past the sockets' buffers
@@ -95,3 +100,45 @@ def test_lost_peer_raises_within_timeout(how):
         else:
             assert "no progress for 2 s with rank(s) [1]" in msg and 2.0 <= waited < 3.0, \
                 (msg, waited)
+
+
+def _strays_first(rank, world, port, q):
+    """Before each real connection a rank makes, strays connect to the same listening port: one
+    claiming the rank with a wrong token, one with the group's token but a rank nobody waits
+    for, one that closes without a word. Returns (the refusals this rank logged, sums ok)."""
+    _gloo(rank, world, port)
+    refused, token = [], []
+    handler = logging.Handler()
+    handler.emit = lambda rec: refused.append(rec.args[-1])  # the reason
+    logging.getLogger("ladder.tcp").addHandler(handler)
+    gather, connect = dist.all_gather_object, socket.create_connection
+
+    def gather_and_keep_token(out, obj, group=None):
+        gather(out, obj, group=group)
+        token.append(out[0][2])
+
+    def strays_then_connect(addr, *args, **kw):
+        for hello in (struct.pack("!I16s", rank, bytes(16)), struct.pack("!I16s", 99, token[0]),
+                      b""):
+            with connect(addr) as s:
+                s.sendall(hello)
+        return connect(addr, *args, **kw)
+
+    tcp.dist.all_gather_object = gather_and_keep_token
+    tcp.socket.create_connection = strays_then_connect
+    comm = TcpComm(rank, world, cpu_group=dist.group.WORLD, timeout_s=10.0)
+    try:
+        compare_with_gloo(comm, rank, world, [(1025, torch.float32)])
+    finally:
+        comm.close()
+        dist.destroy_process_group()
+    return sorted(refused)
+
+
+def test_set_up_refuses_strays_and_the_group_still_forms():
+    with Ranks(_strays_first, 3) as ranks:
+        got = ranks.results(timeout=120)
+    strays = ["a wrong token", "no greeting (tcp: a peer closed its connection during set-up)",
+              "rank 99, which this rank does not wait for"]
+    # rank 0 is connected to by ranks 1 and 2, rank 1 by rank 2, rank 2 by nobody
+    assert got == {0: sorted(strays * 2), 1: strays, 2: []}, got
