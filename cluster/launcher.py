@@ -12,6 +12,12 @@ Everything it makes is named after the cluster, so `down` finds it all again fro
 alone, after a crash as well: the namespaces (and every process in them: Ray's, by construction
 ours), the veths, the bridge and the state folder. `--plain` (no root, or no namespaces) starts
 the same nodes on loopback, unshaped, and `down` ends them by their process session.
+
+The state folder (`state_root()`) holds the clusters' Ray token and the process ids `down` ends,
+so only this user may enter it: `$LADDER_CLUSTER_STATE` if set, else
+`$XDG_RUNTIME_DIR/ladder-cluster`, else `/run/ladder-cluster` for root, else
+`<tmp>/ladder-cluster-<uid>`. It is made with mode 0700; one that already exists must be this
+user's, not a link and closed to others, or the launcher refuses it (see ladder.private).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from contextlib import contextmanager
@@ -35,7 +42,8 @@ from typing import Iterator
 
 from actors.group import LATENCY_LABEL, LINK_LABEL
 from cluster.links import DEFAULT_MTU, Link, check_mtu
-STATE_ROOT = Path(os.environ.get("LADDER_CLUSTER_STATE", "/tmp/lsc"))
+from ladder.private import UnsafePath, open_private, private_dir
+
 RAY_PORT = 6379
 DASHBOARD_PORT = 8265
 METRICS_PORT = 8090  # each node's metrics agent, inside its own namespace
@@ -84,8 +92,29 @@ class ClusterState:
         return f"http://{self.head.ip}:{self.dashboard_port}"
 
 
-def state_dir(name: str) -> Path:
-    return STATE_ROOT / name
+def state_root() -> Path:
+    """Where the clusters' state folders live (see the module docstring), read from the
+    environment at each call."""
+    if os.environ.get("LADDER_CLUSTER_STATE"):
+        return Path(os.environ["LADDER_CLUSTER_STATE"])
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(os.environ["XDG_RUNTIME_DIR"]) / "ladder-cluster"
+    if os.geteuid() == 0 and os.access("/run", os.W_OK):
+        return Path("/run/ladder-cluster")
+    return Path(tempfile.gettempdir()) / f"ladder-cluster-{os.getuid()}"
+
+
+def state_dir(name: str, *, create: bool = False) -> Path:
+    """Cluster `name`'s state folder, made (mode 0700) when `create`. The root is checked
+    first: a link, another user's or one open to others is refused."""
+    try:
+        root = private_dir(state_root(), create=create)
+    except UnsafePath as e:
+        raise ClusterError(f"cluster state folder {e}") from None
+    d = root / name
+    if create:
+        d.mkdir(mode=0o700, exist_ok=True)
+    return d
 
 
 def token_path(name: str) -> Path:
@@ -106,10 +135,10 @@ def load_state(name: str) -> ClusterState | None:
 
 
 def _save(st: ClusterState) -> None:
-    d = state_dir(st.name)
-    d.mkdir(parents=True, exist_ok=True)
+    d = state_dir(st.name, create=True)
     tmp = d / "state.json.tmp"
-    tmp.write_text(json.dumps(asdict(st), indent=1))
+    with open_private(tmp) as f:
+        f.write(json.dumps(asdict(st), indent=1).encode())
     tmp.replace(d / "state.json")
 
 
@@ -233,11 +262,9 @@ def up(name: str, links: list[Link], *, cpus: int, head_cpus: int = 0, plain: bo
                                "without network namespaces")
         links = [Link("loopback", 0, link.latency_s) for link in links]
     t0 = time.monotonic()
-    d = state_dir(name)
-    d.mkdir(parents=True, exist_ok=True)
-    tok = token_path(name)
-    tok.write_text(secrets.token_hex(32))
-    tok.chmod(0o600)
+    state_dir(name, create=True)
+    with open_private(token_path(name)) as f:
+        f.write(secrets.token_hex(32).encode())
     _, bridge, _ = _names(name)
     subnet = "" if plain else _pick_subnet(name)
     st = ClusterState(name=name, plain=plain, subnet=subnet, bridge="" if plain else bridge,
@@ -349,7 +376,7 @@ def _start_ray(st: ClusterState, links: list[Link], timeout_s: float, log) -> No
     env.pop("RAY_ADDRESS", None)
     logs = state_dir(st.name)
     for node, link in zip(st.nodes, links):
-        with open(logs / f"n{node.index}.log", "wb") as out:
+        with open_private(logs / f"n{node.index}.log") as out:
             # `--block`: the node's processes stay under this session, so a plain cluster's
             # `down` finds them by session id (a namespace's are found by namespace)
             p = subprocess.Popen(_in_ns(node.ns, *_ray_start_args(st, node, link)), env=env,
@@ -490,7 +517,7 @@ def down(name: str, log=print) -> list[str]:
         shutil.rmtree(d, ignore_errors=True)
         removed.append(f"state {d}")
     try:
-        STATE_ROOT.rmdir()  # the state root too, once no cluster is left in it
+        d.parent.rmdir()  # the state root too, once no cluster is left in it
     except OSError:
         pass
     left = _leftovers(name)

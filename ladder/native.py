@@ -8,6 +8,11 @@ for the machine it runs on, once per source and CPU, into `$LADDER_NATIVE_DIR` (
 uses (the ranks of a group) each build into a temporary file and rename it into place. Each
 build prunes the directory to the `KEEP` newest libraries (other checkouts and CPUs sharing it
 keep theirs) and drops temporary files a crashed build left an hour or more ago.
+
+Whoever can write the directory or the library chooses the code this process runs, so a cached
+library is loaded only if both are this user's, not writable by group or others and not links;
+else (with a warning naming the path and why) the library is built into a fresh private
+directory, loaded from there and that directory removed (the loaded library stays mapped).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from ladder.private import unsafe_reason
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +80,7 @@ def build(path: Path) -> None:
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler ({cc!r} is not on PATH)")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".so.tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -81,6 +88,7 @@ def build(path: Path) -> None:
                              text=True, timeout=120)
         if run.returncode != 0:
             raise RuntimeError(f"{cc} failed on {SOURCE}: {run.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o755)  # whatever the umask: a group-writable library would be refused
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -129,9 +137,16 @@ def load() -> ctypes.CDLL | None:
         return None
     try:
         path = library_path()
-        if not path.exists():
-            build(path)
-        lib = ctypes.CDLL(str(path))
+        why = _untrusted(path)
+        if why:
+            log.warning("not loading the native library cached at %s: %s; building a private "
+                        "copy instead (fix or remove it, or set LADDER_NATIVE_DIR)", why[0],
+                        why[1])
+            lib = _load_private(path.name)
+        else:
+            if not path.exists():
+                build(path)
+            lib = ctypes.CDLL(str(path))
         for name, (args, res) in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, res
@@ -141,6 +156,26 @@ def load() -> ctypes.CDLL | None:
         return None
     _lib = lib
     return lib
+
+
+def _untrusted(path: Path) -> tuple[Path, str] | None:
+    """(the path, why) where the cache directory or the library in it may hold code somebody
+    else chose; None where both are safe to use (or not there yet)."""
+    for p, directory in ((path.parent, True), (path, False)):
+        if os.path.lexists(p):
+            why = unsafe_reason(p, directory=directory, others_read=True)
+            if why:
+                return p, why
+    return None
+
+
+def _load_private(name: str) -> ctypes.CDLL:
+    """The library built into a fresh directory only this user can enter (mkdtemp: 0700, a name
+    nobody can guess), loaded, and the directory removed."""
+    with tempfile.TemporaryDirectory(prefix="ladder-native-") as d:
+        path = Path(d) / name
+        build(path)
+        return ctypes.CDLL(str(path))
 
 
 def gemm_dtypes(lib: ctypes.CDLL | None) -> set[torch.dtype]:

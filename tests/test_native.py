@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 
 import pytest
@@ -243,3 +244,43 @@ def test_build_prunes_old_libraries(monkeypatch, tmp_path):
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted([native.library_path().name, running.name,
                            *(p.name for p in old[:native.KEEP - 1])])
+
+
+@pytest.mark.parametrize("how", ["dir-writable", "lib-writable", "dir-owner", "lib-owner",
+                                 "lib-symlink"])
+def test_untrusted_cache_is_not_loaded(monkeypatch, tmp_path, caplog, how):
+    """A cached library somebody else could have written is not loaded: a private copy is built
+    (in a temporary 0700 directory, removed after loading) and works."""
+    if how.endswith("owner") and os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    cache, scratch = tmp_path / "cache", tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("LADDER_NATIVE_DIR", str(cache))
+    monkeypatch.setattr(native.tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    cache.mkdir(mode=0o755)
+    lib = native.library_path()
+    planted = tmp_path / "planted.so"  # loading this would fail: load() would return None
+    planted.write_bytes(b"not a shared library")
+    if how == "lib-symlink":
+        lib.symlink_to(planted)
+    else:
+        planted.rename(lib)
+    bad, why = {"dir-writable": (cache, "mode 0777 lets group or others write to it"),
+                "lib-writable": (lib, "mode 0666 lets group or others write to it"),
+                "dir-owner": (cache, "owned by uid 12345, not by this user \\(uid 0\\)"),
+                "lib-owner": (lib, "owned by uid 12345, not by this user \\(uid 0\\)"),
+                "lib-symlink": (lib, f"a symbolic link \\(to {planted}\\)")}[how]
+    if how.endswith("writable"):
+        bad.chmod(0o777 if bad.is_dir() else 0o666)
+    elif how.endswith("owner"):
+        os.chown(bad, 12345, 12345)
+    with caplog.at_level(logging.WARNING, logger="ladder.native"):
+        got = native.load()
+    assert got is not None, native.unavailable_reason()
+    assert got.ladder_native_version() == 1
+    assert caplog.records and re.search(f"cached at {bad}: {why}; building a private copy",
+                                        caplog.text), caplog.text
+    assert list(scratch.iterdir()) == []  # the private directory is gone
+    assert lib.is_symlink() or lib.read_bytes().startswith(b"not a")  # the cache untouched
