@@ -56,6 +56,9 @@ def register_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=d.name, help="the run's name under the storage path")
     p.add_argument("--fresh", action="store_true",
                    help="discard an earlier run of this name instead of resuming it")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty --out (and with --fresh, delete a run folder) that "
+                        "this command did not write")
     p.add_argument("--address", default=None,
                    help="a running Ray cluster (default: start a local one)")
     p.set_defaults(func=run_adapt_cmd)
@@ -106,15 +109,17 @@ def ray_cluster(address: str | None, cpus: float = 0):
 
 def run_adapt_cmd(a: argparse.Namespace) -> int:
     from adapt.data import DataError
-    from adapt.train import AdaptError, AdaptOptions, run_adapt
+    from adapt.progress import ProgressError
+    from adapt.train import AdaptError, AdaptOptions, check_folders, run_adapt
     from ladder.config import ConfigError
     from ladder.loaders import CheckpointError
     keys = set(AdaptOptions.__dataclass_fields__)
     try:
         o = AdaptOptions(**{k: v for k, v in vars(a).items() if k in keys})
+        check_folders(o)  # before Ray starts: run_adapt checks again, just before it deletes
         with ray_cluster(a.address, o.workers * o.cpus_per_worker):
             summary = run_adapt(o)
-    except (AdaptError, DataError, CheckpointError, ConfigError) as e:
+    except (AdaptError, DataError, CheckpointError, ConfigError, ProgressError) as e:
         print(f"ladder adapt: {e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, SystemExit):  # Ray Train's Ctrl-C handler exits

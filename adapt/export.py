@@ -39,4 +39,4 @@ def write_adapted(o, state_path: Path, metrics: dict) -> Path:
     extra = {"ladder_residual": plan.spec(cfg.n_layers),
              "ladder_layers": sorted(plan.ladder_layers), "ladder_adapted": record}
     return write_folder(o.out, cfg, unshard(state, cfg), tokenizer=ckpt.tokenizer(),
-                        extra=extra)
+                        extra=extra, force=o.force)

@@ -10,7 +10,7 @@ checkpoint, and so does a run started again after Ctrl-C: the run is named by it
 packed data, so the resumed run continues the same data order and schedule.
 
 Progress: the controller (on the driver's node) appends each step's rank-0 metrics to
-`progress.jsonl` in the run folder; the driver prints them as they arrive.
+`progress.jsonl` in the run folder; the driver prints them as they arrive (see adapt.progress).
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import dataclasses
 import json
 import os
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapt.data import DEFAULT_DATA, Packed, fingerprint, prepare, step_rows
+from adapt.progress import ProgressPrinter, append_progress, progress_callback, read_progress
+from ladder.private import UnsafePath, check_replaceable, remove
 
 # settings that define a run: resuming with any of them changed is refused
 RUN_KEYS = ("model", "residual", "data", "steps", "batch", "seq_len", "lr", "min_lr_ratio",
@@ -64,6 +65,7 @@ class AdaptOptions:
     storage: str = ""  # Ray Train's storage path; default: <out>.train
     name: str = "run"
     fresh: bool = False  # discard an earlier run of the same name instead of resuming it
+    force: bool = False  # replace a non-empty --out (or --fresh's run folder) that is not ours
 
     def __post_init__(self) -> None:
         for f in ("steps", "batch", "workers", "eval_every", "checkpoint_every", "eval_rows"):
@@ -76,8 +78,8 @@ class AdaptOptions:
             raise AdaptError(f"--ce-weight must be in [0, 1], got {self.ce_weight}")
         if Path(self.model).exists():  # recorded as the adapted model's parent: absolute
             self.model = str(Path(self.model).resolve())
-        self.out = str(Path(self.out).resolve())
-        self.storage = str(Path(self.storage or self.out + ".train").resolve())
+        self.out = _absolute(self.out)
+        self.storage = _absolute(self.storage or self.out + ".train")
 
     @property
     def run_dir(self) -> Path:
@@ -89,6 +91,31 @@ class AdaptOptions:
 
     def run_settings(self) -> dict:
         return {k: getattr(self, k) for k in RUN_KEYS}
+
+
+def _absolute(path: str) -> str:
+    """`path` made absolute, its parent resolved but not its last part: a link given as a folder
+    stays a link (which check_folders refuses) instead of leading to what it points to."""
+    p = Path(os.path.abspath(path))
+    return str(p.parent.resolve() / p.name)
+
+
+RUN_MARKS = ("run.json", "progress.jsonl")  # prepare_run and the controller write these
+
+
+def check_folders(o: AdaptOptions) -> None:
+    """Refuse, before anything runs, to delete a folder this command did not write: `--out`,
+    replaced by the export at the end, and with --fresh the run folder (see
+    ladder.private.check_replaceable); --force allows it, except through a link."""
+    from ladder.loaders.hf import EXPORT_MARK  # torch: not when the command line is parsed
+
+    try:
+        check_replaceable(Path(o.out), (EXPORT_MARK,), force=o.force, what=f"--out {o.out}")
+        if o.fresh:
+            check_replaceable(o.run_dir, RUN_MARKS, force=o.force,
+                              what=f"the run folder {o.run_dir} (--fresh deletes it)")
+    except UnsafePath as e:
+        raise AdaptError(str(e)) from None
 
 
 def train_loop(cfg: dict) -> None:
@@ -180,106 +207,14 @@ def train_loop(cfg: dict) -> None:
             ray.train.report(metrics)
 
 
-def _progress_callback(path: str):
-    """A Ray Train callback (runs in the controller) appending reports to `path`."""
-    from ray.train import UserCallback
-
-    class Progress(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            rec = dict(metrics[0])
-            rec["pids"] = [m.get("pid") for m in metrics]
-            if checkpoint is not None:
-                rec["checkpoint"] = checkpoint.path
-            _append(path, rec)
-
-        def after_exception(self, run_context, worker_exceptions):
-            _append(path, {"event": "worker_failure", "ranks": sorted(worker_exceptions),
-                           "error": "; ".join(f"{type(e).__name__}: {e}".splitlines()[0]
-                                              for e in worker_exceptions.values())})
-
-    return Progress()
-
-
-def _append(path: str, rec: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
-def read_progress(run_dir: Path) -> list[dict]:
-    p = run_dir / "progress.jsonl"
-    return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
-
-
-class ProgressPrinter:
-    """Tails progress.jsonl in a thread and prints one line per step: step, loss, tokens/s,
-    held-out perplexity where evaluated, ETA."""
-
-    def __init__(self, path: Path, steps: int, out=None) -> None:
-        self.path, self.steps, self.out = path, steps, out
-        self._stop = threading.Event()
-        self._pos = path.stat().st_size if path.is_file() else 0
-        self._times: list[float] = []
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "ProgressPrinter":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._drain()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            self._drain()
-
-    def _drain(self) -> None:
-        if not self.path.is_file():
-            return
-        with open(self.path) as f:
-            f.seek(self._pos)
-            chunk = f.read()
-        end = chunk.rfind("\n") + 1
-        self._pos += len(chunk[:end].encode())
-        for line in chunk[:end].splitlines():
-            print(self.format(json.loads(line)), file=self.out, flush=True)
-
-    def format(self, r: dict) -> str:
-        if r.get("event") == "worker_failure":
-            return (f"[adapt] worker(s) {r['ranks']} failed ({r['error']}); Ray Train restarts "
-                    "the group from the last checkpoint")
-        line = f"[adapt] step {r['step']}/{self.steps}"
-        if "loss" in r:
-            self._times.append(r["step_s"])
-            recent = self._times[-20:]
-            per = sum(recent) / len(recent)
-            line += (f" | loss {r['loss']:.4f} (kl {r['kl']:.4f}) | lr {r['lr']:.2e} | "
-                     f"{r['tokens'] / max(r['step'], 1) / r['step_s']:.0f} tok/s")
-        if "ppl" in r:
-            line += (f" | held-out ppl {r['ppl']:.3f} ({r['ppl_ratio']:.3f}x parent "
-                     f"{r['parent_ppl']:.3f}) top-1 {r['top1']:.3f}")
-        if "loss" in r:
-            line += f" | ETA {_duration(per * (self.steps - r['step']))}"
-        if "checkpoint" in r:
-            line += " | checkpoint"
-        return line
-
-
-def _duration(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def prepare_run(o: AdaptOptions) -> Packed:
     """The run folder (new, or the one being resumed) and its packed data."""
-    import shutil
-
     from ladder.loaders import open_checkpoint
 
+    check_folders(o)
     run = o.run_dir
     if o.fresh:
-        shutil.rmtree(run, ignore_errors=True)
+        remove(run)
     ckpt = open_checkpoint(o.model)
     if ckpt.recorded_plan is not None:
         raise AdaptError(f"{ckpt.path}: already adapted to {ckpt.recorded_plan.spec(ckpt.config.n_layers)}; "
@@ -319,7 +254,7 @@ def run_adapt(o: AdaptOptions, *, log=None) -> dict:
     if done:
         print(f"[adapt] resuming {o.run_dir} from its checkpoint at step {max(done)}",
               file=log, flush=True)
-    _append(str(o.run_dir / "progress.jsonl"), {"event": "start", "time": time.time()})
+    append_progress(o.run_dir / "progress.jsonl", {"event": "start", "time": time.time()})
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"options": dataclasses.asdict(o), "data": packed},
@@ -332,7 +267,7 @@ def run_adapt(o: AdaptOptions, *, log=None) -> dict:
             name=o.name, storage_path=o.storage,
             failure_config=ray.train.FailureConfig(max_failures=o.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[_progress_callback(str(o.run_dir / "progress.jsonl"))]))
+            callbacks=[progress_callback(str(o.run_dir / "progress.jsonl"))]))
     t0 = time.perf_counter()
     with ProgressPrinter(o.run_dir / "progress.jsonl", o.steps, out=log):
         result = trainer.fit()

@@ -17,9 +17,11 @@ from safetensors import SafetensorError, safe_open
 
 from ladder.config import ConfigError, ModelConfig, ResidualPlan
 from ladder.loaders.base import Checkpoint, CheckpointError, Range, check_range
+from ladder.private import check_replaceable, remove
 from ladder.tokenizer import Tokenizer
 
 INDEX_NAME = "model.safetensors.index.json"
+EXPORT_MARK = ".ladder-export"  # in every folder write_folder makes: a later write may replace it
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -134,20 +136,27 @@ class SafetensorsCheckpoint(Checkpoint):
 
 
 def write_folder(dest: str | Path, config: ModelConfig, tensors: dict[str, torch.Tensor], *,
-                 tokenizer: Tokenizer | None = None, extra: dict[str, Any] | None = None) -> Path:
+                 tokenizer: Tokenizer | None = None, extra: dict[str, Any] | None = None,
+                 force: bool = False) -> Path:
     """Write a Hugging Face Llama folder that this module (and transformers'
     `LlamaForCausalLM.from_pretrained`) reads: config.json with `extra` keys added (e.g. the
     residual plan an adapted model runs), model.safetensors (float32, Hugging Face names) and
-    the tokenizer files with the chat template. Written beside `dest`, then moved into place."""
-    import shutil
+    the tokenizer files with the chat template. Written beside `dest`, then moved into place.
+    An existing `dest` is replaced only if this function wrote it (EXPORT_MARK), it is empty, or
+    `force`; a link never (ladder.private.check_replaceable raises UnsafePath)."""
+    import time
 
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for folder in (dest, tmp):
+        check_replaceable(folder, (EXPORT_MARK,), force=force, what=str(folder))
+    remove(tmp)
     tmp.mkdir(parents=True)
+    (tmp / EXPORT_MARK).write_text(json.dumps({"written_by": "ladder-serve",
+                                               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
     eos = list(config.eos_token_ids)
     hf = LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.dim,
@@ -165,7 +174,6 @@ def write_folder(dest: str | Path, config: ModelConfig, tensors: dict[str, torch
               str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(tmp)
-    if dest.exists():
-        shutil.rmtree(dest)
+    remove(dest)
     tmp.rename(dest)
     return dest
