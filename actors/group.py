@@ -16,6 +16,7 @@ and the error names the rank. Then rank 0 serves: `stream` yields TokenEvents as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -30,7 +31,8 @@ from actors.leader import GroupFailed
 from actors.worker import ShardWorker
 from ladder.runner import GroupOptions
 from ladder.sampling import SamplingParams
-from ladder.scheduler import RequestError, TokenEvent, add_event, new_result
+from ladder.scheduler import (RequestError, RequestFailed, TokenEvent, add_event,
+                              new_result)
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # Ray node labels a launcher sets (cluster/launcher.py): the node's link profile, which becomes
@@ -153,28 +155,34 @@ class TPGroup:
         return out
 
     # -- serving ---------------------------------------------------------------------------
+    async def open(self, prompt: list[int], params: SamplingParams,
+                   request_id: str | None = None) -> "GenerationStream":
+        """Submit one request and return, once rank 0 has accepted it, the stream of its
+        TokenEvents. Raises RequestError for a request the group cannot serve and GroupError
+        when the group is down, before anything was generated."""
+        gen = self.leader.generate.remote(request_id or uuid.uuid4().hex, list(prompt), params)
+        try:
+            await self._next(gen)  # None: accepted
+        except BaseException:
+            ray.cancel(gen)
+            raise
+        return GenerationStream(self, gen)
+
+    async def _next(self, gen):
+        """The next item of rank 0's stream, its Ray errors as the API's own."""
+        try:
+            return await (await gen.__anext__())
+        except (RayActorError, RayTaskError) as e:
+            raise _translate(e, self.name) from None
+        except StopAsyncIteration:
+            raise GroupError(f"{self.name}: rank 0 ended a stream before it finished") from None
+
     async def stream(self, prompt: list[int], params: SamplingParams,
                      request_id: str | None = None) -> AsyncIterator[TokenEvent]:
-        """TokenEvents of one request as they are produced (text deltas; the last carries the
-        finish reason and stats). Closing the iterator early cancels the request.
-
-        Raises RequestError for a request the group cannot serve (nothing was queued) and
-        GroupError when the group breaks while serving it.
-        """
-        rid = request_id or uuid.uuid4().hex
-        gen = self.leader.generate.remote(rid, list(prompt), params)
-        done = False
-        try:
-            async for ref in gen:
-                try:
-                    ev = await ref
-                except (RayActorError, RayTaskError) as e:
-                    raise _translate(e, self.name) from None
-                done = ev.finish_reason is not None
+        """`open`, then its events as one iterator."""
+        async with contextlib.aclosing(await self.open(prompt, params, request_id)) as events:
+            async for ev in events:
                 yield ev
-        finally:
-            if not done:
-                ray.cancel(gen)
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams
                  ) -> list[dict]:
@@ -185,8 +193,11 @@ class TPGroup:
 
         async def one(p, sp):
             out = new_result()
-            async for ev in self.stream(p, sp):
-                add_event(out, ev)
+            try:
+                async for ev in self.stream(p, sp):
+                    add_event(out, ev)
+            except RequestFailed as e:  # that request alone: the others' results stand
+                out["finish_reason"], out["error"] = "error", str(e)
             return out
 
         async def all_():
@@ -200,18 +211,15 @@ class TPGroup:
     async def tokenize(self, text: str | None = None, messages: list[dict] | None = None
                        ) -> list[int]:
         """Prompt ids of `text` (as is) or of chat `messages` (through the chat template)."""
-        try:
-            if messages is not None:
-                return await self.leader.encode_chat.remote(messages)
-            return await self.leader.encode.remote(text, False)
-        except RayTaskError as e:
-            raise _translate(e, self.name) from None
+        if messages is not None:
+            return await self._call(self.leader.encode_chat.remote(messages))
+        return await self._call(self.leader.encode.remote(text, False))
 
     async def health_async(self, timeout_s: float = 10.0) -> Health:
         return await asyncio.to_thread(self.health, timeout_s)
 
     async def cancel(self, request_id: str) -> None:
-        await self.leader.cancel.remote(request_id)
+        await self._call(self.leader.cancel.remote(request_id))
 
     def stats(self, since: float = 0.0) -> dict:
         """Totals, queue and slots, and the per-step records of steps that ended after `since`
@@ -219,7 +227,13 @@ class TPGroup:
         return ray.get(self.leader.stats.remote(since), timeout=30)
 
     async def stats_async(self, since: float = 0.0) -> dict:
-        return await self.leader.stats.remote(since)
+        return await self._call(self.leader.stats.remote(since))
+
+    async def _call(self, ref):
+        try:
+            return await ref
+        except (RayActorError, RayTaskError) as e:
+            raise _translate(e, self.name) from None
 
     def health(self, timeout_s: float = 10.0) -> Health:
         """Every rank's process answers, and a collective round trip through all of them
@@ -270,6 +284,37 @@ class TPGroup:
         self.shutdown()
 
 
+class GenerationStream:
+    """One request's TokenEvents as rank 0 produces them (text deltas; the last carries the
+    finish reason and stats): an async iterator that raises RequestFailed when the request
+    failed alone and GroupError when the group broke. `aclose` cancels an unfinished request
+    (its slot is freed at the next step), whether or not it was ever iterated."""
+
+    def __init__(self, group: TPGroup, gen) -> None:
+        self.group, self.gen, self.done = group, gen, False
+
+    def __aiter__(self) -> "GenerationStream":
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self.done:
+            raise StopAsyncIteration
+        try:
+            ev = await self.group._next(self.gen)
+        except asyncio.CancelledError:  # the caller's: the request runs on until aclose
+            raise
+        except BaseException:  # rank 0 ended it
+            self.done = True
+            raise
+        self.done = ev.finish_reason is not None
+        return ev
+
+    async def aclose(self) -> None:
+        if not self.done:
+            self.done = True
+            ray.cancel(self.gen)
+
+
 def link_label(nodes: list[dict]) -> str:
     """The interconnect of ranks on different nodes: the launcher's link profile when their
     nodes carry one (profiles joined by + when they differ), else `network`."""
@@ -285,10 +330,13 @@ def _cause(e: BaseException) -> str:
 
 
 def _translate(e: BaseException, name: str) -> BaseException:
-    """A Ray error from the leader as the API's own: RequestError, or GroupError."""
+    """A Ray error from rank 0 as the API's own: RequestError (the request, not the group),
+    RequestFailed (that request alone failed), or GroupError."""
     inner = getattr(e, "cause", None)
-    if isinstance(inner, (RequestError, ValueError)):  # the request, not the group
+    if isinstance(inner, (RequestError, ValueError)):
         return RequestError(str(inner))
+    if isinstance(inner, RequestFailed):
+        return inner
     if isinstance(inner, GroupFailed):
         return GroupError(f"{name}: {inner}")
     if isinstance(e, RayActorError):

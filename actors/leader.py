@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from ladder.runner import Leader
-from ladder.scheduler import Request, RequestError, TokenEvent
+from ladder.scheduler import Request, RequestError, RequestFailed, TokenEvent
 
 Sink = Callable[[object], None]  # receives TokenEvents, then possibly an exception
 
@@ -176,14 +176,19 @@ class LeaderLoop:
             self.metrics.set_load(len(sch.running), len(sch.waiting), sch.engine.n_slots)
 
     def _deliver(self, events: list[TokenEvent]) -> None:
+        """Each event to its request's sink; a request that failed alone (finish_reason
+        "error") gets RequestFailed instead."""
         for ev in events:
             sink = self._sinks.get(ev.request_id)
             if ev.finish_reason is not None:
                 self._sinks.pop(ev.request_id, None)
-                if self.metrics:
+                if self.metrics and ev.finish_reason == "error":
+                    self.metrics.on_error("request_failed")
+                elif self.metrics:
                     self.metrics.on_finish(ev.stats, ev.finish_reason)
             if sink is not None:
-                sink(ev)
+                sink(RequestFailed(f"request {ev.request_id}: {ev.error}")
+                     if ev.finish_reason == "error" else ev)
 
     def _drop_all(self, error: BaseException | None) -> None:
         """End every request the loop holds: with `error`, or as cancelled on a clean stop."""

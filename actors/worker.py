@@ -13,6 +13,7 @@ import asyncio
 import os
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,6 +34,8 @@ class ShardWorker:
         self.comm = None
         self._follower: threading.Thread | None = None
         self.follower_error: str | None = None
+        # tokenizing runs here, one prompt at a time, never on the actor's event loop
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="ladder-tokenize")
 
     # -- every rank ------------------------------------------------------------------------
     async def node_info(self) -> dict:
@@ -98,14 +101,17 @@ class ShardWorker:
 
     # -- rank 0: the group's API -----------------------------------------------------------
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams):
-        """Stream `TokenEvent`s for one request; the last one has a finish_reason. Raises
-        RequestError for a request that cannot be served, GroupFailed when the group breaks."""
+        """Stream one request: first None, once the leader accepted it (so a caller can answer
+        before any token), then `TokenEvent`s, the last with a finish_reason. Raises
+        RequestError for a request that cannot be served, RequestFailed when it failed alone,
+        GroupFailed when the group breaks."""
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         req = Request(prompt=list(prompt), params=params, id=request_id)
         self.loop.submit(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         finished = False
         try:
+            yield None
             while True:
                 ev = await events.get()
                 if isinstance(ev, BaseException):
@@ -142,14 +148,13 @@ class ShardWorker:
         return self.loop.leader.info()
 
     async def encode(self, text: str, chat: bool = False) -> list[int]:
-        return self.loop.leader.encode(text, chat)
+        return await self._tokenize(self.loop.leader.encode, text, chat)
 
     async def encode_chat(self, messages: list[dict]) -> list[int]:
-        return self.loop.leader.encode_chat(messages)
+        return await self._tokenize(self.loop.leader.encode_chat, messages)
 
-    async def check(self, prompt: list[int], params: SamplingParams) -> None:
-        """Raise RequestError if the request cannot be served (before streaming starts)."""
-        self.loop.scheduler.check(Request(prompt=list(prompt), params=params))
+    async def _tokenize(self, fn, *args) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
 
     # -- shutdown --------------------------------------------------------------------------
     async def stop(self) -> None:

@@ -22,6 +22,7 @@ BENCHES = {
     "sampling": "bench.sampling",  # sampled decode against greedy at TP=2, per link and batch
     "adapt_curve": "bench.adapt_curve",  # ladder adaptation: perplexity recovery vs tokens
     "adapted_serve": "bench.adapted_serve",  # an adapted folder served: README prompt, TP2 = TP1
+    "soak": "bench.soak",  # clients, hostile requests and killed ranks: every request counted
 }
 
 

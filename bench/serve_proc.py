@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ladder.procs import cmdline, descendants
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -58,3 +60,12 @@ def wait_ready(proc: subprocess.Popen, timeout_s: float) -> float:
         if "Ctrl-C stops" in line:
             return time.monotonic() - t0
     raise RuntimeError("ladder serve did not come up:\n" + "".join(lines[-30:]))
+
+
+
+def session_processes(pid: int, title: str = "") -> list[int]:
+    """The live processes `ladder serve` (`pid`, a session leader) started: its descendants and
+    the members of its session (Ray's daemons may leave the process tree), oldest first;
+    with `title`, only those whose command line starts with it (e.g. ray::ShardWorker)."""
+    ours = descendants(pid, session=True)
+    return [p for p in ours if cmdline(p).startswith(title)] if title else ours

@@ -42,6 +42,7 @@ from typing import Iterator
 
 from actors.group import LATENCY_LABEL, LINK_LABEL
 from cluster.links import DEFAULT_MTU, Link, check_mtu
+from ladder.procs import alive
 from ladder.private import UnsafePath, open_private, private_dir
 
 RAY_PORT = 6379
@@ -432,7 +433,7 @@ def _wait_alive(st: ClusterState, n: int, timeout_s: float, log) -> None:
 
 def _session_alive(node: NodeState) -> bool:
     """Whether the node's `ray start --block` (its session leader) still runs."""
-    return _pid_alive(node.sid)
+    return alive(node.sid)
 
 
 # -- down --------------------------------------------------------------------------------------
@@ -467,18 +468,10 @@ def _end(pids: list[int], grace_s: float = 5.0) -> None:
                 pass
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            pids = [p for p in pids if _pid_alive(p)]
+            pids = [p for p in pids if alive(p)]
             if not pids:
                 return
             time.sleep(0.1)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def down(name: str, log=print) -> list[str]:
@@ -541,15 +534,15 @@ def status(name: str) -> dict:
                       "mtu": st.mtu if st.plain else _mtu(node),
                       "running": _session_alive(node)})
     try:
-        alive = alive_nodes(st)
+        known = alive_nodes(st)
     except (ClusterError, subprocess.TimeoutExpired) as e:
-        alive, err = [], str(e)
+        known, err = [], str(e)
     else:
         err = ""
     return {"name": name, "up": True, "plain": st.plain, "mtu": st.mtu, "address": st.address,
             "dashboard": st.dashboard, "token_path": str(token_path(name)),
-            "ready_s": round(st.ready_s, 1), "nodes": nodes, "ray_alive": len(alive),
-            "ray_labels": sorted({n["labels"].get(LINK_LABEL, "?") for n in alive}),
+            "ready_s": round(st.ready_s, 1), "nodes": nodes, "ray_alive": len(known),
+            "ray_labels": sorted({n["labels"].get(LINK_LABEL, "?") for n in known}),
             **({"error": err} if err else {})}
 
 

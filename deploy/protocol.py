@@ -1,22 +1,29 @@
-"""The OpenAI wire format: requests validated into our SamplingParams, responses and SSE chunks.
+"""The OpenAI wire format: request and response models, requests validated into SamplingParams.
 
-Validation errors become `ApiError`s (status, OpenAI-style body) here, before anything reaches
-the TP group; what only the group can judge (the prompt's length in tokens) is checked against
-the group's context after tokenization, in the server.
+The pydantic models here are the one source of the wire format: the server parses bodies with
+them, `/openapi.json` describes them, and the fuzz tests generate from that document. Every
+validation error becomes an `ApiError` (a 4xx with OpenAI's error body) here, before anything
+reaches the TP group; what only the model can judge (the prompt's length in tokens, token ids
+against the vocabulary) is checked by the server against the group's `Limits`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat,
+                      StrictInt, ValidationError)
 
-from ladder.sampling import SamplingParams
+from ladder.sampling import SEED_SPACE, SamplingParams
 
 MAX_N = 8  # choices per request: each is a full generation on the group
+MAX_STOPS = 4  # stop sequences per request (OpenAI's limit)
+MAX_STOP_CHARS = 256
 
 
 class ApiError(Exception):
@@ -33,120 +40,249 @@ class ApiError(Exception):
                           "code": self.code}}
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What the served model allows a request, from the group's info and the settings."""
+
+    vocab_size: int
+    max_seq: int  # prompt plus generated tokens
+    max_prompt_chars: int  # a longer prompt has more tokens than the context holds
+    default_max_tokens: int  # /v1/completions without max_tokens (OpenAI's default: 16)
+
+
+# -- requests ---------------------------------------------------------------------------------
+# Numbers and booleans are strict (no "1" for 1, no true for 1.0), floats finite (no NaN or
+# Infinity); unknown fields are ignored, as OpenAI clients send fields we do not use.
+_STRICT = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+def _integral(v: Any) -> Any:
+    """1.0 is an integer to JSON Schema (and to JavaScript clients): take it as 1."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Int = Annotated[StrictInt, BeforeValidator(_integral)]
+Text = Annotated[str, Field(min_length=1)]
+Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     include_usage: StrictBool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
+    model_config = _STRICT
 
     model: str
-    max_tokens: StrictInt | None = None
-    max_completion_tokens: StrictInt | None = None  # the chat API's newer name
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: StrictInt = 0  # an extension (vLLM has it too); 0 = off
-    seed: StrictInt | None = None
-    stop: str | list[str] | None = None
-    n: StrictInt = 1
+    max_tokens: Int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)  # the chat API's newer name
+    temperature: StrictFloat = Field(1.0, ge=0, le=2)
+    top_p: StrictFloat = Field(1.0, gt=0, le=1)
+    top_k: Int = Field(0, ge=-1, description="an extension (vLLM's): 0 or -1 = off")
+    seed: Int | None = Field(None, description="any integer, reduced modulo 2**64")
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
+    n: Int = Field(1, ge=1, le=MAX_N)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    min_tokens: StrictInt = 0  # extension
-    ignore_eos: StrictBool = False  # extension (benchmarks)
+    min_tokens: Int = Field(0, ge=0, description="an extension: no stop before this many")
+    ignore_eos: StrictBool = Field(False, description="an extension (benchmarks)")
 
-    def sampling(self, default_max: int, room: int) -> list[SamplingParams]:
+    def sampling(self, limits: Limits, room: int, default_max: int) -> list[SamplingParams]:
         """One SamplingParams per choice. `room`: new tokens the context has left after the
         prompt; `default_max` applies when the request names no max_tokens."""
-        if not 1 <= self.n <= MAX_N:
-            raise ApiError(400, f"n must be between 1 and {MAX_N}, got {self.n}", param="n")
         if self.stream_options is not None and not self.stream:
             raise ApiError(400, "stream_options is only allowed with stream: true",
                            param="stream_options")
+        if self.top_k > limits.vocab_size:
+            raise ApiError(400, f"top_k must be at most the vocabulary size "
+                           f"({limits.vocab_size}), got {self.top_k}", param="top_k")
         mt = self.max_completion_tokens if self.max_completion_tokens is not None \
             else self.max_tokens
         if mt is None:
             mt = min(default_max, room)
-        elif mt <= 0:
-            raise ApiError(400, f"max_tokens must be at least 1, got {mt}", param="max_tokens")
         elif mt > room:
             raise ApiError(400, f"max_tokens={mt} does not fit the context: the prompt leaves "
                            f"room for {room} new tokens", param="max_tokens",
                            code="context_length_exceeded")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        if len(stop) > 4:
-            raise ApiError(400, f"at most 4 stop sequences, got {len(stop)}", param="stop")
         out = []
         for i in range(self.n):  # each choice its own seed, so choices differ when sampling
-            seed = None if self.seed is None else self.seed + i
-            try:
-                out.append(SamplingParams(
-                    max_tokens=mt, temperature=self.temperature, top_k=self.top_k,
-                    top_p=self.top_p, seed=seed, stop=stop, ignore_eos=self.ignore_eos,
-                    min_tokens=min(self.min_tokens, mt)))
-            except ValueError as e:
-                raise ApiError(400, str(e), param=_param_of(str(e))) from None
+            seed = None if self.seed is None else (self.seed + i) % SEED_SPACE
+            out.append(SamplingParams(
+                max_tokens=mt, temperature=self.temperature, top_k=max(self.top_k, 0),
+                top_p=self.top_p, seed=seed, stop=stop, ignore_eos=self.ignore_eos,
+                min_tokens=min(self.min_tokens, mt)))
         return out
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[StrictInt]
+    prompt: Text | Annotated[list[Text], Field(min_length=1)] | Annotated[list[Int],
+                                                                           Field(min_length=1)]
     echo: StrictBool = False
-    logprobs: StrictInt | None = None
-    suffix: str | None = None
+    logprobs: Int | None = Field(None, description="not supported: only null")
+    suffix: str | None = Field(None, description="not supported: only null or empty")
+
+    def prompt_text_or_ids(self) -> str | list[int]:
+        """The one prompt: a string, or token ids. One-string lists are unwrapped."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise ApiError(400, "one prompt per request (send a list of one string, a "
+                               "string, or token ids)", param="prompt")
+            prompt = prompt[0]
+        if not prompt:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        return prompt
+
+
+class ContentPart(BaseModel):
+    model_config = _STRICT
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: only text ones are understood
             parts = []
             for p in self.content:
-                if p.get("type") != "text" or not isinstance(p.get("text"), str):
-                    raise ApiError(400, f"unsupported content part {p.get('type')!r}: only "
-                                   "text", param="messages")
-                parts.append(p["text"])
+                if p.type != "text" or p.text is None:
+                    raise ApiError(400, f"unsupported content part {p.type!r}: only text",
+                                   param="messages")
+                parts.append(p.text)
             return "".join(parts)
         return self.content or ""
 
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: StrictBool | None = None
+    logprobs: StrictBool | None = Field(None, description="not supported: only null or false")
 
 
-def parse(model_cls: type[BaseModel], raw: bytes) -> Any:
-    """JSON body -> request model, or an ApiError(400) that says what is wrong."""
+# pydantic names the member of a union it tried ("prompt.str", "stop.list[str]"): not a field
+_UNION_TAG = re.compile(r"str|int|float|bool|list|dict|constrained-.*|.*\[.*")
+
+
+def parse(model_cls: type[_Common], raw: bytes) -> Any:
+    """JSON body -> request model, or an ApiError(400) that says what is wrong.
+
+    pydantic's own JSON parser reads the body: it refuses NaN, integers past 4300 digits and
+    nesting past its recursion limit with a validation error, never an exception of Python's."""
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    try:
-        req = model_cls.model_validate(data)
+        req = model_cls.model_validate_json(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        field = str(err["loc"][0]) if err["loc"] else None
-        what = {"missing": "is required"}.get(err["type"], f"has the wrong type or value "
-                                              f"({err['msg']})")
-        raise ApiError(400, f"{field or 'body'} {what}", param=field) from None
-    if getattr(req, "logprobs", None):
+        errors = e.errors(include_url=False)
+        # of a union's members, the one whose type fitted says what is wrong ("at most 4
+        # items"), not the others ("not a string")
+        err = next((x for x in errors if not x["type"].endswith("_type")), errors[0])
+        loc = [str(x) for x in err["loc"] if not _UNION_TAG.fullmatch(str(x))]
+        if err["type"] == "json_invalid":
+            raise ApiError(400, f"the request body is not valid JSON: {err['msg']}") from None
+        if err["type"] in ("model_type", "model_attributes_type") and not loc:
+            raise ApiError(400, "the request body must be a JSON object") from None
+        what = "is required" if err["type"] == "missing" else f"is invalid: {err['msg']}"
+        raise ApiError(400, f"{'.'.join(loc) or 'body'} {what}",
+                       param=loc[0] if loc else None) from None
+    if req.logprobs is not None and req.logprobs is not False:
         raise ApiError(400, "logprobs are not supported", param="logprobs")
     if getattr(req, "suffix", None):
         raise ApiError(400, "suffix is not supported", param="suffix")
     return req
 
 
-def _param_of(msg: str) -> str | None:
-    head = msg.split(" ", 1)[0]
-    return head if head.isidentifier() else None
+# -- responses (declared for /openapi.json; built as dicts below) -----------------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
 
 
-# -- responses --------------------------------------------------------------------------------
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+Finish = Literal["stop", "length"] | None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: Finish
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: Finish
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+    tp: int
+    residual: str
+    residual_plan: str
+    adapted: bool
+    interconnect: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class HealthBody(BaseModel):
+    status: Literal["ok", "unhealthy"]
+    checked_s_ago: float | None = Field(None, description="with a valid key: the details")
+    reason: str | None = None
+    rtt_s: float | None = None
+    group: str | None = None
+    namespace: str | None = None
+    tp: int | None = None
+    interconnect: str | None = None
+    residual: str | None = None
+
+
 FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 

@@ -80,15 +80,11 @@ def run(a: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from deploy.server import ServerConfig, build_app
+    from deploy.config import split_args
+    from deploy.server import build_app
 
     try:  # a bad setting fails here, naming the file, before any cluster starts
-        build_args = dict(args)
-        for k in ("autoscaling_config", "num_replicas", "max_ongoing_requests",
-                  "max_queued_requests", "health_check_period_s",
-                  "health_check_timeout_s", "graceful_shutdown_timeout_s"):
-            build_args.pop(k, None)
-        ServerConfig.from_dict(build_args)
+        keyed = bool(split_args(args)[0].resolve_keys().api_keys)
     except (TypeError, ValueError) as e:
         raise SystemExit(f"{a.config}: {e}") from None
 
@@ -114,11 +110,12 @@ def run(a: argparse.Namespace) -> int:
             return 1
         url = f"http://{host}:{port}"
         model = args.get("model_name", "smollm2")
-        key = (args.get("api_keys") or ["none"])[0]
+        # the example names no key of the config's: keys stay out of terminals and logs
+        key = "$LADDER_API_KEY" if keyed else "none"
         print(f"ladder-serve: {model} on {url}/v1 (ready in {time.perf_counter() - t0:.0f} s; "
               "Ctrl-C stops)\n\n"
               f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-              f"       -H 'Authorization: Bearer {key}' \\\n"
+              f"       -H \"Authorization: Bearer {key}\" \\\n"
               f"       -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
               f"\"content\": \"Hello!\"}}], \"max_tokens\": 32}}'\n\n"
               f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', "

@@ -262,7 +262,8 @@ class Leader:
                 "residual_plan": m.plan.spec(m.config.n_layers), "adapted": self.adapted,
                 "tp": self.engine.comm.world_size, "config": m.config.to_dict(),
                 "max_seq": self.engine.max_seq, "n_slots": self.engine.n_slots,
-                "has_tokenizer": self.tokenizer is not None}
+                "has_tokenizer": self.tokenizer is not None,
+                "max_token_chars": self.tokenizer.max_token_chars if self.tokenizer else 0}
 
 
 def enter_netns(name: str) -> None:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass
 
 import torch
+
+SEED_SPACE = 2**64  # a seed is any integer in [0, 2**64); the HTTP API reduces others modulo it
+INT64_MAX = 2**63 - 1
 
 
 @dataclass(kw_only=True, slots=True)
@@ -24,14 +29,16 @@ class SamplingParams:
             self.stop = (self.stop,)
         self.stop = tuple(self.stop)
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens <= INT64_MAX:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:  # NaN fails this too
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
+        if not 0 <= self.top_k <= INT64_MAX:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < SEED_SPACE:
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if any(not s for s in self.stop):
@@ -39,7 +46,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """The one definition of a greedy row: below MIN_TEMPERATURE, logit / temperature
+        would overflow, so such a row takes its most likely token."""
+        return self.temperature < MIN_TEMPERATURE
 
 
 # each rank's largest values (and their ids) per top-p row that cross the link: they decide the
@@ -68,21 +77,29 @@ class Sampler:
     def remove(self, key: object) -> None:
         self._gens.pop(key, None)
 
+    def row(self, key: object, params: SamplingParams) -> tuple[int, int, int, int]:
+        """One request's row of a step's sampling table (`encode_row`), with this step's seed."""
+        seed = 0 if params.greedy else int(torch.randint(0, 2**62, (),
+                                                         generator=self._gens[key]))
+        return encode_row(params.temperature, params.top_k, params.top_p, seed)
+
     def rows(self, keys: list, params: list[SamplingParams]) -> torch.Tensor:
-        """A step's sampling table (`encode_rows`), with this step's seed for each sampled row."""
-        seeds = [0 if p.greedy else int(torch.randint(0, 2**62, (), generator=self._gens[k]))
-                 for k, p in zip(keys, params)]
-        return encode_rows([p.temperature for p in params], [p.top_k for p in params],
-                           [p.top_p for p in params], seeds)
+        """A step's sampling table: int64 [B, 4] of `row`s."""
+        return torch.tensor([self.row(k, p) for k, p in zip(keys, params)], dtype=torch.int64)
+
+
+def encode_row(temperature: float, top_k: int, top_p: float, seed: int
+               ) -> tuple[int, int, int, int]:
+    """A row of int64s (it travels in the step's int64 broadcast): temperature and top_p as
+    float64 bits, top_k, the step's seed. Raises struct.error for a value int64 cannot hold."""
+    t, p = struct.unpack("<qq", struct.pack("<dd", temperature, top_p))
+    return struct.unpack("<qqqq", struct.pack("<qqqq", t, top_k, p, seed))
 
 
 def encode_rows(temperature, top_k, top_p, seeds) -> torch.Tensor:
-    """int64 [B, 4]: temperature and top_p as float64 bits, top_k, the step's seed (it travels in
-    the step's int64 broadcast)."""
-    t = torch.tensor(temperature, dtype=torch.float64).view(torch.int64)
-    p = torch.tensor(top_p, dtype=torch.float64).view(torch.int64)
-    return torch.stack([t, torch.tensor(top_k, dtype=torch.int64), p,
-                        torch.tensor(seeds, dtype=torch.int64)], 1)
+    """int64 [B, 4] of `encode_row`s."""
+    return torch.tensor([encode_row(*r) for r in zip(temperature, top_k, top_p, seeds)],
+                        dtype=torch.int64)
 
 
 def decode_rows(rows: torch.Tensor) -> tuple[list[float], list[int], list[float], list[int]]:

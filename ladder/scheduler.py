@@ -9,16 +9,28 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+
+import torch
 
 from ladder.engine import ShardEngine, StepBatch
 from ladder.sampling import Sampler, SamplingParams
 
 
+log = logging.getLogger(__name__)
+
+
 class RequestError(ValueError):
     """A request that cannot be served as asked (e.g. longer than the context)."""
+
+
+class RequestFailed(RuntimeError):
+    """The server failed one request while building or finishing its part of a step (a fault of
+    ours, not the client's): that request ends with this error, the group and every other
+    request go on."""
 
 
 @dataclass(slots=True)
@@ -64,13 +76,15 @@ class TokenEvent:
     request_id: object
     token_id: int | None  # None for a finish without a new token (cancel)
     text: str  # text delta ("" when the tokenizer is absent)
-    finish_reason: str | None = None  # "stop", "length", "cancelled"
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
     stats: RequestStats | None = None  # on the final event
+    error: str | None = None  # what failed, with finish_reason "error" (RequestFailed)
 
 
 def new_result() -> dict:
-    """A request's outcome as `add_event` builds it: tokens, text, finish_reason, stats."""
-    return {"tokens": [], "text": "", "finish_reason": None, "stats": None}
+    """A request's outcome as `add_event` builds it: tokens, text, finish_reason, stats, and
+    the error of a request that failed."""
+    return {"tokens": [], "text": "", "finish_reason": None, "stats": None, "error": None}
 
 
 def add_event(result: dict, ev: TokenEvent) -> None:
@@ -79,6 +93,7 @@ def add_event(result: dict, ev: TokenEvent) -> None:
     result["text"] += ev.text
     if ev.finish_reason:
         result["finish_reason"], result["stats"] = ev.finish_reason, ev.stats
+        result["error"] = ev.error
 
 
 class Scheduler:
@@ -138,16 +153,20 @@ class Scheduler:
         return []
 
     def _prefill(self) -> list[TokenEvent]:
-        admitted = []
+        admitted, failed = [], []
         while self.waiting and self.free and len(admitted) < self.max_prefill_rows:
             r = self.waiting.popleft()
             r.slot = heapq.heappop(self.free)
             r.stats.admitted = time.perf_counter()
-            r.decoder = self.decoder_factory() if self.decoder_factory else None
-            self.sampler.add(r.id, r.params)
             self.running[r.slot] = r
+            try:
+                r.decoder = self.decoder_factory() if self.decoder_factory else None
+                self.sampler.add(r.id, r.params)
+            except Exception as e:  # noqa: BLE001 - this request's fault stays its own
+                failed.append(self._fail(r, e))
+                continue
             admitted.append(r)
-        return self._step(admitted, [r.prompt for r in admitted], [0] * len(admitted))
+        return failed + self._step(admitted, [r.prompt for r in admitted], [0] * len(admitted))
 
     def _decode(self) -> list[TokenEvent]:
         rows = sorted(self.running.values(), key=lambda r: r.slot)
@@ -157,46 +176,76 @@ class Scheduler:
     def _step(self, rows: list[Request], tokens: list[list[int]],
               starts: list[int]) -> list[TokenEvent]:
         """One engine step for `rows`, then a token each: the step's own token ids, greedy or
-        sampled on the ranks under each row's parameters (ladder.model.Transformer.sample)."""
+        sampled on the ranks under each row's parameters (ladder.model.Transformer.sample).
+
+        Each row's part of the step (its tokens and sampling row as int64s) is built before
+        anything is broadcast, under its own guard: a row that cannot be built fails alone and
+        the step runs without it."""
         greedy = all(r.params.greedy for r in rows)
-        sampling = None if greedy else \
-            self.sampler.rows([r.id for r in rows], [r.params for r in rows])
-        out = self.engine.step(StepBatch(tokens=tokens, slots=[r.slot for r in rows],
-                                         starts=starts, greedy=greedy, sampling=sampling))
-        return self._emit(rows, out.tolist())
+        kept, toks, kept_starts, table, failed = [], [], [], [], []
+        for r, t, start in zip(rows, tokens, starts):
+            try:
+                row_toks = _int64s(t)
+                if not greedy:
+                    table.append(self.sampler.row(r.id, r.params))
+            except Exception as e:  # noqa: BLE001
+                failed.append(self._fail(r, e))
+                continue
+            kept.append(r)
+            toks.append(row_toks)
+            kept_starts.append(start)
+        if not kept:
+            return failed
+        out = self.engine.step(StepBatch(
+            tokens=toks, slots=[r.slot for r in kept], starts=kept_starts, greedy=greedy,
+            sampling=None if greedy else torch.tensor(table, dtype=torch.int64)))
+        return failed + self._emit(kept, out.tolist())
 
     def _emit(self, rows: list[Request], toks: list[int]) -> list[TokenEvent]:
         now = time.perf_counter()
         events = []
         for r, tok in zip(rows, toks):
-            if not r.output:
-                r.stats.first_token = now
-            r.output.append(tok)
-            p = r.params
-            delta = r.decoder.feed(tok) if r.decoder else ""
-            n = len(r.output)
-            may_stop = n >= p.min_tokens
-            reason = None
-            if may_stop and (tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos)):
-                reason, delta = "stop", r.held
-            elif p.stop:
-                buf = r.held + delta
-                hit = min((i for i in map(buf.find, p.stop) if i >= 0), default=-1)
-                if may_stop and hit >= 0:
-                    reason, delta, r.held = "stop", buf[:hit], ""
-                else:  # hold back a tail that may grow into a stop string
-                    keep = _stop_prefix_len(buf, p.stop)
-                    delta, r.held = buf[:len(buf) - keep], buf[len(buf) - keep:]
-            if reason is None and (n >= p.max_tokens
-                                   or len(r.prompt) + n >= self.engine.max_seq):
-                tail = r.decoder.flush() if r.decoder else ""
-                reason, delta, r.held = "length", delta + r.held + tail, ""
-            r.text += delta
-            if reason:
-                events.append(self._finish(r, tok, reason, delta))
-            else:
-                events.append(TokenEvent(r.id, tok, delta))
+            try:
+                events.append(self._advance(r, tok, now))
+            except Exception as e:  # noqa: BLE001 - e.g. a token the detokenizer refuses
+                events.append(self._fail(r, e))
         return events
+
+    def _advance(self, r: Request, tok: int, now: float) -> TokenEvent:
+        """Append `tok` to `r`: its text delta, held back where it may start a stop string, and
+        whether it finishes the request."""
+        if not r.output:
+            r.stats.first_token = now
+        r.output.append(tok)
+        p = r.params
+        delta = r.decoder.feed(tok) if r.decoder else ""
+        n = len(r.output)
+        may_stop = n >= p.min_tokens
+        reason = None
+        if may_stop and (tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos)):
+            reason, delta = "stop", r.held
+        elif p.stop:
+            buf = r.held + delta
+            hit = min((i for i in map(buf.find, p.stop) if i >= 0), default=-1)
+            if may_stop and hit >= 0:
+                reason, delta, r.held = "stop", buf[:hit], ""
+            else:  # hold back a tail that may grow into a stop string
+                keep = _stop_prefix_len(buf, p.stop)
+                delta, r.held = buf[:len(buf) - keep], buf[len(buf) - keep:]
+        if reason is None and (n >= p.max_tokens or len(r.prompt) + n >= self.engine.max_seq):
+            tail = r.decoder.flush() if r.decoder else ""
+            reason, delta, r.held = "length", delta + r.held + tail, ""
+        r.text += delta
+        if reason:
+            return self._finish(r, tok, reason, delta)
+        return TokenEvent(r.id, tok, delta)
+
+    def _fail(self, r: Request, e: BaseException) -> TokenEvent:
+        """End `r` alone with an error event (finish_reason "error"), its slot freed."""
+        log.exception("request %s failed in its part of a step", r.id, exc_info=e)
+        ev = self._finish(r, None, "error", "")
+        ev.error = f"{type(e).__name__}: {e}"
+        return ev
 
     def _finish(self, r: Request, tok: int | None, reason: str, delta: str) -> TokenEvent:
         r.stats.finished = time.perf_counter()
@@ -206,6 +255,14 @@ class Scheduler:
             heapq.heappush(self.free, r.slot)
         self.sampler.remove(r.id)
         return TokenEvent(r.id, tok, delta, reason, r.stats)
+
+
+def _int64s(tokens: list[int]) -> list[int]:
+    """`tokens` as ints that an int64 tensor holds, or ValueError."""
+    out = [int(t) for t in tokens]
+    if any(not -2**63 <= t < 2**63 for t in out):
+        raise ValueError(f"a token id does not fit in 64 bits: {tokens}")
+    return out
 
 
 def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:

@@ -58,6 +58,13 @@ class Tokenizer:
         return cls(hf, source=path, extra_eos_token_ids=extra_eos_token_ids)
 
     @property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (its vocabulary string's length: a bound,
+        since byte-level and byte-fallback spellings are never shorter than the text), so a
+        text longer than n times this has more than n tokens."""
+        return max(map(len, self._hf.get_vocab()), default=1)
+
+    @property
     def chat_template(self) -> str | None:
         return self._hf.chat_template or None
 
@@ -74,8 +81,12 @@ class Tokenizer:
         if not self.chat_template:
             raise TokenizerError(f"{self.source}: the model has no chat template; "
                                  "send a plain prompt instead of messages")
-        return self._hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                            tokenize=False)
+        try:
+            return self._hf.apply_chat_template(messages, tokenize=False,
+                                                add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # the template's own raise_exception, or a jinja error
+            raise TokenizerError(f"the chat template refused these messages: "
+                                 f"{type(e).__name__}: {e}") from None
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
                             add_generation_prompt: bool = True) -> list[int]:

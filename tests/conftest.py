@@ -14,6 +14,8 @@ os.environ["RAY_metrics_report_interval_ms"] = "2000"  # workers push metrics ev
 
 import pytest  # noqa: E402
 
+from ladder.procs import alive, cmdline, descendants  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def smollm2_path():
@@ -36,48 +38,13 @@ def smollm2_tokenizer(smollm2):
     return smollm2.tokenizer()
 
 
-def _children(pid: int) -> list[int]:
-    """Every descendant of `pid` (from /proc), e.g. the Python workers a raylet starts."""
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            kids.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        for c in kids.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
-    except OSError:
-        return "?"
-
-
 def _wait_gone(pids: list[int], seconds: float) -> list[int]:
     """Wait up to `seconds` for `pids` to end; those still alive."""
     import time
     deadline = time.monotonic() + seconds
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return [p for p in pids if _alive(p)]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return [p for p in pids if alive(p)]
 
 
 @pytest.fixture(scope="session")
@@ -118,12 +85,12 @@ def ray_cluster():
     finally:
         nodes = [cluster.head_node, *cluster.worker_nodes] if cluster.head_node else []
         pids = [p.pid for node in nodes for _, p in node.live_processes()]
-        pids += [c for p in pids for c in _children(p)]
+        pids += [c for p in pids for c in descendants(p)]
         ray.shutdown()
         cluster.shutdown()
         import signal
         slow = _wait_gone(pids, 15)
-        names = {p: _cmdline(p) for p in slow}  # read before the kill: what outlived it
+        names = {p: cmdline(p) for p in slow}  # read before the kill: what outlived it
         for p in slow:  # ours, by id: never a pattern match on other sessions' Ray
             try:
                 os.kill(p, signal.SIGKILL)
@@ -157,4 +124,45 @@ def tiny_llama(tmp_path_factory):
                       eos_token_id=2)
     path = tmp_path_factory.mktemp("tiny_llama")
     LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    return path
+
+
+# A chat template that refuses what many real ones refuse (Llama 2's, Mistral's): other roles,
+# and turns that do not alternate
+STRICT_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('only system, user and assistant roles are supported') }}{% endif %}"
+    "{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+    "{{ raise_exception('conversation roles must alternate') }}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_tiny_chat(path, tokenizer) -> None:
+    """A random 2-layer Llama with SmolLM2's vocabulary and tokenizer and a strict chat template:
+    a real text and chat API, each token a fraction of a millisecond."""
+    import json
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1,
+                      eos_token_id=2)
+    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    tokenizer.save(path)
+    conf = path / "tokenizer_config.json"
+    doc = json.loads(conf.read_text())
+    doc["chat_template"] = STRICT_CHAT_TEMPLATE
+    conf.write_text(json.dumps(doc))
+    (path / "chat_template.jinja").unlink(missing_ok=True)  # newer transformers save it apart
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory, smollm2_tokenizer):
+    path = tmp_path_factory.mktemp("tiny_chat")
+    write_tiny_chat(path, smollm2_tokenizer)
     return path

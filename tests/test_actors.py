@@ -142,6 +142,26 @@ def test_bad_requests_are_refused_and_the_group_serves_on(packed):
     assert packed.health().healthy
 
 
+def test_a_request_that_breaks_its_step_fails_alone_on_the_ray_group(packed):
+    """Defence in depth: a request past validation that breaks the leader's step (a seed past
+    64 bits) ends alone with RequestFailed; the others finish as alone, the group stays up."""
+    from ladder.scheduler import RequestFailed
+    bad = SamplingParams(max_tokens=4, temperature=0.7, seed=1)
+    bad.seed = 2**70
+    alone = packed.generate([[5, 6, 7]], GREEDY)[0]["tokens"]
+    out = packed.generate([[5, 6, 7], [8, 9]], [GREEDY, bad])
+    assert out[0]["tokens"] == alone and out[1]["finish_reason"] == "error"
+    assert "Overflow" in out[1]["error"]
+
+    async def streamed():
+        with pytest.raises(RequestFailed, match="Overflow"):
+            async for _ in packed.stream([3, 4], bad):
+                pass
+
+    asyncio.run(streamed())
+    assert packed.health().healthy
+
+
 @pytest.mark.parametrize("victim", [1, 0])
 def test_a_dead_rank_fails_its_requests_and_a_new_group_serves(ray_cluster, tiny_llama, victim):
     opts = GroupOptions(model=str(tiny_llama), tp=2, n_slots=1, max_seq=512)

@@ -228,6 +228,29 @@ def test_stop_strings_and_ids(smol):
     assert by_id["finish_reason"] == "stop" and by_id["tokens"] == base["tokens"][:6]
 
 
+def broken(**kw) -> SamplingParams:
+    """A request that passed validation and then broke (as a bug in it would): the leader
+    fails it while building its part of a step."""
+    sp = SamplingParams(max_tokens=6, temperature=0.8, seed=1, ignore_eos=True)
+    for k, v in kw.items():
+        setattr(sp, k, v)
+    return sp
+
+
+def test_a_request_that_breaks_its_step_fails_alone(smol):
+    ok = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+          SamplingParams(max_tokens=8, temperature=0.7, seed=3, ignore_eos=True)]
+    prompts = [[5, 6, 7], [8, 9]]
+    alone = [smol.generate([p], [sp])[0]["tokens"] for p, sp in zip(prompts, ok)]
+    bad = [broken(seed=2**70), broken(top_k=2**63)]
+    out = smol.generate(prompts + [[3, 4]] * len(bad), ok + bad)
+    assert [o["tokens"] for o in out[:2]] == alone  # the others finish as they would alone
+    assert [o["finish_reason"] for o in out] == ["length", "length", "error", "error"]
+    assert "Overflow" in out[2]["error"] or "overflow" in out[2]["error"]
+    assert all(o["error"] and not o["tokens"] for o in out[2:])
+    assert smol.generate([[5, 6, 7]], [ok[0]])[0]["tokens"] == alone[0]  # and it serves on
+
+
 def test_request_past_the_context_is_refused(smol):
     from ladder.runner import GroupError
     with pytest.raises(GroupError, match="the prompt has 200 tokens; the context holds 128"):

@@ -154,6 +154,8 @@ def test_bad_chat_and_auth(server):
                           "ignore_eos": True})
     assert code == 200 and body["usage"]["completion_tokens"] == 3
     code, h = get(server + "/health", key=None)
+    assert code == 200 and h == {"status": "ok"}  # liveness only without a key
+    code, h = get(server + "/health")
     assert code == 200 and h["status"] == "ok" and h["interconnect"] == "shm"
 
 
@@ -233,14 +235,14 @@ def test_autoscaling_adds_and_removes_whole_groups(client):
 
 
 def test_a_killed_shard_worker_gets_its_replica_replaced(server, client):
-    code, h = get(server + "/health", key=None)
+    code, h = get(server + "/health")
     assert code == 200
     old = h["group"]
     ray.kill(ray.get_actor(f"{old}-rank1", namespace=h["namespace"]), no_restart=True)
     deadline = time.monotonic() + 180
     new, served = old, False
     while time.monotonic() < deadline and not (served and new != old):
-        code, h = get(server + "/health", key=None)
+        code, h = get(server + "/health")
         new = h.get("group", old) if code == 200 else old
         if new != old:
             try:
