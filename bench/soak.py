@@ -185,17 +185,26 @@ class Soak:
             await asyncio.sleep(every)
             if time.monotonic() + every > deadline:
                 return  # each kill leaves the group its interval to recover in
-            workers = session_processes(pid, title="ray::ShardWorker")
+            workers = await self.workers(pid, deadline)
             if not workers:
-                self.kills.append({"at_s": round(time.monotonic() - self.t0, 1),
-                                   "pid": None, "note": "no ShardWorker running"})
-                continue
+                return
             victim = workers[-2:][n % 2] if len(workers) > 1 else workers[0]
             os.kill(victim, signal.SIGKILL)
             self.kills.append({"at_s": round(time.monotonic() - self.t0, 1), "pid": victim,
                                "t": time.monotonic()})
             log(f"killed ShardWorker pid {victim}")
             n += 1
+
+    @staticmethod
+    async def workers(pid: int, deadline: float) -> list[int]:
+        """The group's ShardWorker processes, once there are some (a group being replaced has
+        none for a while), or [] at the deadline."""
+        while time.monotonic() < deadline:
+            found = session_processes(pid, title="ray::ShardWorker")
+            if found:
+                return found
+            await asyncio.sleep(0.5)
+        return []
 
     async def run(self, pid: int) -> None:
         import aiohttp
@@ -263,7 +272,7 @@ def run(a: argparse.Namespace) -> int:
     shm_left = sorted(shm() - before)
     counts = {o: sum(v.get(o, 0) for v in soak.outcomes.values())
               for o in ("completed", "refused", "failed", "cancelled", "lost")}
-    result = {"bench": "soak", "clients": a.clients, "minutes": a.minutes,
+    result = {"bench": "soak", "url": url, "clients": a.clients, "minutes": a.minutes,
               "kill_every_min": a.kill_every, "model": model_name, "requests": counts,
               "by_kind": soak.outcomes, "lost_examples": soak.lost[:20], "kills": soak.kills,
               "probes": probed,

@@ -20,6 +20,7 @@ import pytest
 
 from cluster import launcher
 from cluster.links import DEFAULT_MTU, Link, check_mtu, parse_link, parse_links
+from ladder.procs import alive
 
 LADDER = str(Path(sys.executable).with_name("ladder"))
 NAME = "ltest"
@@ -47,7 +48,7 @@ def nothing_left(name: str, pids: list[int]) -> list[str]:
     left = launcher._leftovers(name)
     if launcher.state_dir(name).exists():
         left.append(str(launcher.state_dir(name)))
-    left += [f"pid {p}" for p in pids if launcher._pid_alive(p)]
+    left += [f"pid {p}" for p in pids if alive(p)]
     return left
 
 
