@@ -72,9 +72,9 @@ def probes(model: str, *, max_body_bytes: int = 4 * 2**20, max_prompt_chars: int
         Probe("an empty body", b""),
         Probe("a JSON array", b"[1, 2, 3]"),
         Probe("not JSON", b"\xff\xfe{{{"),
-        Probe("a chat the template refuses", body(messages=[{"role": "user", "content": "a"},
-                                                            {"role": "user", "content": "b"}]),
-              path=chat),
+        Probe("two user turns in a row (templates that need turns to alternate refuse them)",
+              body(messages=[{"role": "user", "content": "a"},
+                             {"role": "user", "content": "b"}]), path=chat, statuses=(200, 400)),
         Probe("an image part", body(messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]), path=chat),
         Probe("an unknown role", body(messages=[{"role": "wizard", "content": "x"}]), path=chat),

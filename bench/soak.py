@@ -10,8 +10,10 @@ by start order) gets SIGKILL; Serve replaces the replica.
 Each request ends as one of:
   completed   a 200 with the whole answer (a stream: a finish reason, then [DONE])
   refused     a hostile request answered with the 4xx it should get
-  failed      a clear failure: a 503 with Retry-After and an OpenAI error body, or a stream
-              whose error event came before its [DONE]
+  busy        a 503 with Retry-After and an OpenAI error body saying the server is at capacity
+              (more clients than slots and queue: the client retries when told)
+  failed      a clear failure: a 503 with Retry-After and an OpenAI error body (the group is
+              being replaced), or a stream whose error event came before its [DONE]
   cancelled   dropped by the client on purpose
   lost        anything else: no answer, a stream cut without an error event, a 500, a 503
               without Retry-After, a 4xx for a good request
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -139,7 +142,7 @@ class Soak:
         if status in probe.statuses and status < 500:
             return ("completed" if status == 200 else "refused"), "", 0.0
         out = self.refusal(status, headers, body.decode(errors="replace"))
-        if out[0] == "failed":
+        if out[0] in ("busy", "failed"):
             return out
         return "lost", f"{probe.name}: {status} {body[:120]!r}", 0.0
 
@@ -149,11 +152,13 @@ class Soak:
         retry = headers.get("Retry-After") or headers.get("retry-after")
         if status == 503 and retry:
             try:
-                ok = isinstance(json.loads(text)["error"]["message"], str)
+                err = json.loads(text)["error"]
+                ok = isinstance(err["message"], str)
             except (ValueError, KeyError, TypeError):
                 ok = False
             if ok:
-                return "failed", "", min(float(retry), 10.0)
+                outcome = "busy" if err.get("code") == "overloaded" else "failed"
+                return outcome, "", min(float(retry), 10.0)
         return "lost", f"{status} {text[:160]}", 1.0
 
     def probe_all(self) -> dict:
@@ -180,11 +185,11 @@ class Soak:
 
     async def killer(self, pid: int, deadline: float) -> None:
         every = self.a.kill_every * 60
-        n = 0
-        while every > 0:
-            await asyncio.sleep(every)
-            if time.monotonic() + every > deadline:
-                return  # each kill leaves the group its interval to recover in
+        for n in itertools.count():
+            at = self.t0 + (n + 1) * every  # each kill leaves the group an interval to recover
+            if every <= 0 or at + every > deadline + 1e-3:
+                return
+            await asyncio.sleep(max(0.0, at - time.monotonic()))
             workers = await self.workers(pid, deadline)
             if not workers:
                 return
@@ -193,7 +198,6 @@ class Soak:
             self.kills.append({"at_s": round(time.monotonic() - self.t0, 1), "pid": victim,
                                "t": time.monotonic()})
             log(f"killed ShardWorker pid {victim}")
-            n += 1
 
     @staticmethod
     async def workers(pid: int, deadline: float) -> list[int]:
@@ -271,7 +275,7 @@ def run(a: argparse.Namespace) -> int:
             left = stragglers(proc.pid, started, grace_s=20)
     shm_left = sorted(shm() - before)
     counts = {o: sum(v.get(o, 0) for v in soak.outcomes.values())
-              for o in ("completed", "refused", "failed", "cancelled", "lost")}
+              for o in ("completed", "refused", "busy", "failed", "cancelled", "lost")}
     result = {"bench": "soak", "url": url, "clients": a.clients, "minutes": a.minutes,
               "kill_every_min": a.kill_every, "model": model_name, "requests": counts,
               "by_kind": soak.outcomes, "lost_examples": soak.lost[:20], "kills": soak.kills,
