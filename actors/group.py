@@ -16,23 +16,20 @@ and the error names the rank. Then rank 0 serves: `stream` yields TokenEvents as
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
-from dataclasses import dataclass, replace
-from typing import AsyncIterator
+from dataclasses import replace
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.leader import GroupFailed
 from actors.worker import ShardWorker
-from ladder.runner import GroupOptions
-from ladder.sampling import SamplingParams
-from ladder.scheduler import (RequestError, RequestFailed, TokenEvent, add_event,
-                              new_result)
+from ladder.engine.group import Group, GroupError, Health
+from ladder.engine.sampling import SamplingParams
+from ladder.engine.scheduler import RequestError, RequestFailed, TokenEvent
+from ladder.options import GroupOptions
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # Ray node labels a launcher sets (cluster/launcher.py): the node's link profile, which becomes
@@ -41,18 +38,7 @@ LINK_LABEL = "ladder.io/link"
 LATENCY_LABEL = "ladder.io/emu-latency-us"
 
 
-class GroupError(RuntimeError):
-    """The group could not start, or it broke."""
-
-
-@dataclass(frozen=True, slots=True)
-class Health:
-    healthy: bool
-    reason: str = ""
-    rtt_s: float | None = None  # the collective round trip, when healthy
-
-
-class TPGroup:
+class TPGroup(Group):
     """`opts.tp` ShardWorkers serving one model. Use as a context manager or call `shutdown()`.
 
     `placement_group`: None creates one with `strategy`; "current" uses the placement group
@@ -133,7 +119,7 @@ class TPGroup:
         self.opts = opts
         port = self._get([self.workers[0].free_port.remote()], deadline, "pick a port")[0]
         init = f"tcp://{nodes[0]['ip']}:{port}"
-        starts = [w.start.remote(replace(opts, host=n["ip"]), init, self.metrics,
+        starts = [w.start.remote(replace(opts, host=n["ip"]), init, self.name, self.metrics,
                                  self.model_label)
                   for w, n in zip(self.workers, nodes)]
         self._get(starts, deadline, "start")
@@ -177,56 +163,16 @@ class TPGroup:
         except StopAsyncIteration:
             raise GroupError(f"{self.name}: rank 0 ended a stream before it finished") from None
 
-    async def stream(self, prompt: list[int], params: SamplingParams,
-                     request_id: str | None = None) -> AsyncIterator[TokenEvent]:
-        """`open`, then its events as one iterator."""
-        async with contextlib.aclosing(await self.open(prompt, params, request_id)) as events:
-            async for ev in events:
-                yield ev
-
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams
-                 ) -> list[dict]:
-        """All prompts at once (continuous batching does the rest), run to completion: one dict
-        per prompt with tokens, text, finish_reason and stats. For scripts and tests."""
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-
-        async def one(p, sp):
-            out = new_result()
-            try:
-                async for ev in self.stream(p, sp):
-                    add_event(out, ev)
-            except RequestFailed as e:  # that request alone: the others' results stand
-                out["finish_reason"], out["error"] = "error", str(e)
-            return out
-
-        async def all_():
-            return await asyncio.gather(*(one(p, sp) for p, sp in zip(prompts, params)))
-
-        return asyncio.run(all_())
-
-    def encode(self, text: str, chat: bool = False) -> list[int]:
-        return ray.get(self.leader.encode.remote(text, chat))
-
     async def tokenize(self, text: str | None = None, messages: list[dict] | None = None
                        ) -> list[int]:
-        """Prompt ids of `text` (as is) or of chat `messages` (through the chat template)."""
         if messages is not None:
             return await self._call(self.leader.encode_chat.remote(messages))
-        return await self._call(self.leader.encode.remote(text, False))
-
-    async def health_async(self, timeout_s: float = 10.0) -> Health:
-        return await asyncio.to_thread(self.health, timeout_s)
+        return await self._call(self.leader.encode.remote(text))
 
     async def cancel(self, request_id: str) -> None:
         await self._call(self.leader.cancel.remote(request_id))
 
-    def stats(self, since: float = 0.0) -> dict:
-        """Totals, queue and slots, and the per-step records of steps that ended after `since`
-        (a time.time() value)."""
-        return ray.get(self.leader.stats.remote(since), timeout=30)
-
-    async def stats_async(self, since: float = 0.0) -> dict:
+    async def stats(self, since: float = 0.0) -> dict:
         return await self._call(self.leader.stats.remote(since))
 
     async def _call(self, ref):
@@ -235,13 +181,14 @@ class TPGroup:
         except (RayActorError, RayTaskError) as e:
             raise _translate(e, self.name) from None
 
-    def health(self, timeout_s: float = 10.0) -> Health:
+    async def health(self, timeout_s: float = 10.0) -> Health:
         """Every rank's process answers, and a collective round trip through all of them
         completes within `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         try:
-            alive = ray.get([w.alive.remote() for w in self.workers], timeout=timeout_s)
-        except GetTimeoutError:
+            alive = await asyncio.wait_for(
+                asyncio.gather(*(w.alive.remote() for w in self.workers)), timeout_s)
+        except asyncio.TimeoutError:
             return Health(False, f"a rank did not answer within {timeout_s} s")
         except RayActorError as e:
             return Health(False, f"a rank died: {_cause(e)}")
@@ -250,8 +197,8 @@ class TPGroup:
                 return Health(False, f"rank {a['rank']}: {a['error'] or 'not running'}")
         left = max(0.1, deadline - time.monotonic())
         try:
-            h = ray.get(self.leader.health.remote(left), timeout=left + 5)
-        except (GetTimeoutError, RayActorError) as e:
+            h = await asyncio.wait_for(self.leader.health.remote(left), left + 5)
+        except (asyncio.TimeoutError, RayActorError) as e:
             return Health(False, f"rank 0 did not answer: {type(e).__name__}")
         return Health(h["healthy"], h["reason"], h.get("rtt_s"))
 
@@ -276,12 +223,6 @@ class TPGroup:
             except Exception:
                 pass
             self._own_pg = False
-
-    def __enter__(self) -> "TPGroup":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
 
 
 class GenerationStream:
@@ -337,7 +278,7 @@ def _translate(e: BaseException, name: str) -> BaseException:
         return RequestError(str(inner))
     if isinstance(inner, RequestFailed):
         return inner
-    if isinstance(inner, GroupFailed):
+    if isinstance(inner, GroupError):
         return GroupError(f"{name}: {inner}")
     if isinstance(e, RayActorError):
         return GroupError(f"{name}: rank 0 died ({type(e).__name__})")

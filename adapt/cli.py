@@ -111,8 +111,8 @@ def run_adapt_cmd(a: argparse.Namespace) -> int:
     from adapt.data import DataError
     from adapt.progress import ProgressError
     from adapt.train import AdaptError, AdaptOptions, check_folders, run_adapt
-    from ladder.config import ConfigError
     from ladder.loaders import CheckpointError
+    from ladder.model.config import ConfigError
     keys = set(AdaptOptions.__dataclass_fields__)
     try:
         o = AdaptOptions(**{k: v for k, v in vars(a).items() if k in keys})

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ladder.config import ResidualPlan
 from ladder.loaders import Checkpoint, load_shard
-from ladder.model import Transformer, build_model
-from ladder.tp import ShardSpec
+from ladder.model.config import ResidualPlan
+from ladder.model.tp import ShardSpec
+from ladder.model.transformer import Transformer, build_model
 
 TRAINABLE = ("ladder", "all")
 

@@ -13,10 +13,10 @@ import torch
 
 from adapt.data import DEFAULT_DATA, prepare
 from adapt.distill import held_out_sums, summarize
-from ladder.config import ResidualPlan
 from ladder.loaders import load_shard, open_checkpoint
-from ladder.model import Transformer, build_model
-from ladder.tp import ShardSpec
+from ladder.model.config import ResidualPlan
+from ladder.model.tp import ShardSpec
+from ladder.model.transformer import Transformer, build_model
 
 # The README's example: a question SmolLM2-135M itself answers right ("What is tensor
 # parallelism?" was the example once; the 135M parent gets it wrong, so no adaptation can).

@@ -17,7 +17,7 @@ import torch
 from ladder.loaders import load_shard, open_checkpoint
 from ladder.loaders.hf import write_folder
 from ladder.loaders.shard import unshard
-from ladder.tp import ShardSpec
+from ladder.model.tp import ShardSpec
 
 
 def write_adapted(o, state_path: Path, metrics: dict) -> Path:

@@ -2,7 +2,7 @@
 
 (a) latency   per-token decode latency of a TP=2 group of Ray actors (`actors.TPGroup`, PACK:
               both ranks on this node, shared-memory link) against the plain multi-process
-              runner (`ladder.runner.LocalTPGroup`, same link), same model, prompt and greedy
+              runner (`ladder.engine.local.LocalTPGroup`, same link), same model, prompt and greedy
               128 tokens: the wall time between streamed tokens as the caller sees them, medians
               of interleaved repetitions (A B, B A, ...). Target: Ray <= 1.15x the runner.
 (b) scaling   aggregate tokens/s of the Ray group with 1, 4 and 16 concurrent requests (64 new
@@ -57,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     from actors.group import TPGroup
-    from ladder.runner import GroupOptions, LocalTPGroup
-    from ladder.sampling import SamplingParams
-
+    from ladder.engine.local import LocalTPGroup
+    from ladder.engine.sampling import SamplingParams
+    from ladder.options import GroupOptions
     opts = GroupOptions(model=args.model, tp=2, residual=args.residual, dtype=args.dtype,
                         comm="shm", threads=1, n_slots=16, max_seq=512)
     greedy = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
@@ -80,8 +80,10 @@ def run(args: argparse.Namespace) -> int:
                 return stream_gaps(asyncio.run(go()))
 
             def local_run():
-                return stream_gaps((time.perf_counter(), ev)
-                                   for ev in local.stream([prompt], [greedy]))
+                seen = []
+                local.generate([prompt], [greedy],
+                               on_event=lambda _, ev: seen.append((time.perf_counter(), ev)))
+                return stream_gaps(seen)
 
             ray_run(), local_run()  # warm-up
             ray_s, local_s, same = [], [], True

@@ -51,7 +51,7 @@ def served(model: Path, prompt: str, max_tokens: int, chat: bool,
     from openai import OpenAI
 
     from bench.serve_proc import ladder_serve, wait_ready, write_config
-    from ladder.runner import free_port
+    from ladder.links.factory import free_port
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="adapted-serve-") as tmp:
         cfg = write_config(Path(tmp), port, model=str(model.resolve()), model_name="adapted",
@@ -78,8 +78,9 @@ def served(model: Path, prompt: str, max_tokens: int, chat: bool,
 def local_tokens(model: str, prompt: str, max_tokens: int, chat: bool, tp: int,
                  residual: str | None = None) -> tuple[list[int], str]:
     """Greedy tokens and text of a local group (no Ray) at TP=tp."""
-    from ladder.runner import GroupOptions, LocalTPGroup
-    from ladder.sampling import SamplingParams
+    from ladder.engine.local import LocalTPGroup
+    from ladder.engine.sampling import SamplingParams
+    from ladder.options import GroupOptions
     with LocalTPGroup(GroupOptions(model=model, tp=tp, residual=residual, n_slots=1,
                                    max_seq=512, threads=1 if tp > 1 else 2)) as g:
         ids = g.encode(prompt, chat=chat)

@@ -21,8 +21,9 @@ def main() -> int:
         return 2
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ladder.runner import GroupOptions, LocalTPGroup
-    from ladder.sampling import SamplingParams
+    from ladder.engine.local import LocalTPGroup
+    from ladder.engine.sampling import SamplingParams
+    from ladder.options import GroupOptions
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,

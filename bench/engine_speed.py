@@ -14,7 +14,7 @@
     left out) over the engine's time per token, against a plain matrix-vector pass over the
     same bytes: `F.linear` of a [1, in] vector with each of the same matrices, same dtype, same
     threads, in the same process state as transformers (the engine group idles meanwhile). The
-    engine reads its weights in faster layouts than F.linear's (ladder.kernels), so the pass runs
+    engine reads its weights in faster layouts than F.linear's (ladder.native.layouts), so the pass runs
     in those layouts too, and the target is judged against the faster of the two passes.
 """
 
@@ -29,10 +29,11 @@ import torch.nn.functional as F
 
 from bench.table import table
 from bench.timed import OtherLoad, decode_run, log, median
-from ladder.kernels import FastLinear
+from ladder.engine.local import LocalTPGroup
 from ladder.loaders import load_shard, open_checkpoint
-from ladder.runner import DTYPES, GroupOptions, LocalTPGroup
-from ladder.tp import ShardSpec
+from ladder.model.tp import ShardSpec
+from ladder.native.layouts import FastLinear
+from ladder.options import DTYPES, GroupOptions
 
 THREADS = 2  # torch threads for our engine, transformers and the matrix-vector pass alike
 TARGETS = {"engine_vs_hf": 1.3, "bandwidth_fraction": 0.8}  # reported against, not asserted
@@ -235,7 +236,7 @@ def report(hf_out: dict, bw_out: dict, s: Settings) -> str:
             f"(c) Memory bandwidth: weight bytes per decode token (all linear weights + LM head "
             f"rows) / time per token, against a matrix-vector pass over the same matrices: "
             f"F.linear([1, in], W), and the faster of that and the engine's own layouts "
-            f"(ladder.kernels; the target is judged against this one), {THREADS} threads",
+            f"(ladder.native.layouts; the target is judged against this one), {THREADS} threads",
             ["dtype", "MB/token", "decode ms/token", "decode GB/s", "F.linear GB/s", "fraction",
              "best pass GB/s", "fraction of best", f">= {TARGETS['bandwidth_fraction']}",
              "other procs cores"], rows))

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from bench.table import table
 from bench.timed import bench_main, csv, emit, log
-from ladder.tp import HEAD_SPLITS
+from ladder.model.tp import HEAD_SPLITS
 
 RESIDUALS = {"standard": "standard", "ladder": "ladder", "partial": "ladder:upper-half",
              "parallel": "parallel"}
@@ -64,7 +64,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="the all-reduce over network links (auto: the group's choice, gloo); "
                    "the shm link is always shared memory")
     p.add_argument("--head-split", default="even", choices=HEAD_SPLITS,
-                   help="how the two ranks split the attention heads (ladder.tp; even is what "
+                   help="how the two ranks split the attention heads (ladder.model.tp; even is what "
                    "deploy/smollm2.yaml serves)")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--prompt-lens", default="16,256", help="prompt lengths in tokens")
@@ -89,7 +89,7 @@ def prompt_ids(n: int, vocab: int, seed: int) -> list[int]:
 
 
 async def direct_cell(group, batch: int, plen: int, tokens: int, vocab: int) -> dict:
-    from ladder.sampling import SamplingParams
+    from ladder.engine.sampling import SamplingParams
     sp = SamplingParams(max_tokens=tokens, min_tokens=tokens, ignore_eos=True, temperature=0.0)
     since = time.time()
     t0 = time.perf_counter()
@@ -104,7 +104,7 @@ async def direct_cell(group, batch: int, plen: int, tokens: int, vocab: int) -> 
 
     res = await asyncio.gather(*(one(i) for i in range(batch)))
     wall = time.perf_counter() - t0
-    steps = [s for s in (await group.stats_async(since))["steps"] if s["kind"] == "decode"]
+    steps = [s for s in (await group.stats(since))["steps"] if s["kind"] == "decode"]
     full = [s for s in steps if s["rows"] == batch] or steps
     return {"ms_per_token": 1e3 * statistics.median(s["step_s"] for s in full),
             "exposed_ms": 1e3 * statistics.median(s["exposed_s"] for s in full),
@@ -113,8 +113,9 @@ async def direct_cell(group, batch: int, plen: int, tokens: int, vocab: int) -> 
 
 
 def serve_cell(base: str, model: str, batch: int, plen: int, tokens: int, vocab: int) -> dict:
-    import requests
     from concurrent.futures import ThreadPoolExecutor
+
+    import requests
 
     def one(i: int) -> tuple[float, list[float], int]:
         body = {"model": model, "prompt": prompt_ids(plen, vocab, i), "max_tokens": tokens,
@@ -223,7 +224,7 @@ def sweep(a: argparse.Namespace) -> dict:
 
 
 def group_options(a: argparse.Namespace, res: str, link: str, n_slots: int, plens: list[int]):
-    from ladder.runner import GroupOptions
+    from ladder.options import GroupOptions
     return GroupOptions(model=a.model, tp=2, residual=RESIDUALS.get(res, res), dtype=a.dtype,
                         comm="auto" if link == "shm" else a.comm, n_slots=n_slots,
                         max_seq=max(plens) + a.tokens + 8, threads=1, head_split=a.head_split)
@@ -261,7 +262,7 @@ def direct_sweep(a, link: str, kinds: list[str], batches: list[int], plens: list
     for (res, b, plen), rs in runs.items():
         ms = [r["ms_per_token"] for r in rs]
         cells.append({"path": "direct", "link": link, "residual": res,
-                      "interconnect": groups[res].info["interconnect"],
+                      "interconnect": groups[res].info.interconnect,
                       "comm": groups[res].opts.comm, "batch": b, "prompt_len": plen,
                       **{k: statistics.median(r[k] for r in rs) for k in rs[0]},
                       "reps": len(rs), "range_ms": max(ms) - min(ms)})

@@ -10,7 +10,7 @@ are SmolLM2's at batch 1 / 8 / 32, float32), three ways:
   standard    compute, then send and wait for the peer's message
   overlapped  send, compute, then wait (ladder's schedule)
 
-A wait polls the socket, yielding the core, as `ladder.tcp` does. Reported per iteration, medians
+A wait polls the socket, yielding the core, as `ladder.links.tcp` does. Reported per iteration, medians
 over `--reps` interleaved rounds: wall and CPU time of each way, the exchange's CPU cost
 (overlapped - none, CPU time: what no schedule can hide on a core that computes) and the overlap
 efficiency (standard - overlapped) / (standard - none): the most any schedule can hide of this
@@ -53,7 +53,7 @@ def _rank(rank: int, init: str, ns: tuple[str, str], a: argparse.Namespace, out)
     """One rank: into its namespace, meet the peer at `init` (rank 0 listens), run every way."""
     import torch
 
-    from ladder.runner import enter_netns
+    from ladder.links.netns import enter_netns
     enter_netns(ns[rank])
     torch.set_num_threads(1)
     host, port = init.removeprefix("tcp://").rsplit(":", 1)

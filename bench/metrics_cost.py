@@ -36,9 +36,8 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     from actors.group import TPGroup
-    from ladder.runner import GroupOptions
-    from ladder.sampling import SamplingParams
-
+    from ladder.engine.sampling import SamplingParams
+    from ladder.options import GroupOptions
     opts = GroupOptions(model="smollm2", tp=2, residual="ladder:24-29", comm="shm", threads=1,
                         n_slots=4, max_seq=512)
     sp = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)

@@ -32,13 +32,15 @@ from typing import Iterator
 import torch
 
 from bench.table import table
-from bench.timed import (DecodeRun, OtherLoad, cpu_seconds, decode_run, log, median,
-                         probe_pair)
-from ladder.config import ResidualPlan
+from bench.timed import DecodeRun, OtherLoad, cpu_seconds, decode_run, log, median, probe_pair
+from ladder.engine.group import GroupError
+from ladder.engine.local import LocalTPGroup
 from ladder.loaders import load_shard, open_checkpoint
-from ladder.model import build_model
-from ladder.runner import COMMS, GroupError, GroupOptions, LocalTPGroup
-from ladder.tp import ShardSpec
+from ladder.model.config import ResidualPlan
+from ladder.model.tp import ShardSpec
+from ladder.model.transformer import build_model
+from ladder.links.netns import Namespaces
+from ladder.options import COMMS, GroupOptions
 
 RESIDUALS = ("standard", "ladder", "parallel", "desync")
 TARGET = 0.7  # overlap efficiency to report against
@@ -106,10 +108,11 @@ def _allreduce_probe(rank: int, init: str, dim: int, iters: int, out) -> None:
     dist.destroy_process_group()
 
 
-def _link_probe(rank: int, init: str, opts: GroupOptions, dim: int, iters: int, out) -> None:
+def _link_probe(rank: int, init: str, opts: GroupOptions, spaces: Namespaces, dim: int,
+                iters: int, out) -> None:
     """One rank of an isolated all-reduce on a group's own link (`make_comm`), in its namespace."""
-    from ladder.runner import make_comm, rank_options
-    opts = rank_options(opts, rank)
+    from ladder.links.factory import make_comm
+    opts = spaces.enter(opts, rank)
     torch.set_num_threads(1)
     comm = make_comm(opts, rank, init)
     x = torch.randn(1, dim)
@@ -127,9 +130,10 @@ def _link_probe(rank: int, init: str, opts: GroupOptions, dim: int, iters: int, 
     comm.close()
 
 
-def link_allreduce_seconds(opts: GroupOptions, dim: int, iters: int) -> float:
+def link_allreduce_seconds(opts: GroupOptions, spaces: Namespaces, dim: int, iters: int
+                           ) -> float:
     """The median isolated all-reduce of [1, dim] float32 over a namespaced group's link."""
-    return probe_pair(_link_probe, opts.hosts[0], opts, dim, iters)
+    return probe_pair(_link_probe, spaces.hosts[0], opts, spaces, dim, iters)
 
 
 def allreduce_seconds(dim: int, iters: int) -> float:
@@ -165,11 +169,12 @@ def module_seconds(folder: Path, reps: int = 5) -> dict[str, float]:
 
 
 @contextmanager
-def running(opts: dict[str, GroupOptions]) -> Iterator[dict[str, LocalTPGroup]]:
+def running(opts: dict[str, GroupOptions], spaces: Namespaces | None = None
+            ) -> Iterator[dict[str, LocalTPGroup]]:
     """The groups, started and closed concurrently (both are mostly process start-up and
     tear-down); if one fails to start, the others are closed and its error raised."""
     with ThreadPoolExecutor(len(opts)) as pool:
-        futures = {k: pool.submit(LocalTPGroup, o) for k, o in opts.items()}
+        futures = {k: pool.submit(LocalTPGroup, o, namespaces=spaces) for k, o in opts.items()}
         groups, errors = {}, []
         for k, f in futures.items():
             try:
@@ -200,16 +205,18 @@ def paused(pids: list[int]) -> Iterator[None]:
 
 
 def overlap_link(folder: Path, s: Settings, prompt: list[int], comm: str,
-                 latency_s: float, **where) -> dict:
-    """All residuals on one link, interleaved; medians and derived ratios. `where`: the ranks'
-    namespaces (GroupOptions netns, hosts and interconnect) for the shaped link."""
+                 latency_s: float, spaces: Namespaces | None = None,
+                 interconnect: str = "") -> dict:
+    """All residuals on one link, interleaved; medians and derived ratios. `spaces`: the ranks'
+    namespaces for the shaped link, whose label is `interconnect`."""
     max_seq = len(prompt) + s.tokens + 8
     opts = {r: GroupOptions(model=str(folder), tp=2, residual=r, comm=comm, latency_s=latency_s,
-                            threads=1, n_slots=1, max_seq=max_seq, **where) for r in RESIDUALS}
+                            threads=1, n_slots=1, max_seq=max_seq, interconnect=interconnect)
+            for r in RESIDUALS}
     samples: dict[str, list[DecodeRun]] = {r: [] for r in RESIDUALS}
     idle_cpu = wall = 0.0
     other = OtherLoad()
-    with running(opts) as groups:
+    with running(opts, spaces) as groups:
         info = groups["standard"].info
         for g in groups.values():
             decode_run(g, prompt, min(8, s.tokens))
@@ -232,7 +239,7 @@ def overlap_link(folder: Path, s: Settings, prompt: list[int], comm: str,
     spread = {r: max(x.per_token_s for x in samples[r]) - min(x.per_token_s for x in samples[r])
               for r in RESIDUALS}
     return {
-        "comm": comm, "interconnect": info["interconnect"], "emulated": bool(info["emulated"]),
+        "comm": comm, "interconnect": info.interconnect, "emulated": info.emulated,
         "latency_us": round(latency_s * 1e6),
         "per_token_ms": {r: 1e3 * v for r, v in t.items()},
         "exposed_ms_per_token": {r: 1e3 * v for r, v in exposed.items()},
@@ -262,10 +269,10 @@ def shaped_link(folder: Path, s: Settings, prompt: list[int]) -> dict:
     label = f"veth {s.shaped}"
     try:
         with veth_pair(parse_link(s.shaped), f"ov{os.getpid() % 10000}") as (ns, hosts):
-            where = dict(netns=ns, hosts=hosts, interconnect=label)
-            ar = link_allreduce_seconds(GroupOptions(tp=2, comm="tcp", **where),
-                                        s.shape.dim, s.probe_iters)
-            return {**overlap_link(folder, s, prompt, "tcp", 0.0, **where),
+            spaces = Namespaces(ns, hosts)
+            ar = link_allreduce_seconds(GroupOptions(tp=2, comm="tcp", interconnect=label),
+                                        spaces, s.shape.dim, s.probe_iters)
+            return {**overlap_link(folder, s, prompt, "tcp", 0.0, spaces, label),
                     "isolated_allreduce_us": 1e6 * ar}
     except ClusterError as e:  # no root or no namespaces here: said, not hidden
         return {"comm": "tcp", "interconnect": label, "latency_us": 0, "emulated": False,

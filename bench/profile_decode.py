@@ -27,9 +27,12 @@ import torch
 
 from bench.table import table
 from bench.timed import OtherLoad, log
-from ladder.comm import NoComm
-from ladder.runner import GroupOptions, Leader, build_engine
-from ladder.sampling import SamplingParams
+from ladder.engine.build import build_engine
+from ladder.engine.leader import Leader
+from ladder.engine.sampling import SamplingParams
+from ladder.engine.scheduler import Request
+from ladder.links.base import NoComm
+from ladder.options import GroupOptions
 
 PROMPT = ("Explain in two sentences why overlapping communication with compute speeds up "
           "tensor-parallel inference.")
@@ -44,17 +47,20 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="requests decoded together (one slot each), as the 16-stream benchmark")
 
 
-def generate(leader: Leader, prompt: list[int], n: int, batch: int = 1) -> None:
+def generate(scheduler, prompt: list[int], n: int, batch: int = 1) -> None:
+    """`batch` requests of `n` tokens, stepped on this thread (the profiler sees the steps)."""
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-    for _ in leader.generate([prompt] * batch, [params] * batch):
-        pass
+    for _ in range(batch):
+        scheduler.add(Request(prompt=list(prompt), params=params))
+    while scheduler.has_work():
+        scheduler.step()
 
 
 def native_products(model, rows: int, elsize: int) -> list[dict]:
     """The weight products that ladder.native computes (C calls, invisible to the torch
     profiler), timed outside decode: every layer's copy of each weight once per pass, as a
     decode step reads them, with `rows` rows of input."""
-    from ladder.kernels import FastLinear
+    from ladder.native.layouts import FastLinear
     by_shape: dict[tuple[int, int], list] = {}
     for m in model.modules():
         if isinstance(m, FastLinear) and m.mode == "native":
@@ -80,21 +86,21 @@ def run(args: argparse.Namespace) -> int:
     other = OtherLoad()
     opts = GroupOptions(model="smollm2", tp=1, dtype=args.dtype, n_slots=args.batch, max_seq=512)
     ckpt, engine = build_engine(opts, 0, NoComm())
-    leader = Leader(ckpt, engine)
-    prompt = leader.encode(PROMPT, chat=True)
+    leader = Leader.for_checkpoint(ckpt, engine)  # not started: its scheduler runs here
+    prompt = leader.encode_chat([{"role": "user", "content": PROMPT}])
     log(f"SmolLM2 TP=1 {args.dtype}, {args.threads} threads, {args.tokens} tokens, batch {args.batch}")
-    generate(leader, prompt, 8, args.batch)  # warm-up
+    generate(leader.scheduler, prompt, 8, args.batch)  # warm-up
 
     engine.timing = type(engine.timing)()
     t0 = time.perf_counter()
-    generate(leader, prompt, args.tokens, args.batch)
+    generate(leader.scheduler, prompt, args.tokens, args.batch)
     wall = time.perf_counter() - t0
     tm = engine.timing
     per_token = tm.decode_s / tm.decode_tokens
 
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        generate(leader, prompt, args.tokens, args.batch)
+        generate(leader.scheduler, prompt, args.tokens, args.batch)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     elsize = torch.tensor([], dtype=engine.dtype).element_size()
     mms = []  # the weight matmuls by shape, with the bandwidth each reaches
@@ -118,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
     pr = cProfile.Profile()
     pr.enable()
-    generate(leader, prompt, args.tokens, args.batch)
+    generate(leader.scheduler, prompt, args.tokens, args.batch)
     pr.disable()
     stats = pstats.Stats(pr, stream=io.StringIO())
     funcs = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:args.top]

@@ -12,7 +12,7 @@ other rep), medians:
 
 Reported: the engine's decode time per step (a step decodes one token of every row), the
 all-reduce bytes a step beyond greedy's, and each sampled way's time over greedy's. Sampling runs on the ranks
-(`ladder.model.Transformer.sample`): a step moves each rank's logsumexp and largest values, not
+(`ladder.engine.vocab.sample`): a step moves each rank's logsumexp and largest values, not
 the logits (V x 4 bytes a row, 192 KiB for SmolLM2).
 """
 
@@ -25,8 +25,10 @@ from contextlib import ExitStack
 
 from bench.table import table
 from bench.timed import csv, csv_ints, emit, log, median
-from ladder.runner import GroupOptions, LocalTPGroup
-from ladder.sampling import SamplingParams
+from ladder.engine.local import LocalTPGroup
+from ladder.engine.sampling import SamplingParams
+from ladder.links.netns import Namespaces
+from ladder.options import GroupOptions
 
 WAYS = {
     "greedy": dict(temperature=0.0),
@@ -73,7 +75,7 @@ def run(a: argparse.Namespace) -> int:
     rows, skipped = [], {}
     for link in links:
         with ExitStack() as stack:
-            where = {}
+            spaces, label = None, ""
             if link != "loopback":
                 from cluster.launcher import ClusterError, veth_pair
                 from cluster.links import DEFAULT_MTU, parse_link
@@ -85,10 +87,10 @@ def run(a: argparse.Namespace) -> int:
                     print(f"bench sampling: link {link}: {e}", file=sys.stderr)
                     skipped[link] = str(e)
                     continue
-                where = dict(netns=ns, hosts=hosts, interconnect=f"veth {link}")
+                spaces, label = Namespaces(ns, hosts), f"veth {link}"
             opts = GroupOptions(model=a.model, tp=2, comm="tcp", threads=1, n_slots=max(batches),
-                                max_seq=128 + a.tokens, **where)
-            g = stack.enter_context(LocalTPGroup(opts))
+                                max_seq=128 + a.tokens, interconnect=label)
+            g = stack.enter_context(LocalTPGroup(opts, namespaces=spaces))
             ids = g.encode(PROMPT, chat=True)
             for n in batches:
                 log(f"{link}, batch {n}: {a.reps} x {len(WAYS)} runs of {a.tokens} tokens")

@@ -79,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     from actors.group import TPGroup
     from deploy.server import ServerConfig, build_app
-    from ladder.sampling import SamplingParams
-
+    from ladder.engine.sampling import SamplingParams
     cfg = {"model": "smollm2", "model_name": "smollm2", "tp": 2, "residual": "ladder:24-29",
            "n_slots": 16, "max_seq": 512, "threads": 1}
     with socket.socket() as s:

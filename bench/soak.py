@@ -248,7 +248,7 @@ def shm() -> set[str]:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ladder.runner import free_port
+    from ladder.links.factory import free_port
     key, port = "sk-soak-" + secrets.token_hex(8), free_port()
     model_name = Path(a.model).name if a.model != "smollm2" else "smollm2"
     before = shm()

@@ -10,8 +10,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ladder.runner import LocalTPGroup, free_port
-from ladder.sampling import SamplingParams
+from ladder.engine.local import LocalTPGroup
+from ladder.engine.sampling import SamplingParams
+from ladder.links.factory import free_port
 
 _T0 = time.perf_counter()
 
@@ -87,10 +88,13 @@ def decode_run(group: LocalTPGroup, prompt: list[int], n: int) -> DecodeRun:
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     group.reset_timing()
     stamps, tokens = [], []
-    for ev in group.stream([prompt], [params]):
+
+    def seen(_, ev) -> None:
         if ev.token_id is not None:
             stamps.append(time.perf_counter())
             tokens.append(ev.token_id)
+
+    group.generate([prompt], [params], on_event=seen)
     tm = group.timing()
     if tm.decode_tokens < 1 or len(tokens) != n:
         raise RuntimeError(f"expected {n} tokens with {n - 1} decode steps, got {len(tokens)} "

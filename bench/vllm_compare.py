@@ -37,7 +37,7 @@ from bench.hf_export import export
 from bench.openai_stream import PROMPT, Stream, StreamStats, forced_length, run_streams, summarize
 from bench.table import table
 from bench.timed import log
-from ladder.tp import HEAD_SPLITS
+from ladder.model.tp import HEAD_SPLITS
 
 HERE = Path(__file__).resolve().parent
 VLLM_PY = HERE / ".vllm-venv" / "bin" / "python"
@@ -189,23 +189,26 @@ def measure_vllm(folder: Path, dtype: str, a) -> Row:
 
 
 def _engine_streams(group, prompt: list[int], k: int, n: int):
-    from ladder.sampling import SamplingParams
+    from ladder.engine.sampling import SamplingParams
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)] * k
     group.reset_timing()
     start = time.perf_counter()
     streams = [Stream(sent=start, stamps=[], tokens=0) for _ in range(k)]
-    for ev in group.stream([prompt] * k, params):
+
+    def seen(i: int, ev) -> None:
         if ev.token_id is not None:
-            s = streams[ev.request_id]
-            s.stamps.append(time.perf_counter())
-            s.tokens += 1
+            streams[i].stamps.append(time.perf_counter())
+            streams[i].tokens += 1
+
+    group.generate([prompt] * k, params, on_event=seen)
     if any(s.tokens != n for s in streams):
         raise RuntimeError(f"expected {n} tokens per stream, got {[s.tokens for s in streams]}")
     return summarize(start, streams), group.timing()
 
 
 def measure_ours(name: str, dtype: str, a) -> Row:
-    from ladder.runner import GroupOptions, LocalTPGroup
+    from ladder.engine.local import LocalTPGroup
+    from ladder.options import GroupOptions
     tp, comm, residual = CONFIGS[name]
     log(f"ours: {name} {dtype}")
     opts = GroupOptions(model="smollm2", tp=tp, comm=comm, residual=residual, dtype=dtype,
@@ -264,7 +267,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--no-vllm", action="store_true", help="our engine only")
     p.add_argument("--head-split", default="even", choices=HEAD_SPLITS,
-                   help="how our TP=2 ranks split SmolLM2's 9 heads / 3 KV heads (ladder.tp): "
+                   help="how our TP=2 ranks split SmolLM2's 9 heads / 3 KV heads (ladder.model.tp): "
                    "even 5/4 query heads (KV head 1 on both), or by KV groups 6/3")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="cores vLLM's OpenMP threads bind to (0..threads-1)")

@@ -32,126 +32,22 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from actors.group import LATENCY_LABEL, LINK_LABEL
 from cluster.links import DEFAULT_MTU, Link, check_mtu
+from cluster.state import (ClusterError, ClusterState, NodeState, load_state, ray_env, save_state,
+                           state_dir, token_path)
+from ladder.private import open_private
 from ladder.procs import alive
-from ladder.private import UnsafePath, open_private, private_dir
 
-RAY_PORT = 6379
-DASHBOARD_PORT = 8265
 METRICS_PORT = 8090  # each node's metrics agent, inside its own namespace
 OBJECT_STORE_BYTES = 200 * 1024 * 1024  # per node: the benchmarks move tokens, not tensors
 _NAME = re.compile(r"^[a-z0-9]{1,6}$")  # interface names are at most 15 characters
-
-
-class ClusterError(RuntimeError):
-    """The launcher could not do what was asked; the message says why and what to do."""
-
-
-@dataclass
-class NodeState:
-    index: int
-    ip: str
-    link: str  # the profile as given (`cheap@200us`)
-    cpus: int
-    ns: str = ""  # '' in a plain cluster
-    veth: str = ""
-    sid: int = 0  # plain cluster: the node's process session
-
-
-@dataclass
-class ClusterState:
-    name: str
-    plain: bool
-    subnet: str  # e.g. 10.87.23 (the /24 without its last byte); '' when plain
-    bridge: str
-    nodes: list[NodeState] = field(default_factory=list)
-    port: int = RAY_PORT  # the head's GCS (a plain cluster takes free ones on loopback)
-    dashboard_port: int = DASHBOARD_PORT
-    started: float = 0.0
-    ready_s: float = 0.0
-    mtu: int = 1500  # every link's, the bridge's included (loopback's own when plain)
-
-    @property
-    def head(self) -> NodeState:
-        return self.nodes[0]
-
-    @property
-    def address(self) -> str:
-        return f"{self.head.ip}:{self.port}"
-
-    @property
-    def dashboard(self) -> str:
-        return f"http://{self.head.ip}:{self.dashboard_port}"
-
-
-def state_root() -> Path:
-    """Where the clusters' state folders live (see the module docstring), read from the
-    environment at each call."""
-    if os.environ.get("LADDER_CLUSTER_STATE"):
-        return Path(os.environ["LADDER_CLUSTER_STATE"])
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        return Path(os.environ["XDG_RUNTIME_DIR"]) / "ladder-cluster"
-    if os.geteuid() == 0 and os.access("/run", os.W_OK):
-        return Path("/run/ladder-cluster")
-    return Path(tempfile.gettempdir()) / f"ladder-cluster-{os.getuid()}"
-
-
-def state_dir(name: str, *, create: bool = False) -> Path:
-    """Cluster `name`'s state folder, made (mode 0700) when `create`. The root is checked
-    first: a link, another user's or one open to others is refused."""
-    try:
-        root = private_dir(state_root(), create=create)
-    except UnsafePath as e:
-        raise ClusterError(f"cluster state folder {e}") from None
-    d = root / name
-    if create:
-        d.mkdir(mode=0o700, exist_ok=True)
-    return d
-
-
-def token_path(name: str) -> Path:
-    return state_dir(name) / "token"
-
-
-def load_state(name: str) -> ClusterState | None:
-    path = state_dir(name) / "state.json"
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise ClusterError(f"{path}: unreadable cluster state ({e}); `ladder cluster down "
-                           f"--name {name}` still removes what the names point to") from None
-    nodes = [NodeState(**n) for n in doc.pop("nodes")]
-    return ClusterState(**doc, nodes=nodes)
-
-
-def _save(st: ClusterState) -> None:
-    d = state_dir(st.name, create=True)
-    tmp = d / "state.json.tmp"
-    with open_private(tmp) as f:
-        f.write(json.dumps(asdict(st), indent=1).encode())
-    tmp.replace(d / "state.json")
-
-
-def ray_env(name: str) -> dict[str, str]:
-    """The environment a process needs to talk to the cluster: token auth and the address."""
-    env = dict(os.environ)
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path(name)))
-    env.pop("RAY_AUTH_TOKEN", None)
-    st = load_state(name)
-    if st is not None:
-        env["RAY_ADDRESS"] = st.address
-    return env
 
 
 # -- shell -------------------------------------------------------------------------------------
@@ -277,7 +173,7 @@ def up(name: str, links: list[Link], *, cpus: int, head_cpus: int = 0, plain: bo
             index=i, ip="127.0.0.1" if plain else f"{subnet}.{10 + i}", link=link.spec,
             cpus=head_cpus if i == 0 else cpus,
             ns="" if plain else f"lsc-{name}-{i}", veth="" if plain else f"lsv{name}n{i}"))
-    _save(st)  # from here on, `down` can undo whatever comes next
+    save_state(st)  # from here on, `down` can undo whatever comes next
     try:
         if not plain:
             _make_network(st, links)
@@ -286,7 +182,7 @@ def up(name: str, links: list[Link], *, cpus: int, head_cpus: int = 0, plain: bo
         down(name, log=lambda *_: None)
         raise
     st.ready_s = time.monotonic() - t0
-    _save(st)
+    save_state(st)
     return st
 
 
@@ -383,7 +279,7 @@ def _start_ray(st: ClusterState, links: list[Link], timeout_s: float, log) -> No
             p = subprocess.Popen(_in_ns(node.ns, *_ray_start_args(st, node, link)), env=env,
                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         node.sid = p.pid
-        _save(st)
+        save_state(st)
         if node.index == 0:
             _wait_alive(st, 1, timeout_s, log)
     _wait_alive(st, len(st.nodes), timeout_s, log)

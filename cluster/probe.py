@@ -30,7 +30,7 @@ class LinkProbe:
         import torch
         import torch.distributed as dist
 
-        from ladder.runner import bind_gloo
+        from ladder.links.factory import bind_gloo
         bind_gloo(self.ip)
         dist.init_process_group("gloo", init_method=init, rank=self.rank, world_size=2)
         try:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from actors.group import LINK_LABEL
-from ladder.runner import GroupOptions
+from ladder.options import GroupOptions
 
 # Serve's own deployment settings, accepted beside the ServerConfig fields in `args`
 DEPLOY_KEYS = ("num_replicas", "autoscaling_config", "max_ongoing_requests",
@@ -106,10 +106,10 @@ class ServerConfig:
                        api_keys_env="")
 
     def group_options(self) -> GroupOptions:
-        return GroupOptions(model=self.model, tp=self.tp, residual=self.residual,
-                            dtype=self.dtype, device=self.device, comm=self.comm,
-                            n_slots=self.n_slots, max_seq=self.max_seq, threads=self.threads,
-                            head_split=self.head_split, interconnect=self.interconnect)
+        """The group's options: every setting GroupOptions has under the same name (one
+        mapping, so a new option needs no line here)."""
+        shared = {f.name for f in fields(GroupOptions)} & {f.name for f in fields(self)}
+        return GroupOptions(**{k: getattr(self, k) for k in shared})
 
 
 def split_args(args: dict | None) -> tuple[ServerConfig, dict]:

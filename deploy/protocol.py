@@ -14,12 +14,20 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat,
-                      StrictInt, ValidationError)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+)
 
-from ladder.sampling import SEED_SPACE, SamplingParams
+from ladder.engine.sampling import SEED_SPACE, SamplingParams
 
 MAX_N = 8  # choices per request: each is a full generation on the group
 MAX_STOPS = 4  # stop sequences per request (OpenAI's limit)
@@ -88,9 +96,14 @@ class _Common(BaseModel):
     min_tokens: Int = Field(0, ge=0, description="an extension: no stop before this many")
     ignore_eos: StrictBool = Field(False, description="an extension (benchmarks)")
 
-    def sampling(self, limits: Limits, room: int, default_max: int) -> list[SamplingParams]:
-        """One SamplingParams per choice. `room`: new tokens the context has left after the
-        prompt; `default_max` applies when the request names no max_tokens."""
+    def sampling(self, limits: Limits, n_prompt: int, default_max: int) -> list[SamplingParams]:
+        """One SamplingParams per choice for a prompt of `n_prompt` tokens; `default_max`
+        applies when the request names no max_tokens (as much as the context leaves, at most)."""
+        room = limits.max_seq - n_prompt  # new tokens the context leaves after the prompt
+        if room < 1:
+            raise ApiError(400, f"the prompt has {n_prompt} tokens; the context holds "
+                           f"{limits.max_seq}", param=self.prompt_param,
+                           code="context_length_exceeded")
         if self.stream_options is not None and not self.stream:
             raise ApiError(400, "stream_options is only allowed with stream: true",
                            param="stream_options")
@@ -117,6 +130,7 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
+    prompt_param: ClassVar[str] = "prompt"  # where a prompt past the context is said to be
     prompt: Text | Annotated[list[Text], Field(min_length=1)] | Annotated[list[Int],
                                                                            Field(min_length=1)]
     echo: StrictBool = False
@@ -131,9 +145,7 @@ class CompletionRequest(_Common):
                 raise ApiError(400, "one prompt per request (send a list of one string, a "
                                "string, or token ids)", param="prompt")
             prompt = prompt[0]
-        if not prompt:
-            raise ApiError(400, "the prompt is empty", param="prompt")
-        return prompt
+        return prompt  # never empty: the schema asks for one character or one token at least
 
 
 class ContentPart(BaseModel):
@@ -160,6 +172,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(_Common):
+    prompt_param: ClassVar[str] = "messages"
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: StrictBool | None = Field(None, description="not supported: only null or false")
 

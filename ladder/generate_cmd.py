@@ -9,9 +9,12 @@ import argparse
 import sys
 import time
 
-from ladder.runner import COMMS, DTYPES, GroupError, GroupOptions, LocalTPGroup
-from ladder.sampling import SamplingParams
-from ladder.tp import HEAD_SPLITS
+from ladder.engine.group import GroupError
+from ladder.engine.scheduler import RequestError
+from ladder.engine.local import LocalTPGroup
+from ladder.engine.sampling import SamplingParams
+from ladder.model.tp import HEAD_SPLITS
+from ladder.options import COMMS, DTYPES, GroupOptions
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -71,25 +74,26 @@ def run(args: argparse.Namespace) -> int:
     try:
         with LocalTPGroup(opts) as group:
             prompt = group.encode(args.prompt, chat=args.chat)
-            first = None
-            n = 0
-            for ev in group.stream([prompt], [params]):
-                if first is None:
-                    first = time.perf_counter()
-                n += ev.token_id is not None
+            seen: dict[str, float] = {}
+
+            def show(_, ev) -> None:
+                seen.setdefault("first", time.perf_counter())
                 sys.stdout.write(ev.text)
                 sys.stdout.flush()
+
+            n = len(group.generate([prompt], [params], on_event=show)[0]["tokens"])
+            first = seen.get("first", time.perf_counter())
             sys.stdout.write("\n")
             tm = group.timing()
             info = group.info
-    except GroupError as e:
+    except (GroupError, RequestError) as e:
         print(f"ladder generate: {e}", file=sys.stderr)
         return 1
     dec = tm.decode_tokens / tm.decode_s if tm.decode_s else 0.0
     exposed = tm.decode_exposed_s / tm.decode_s if tm.decode_s else 0.0
-    link = info["interconnect"] + (" (emulated latency)" if info["emulated"] else "")
+    link = info.interconnect + (" (emulated latency)" if info.emulated else "")
     print(f"[ladder] {n} tokens | first token {first - t0:.1f} s after start | decode "
           f"{dec:.1f} tok/s | exposed communication {100 * exposed:.1f}% of decode | "
-          f"tp={info['tp']} link={link} residual={info['residual_plan']} ({info['residual']}) "
+          f"tp={info.tp} link={link} residual={info.residual_plan} ({info.residual}) "
           f"dtype={args.dtype} prompt={len(prompt)} tokens", file=sys.stderr)
     return 0

@@ -19,9 +19,9 @@ def _stat(pid: int | str) -> list[str] | None:
 
 
 def alive(pid: int) -> bool:
-    """Running (a zombie is not)."""
+    """Running (a zombie, killed but not yet reaped, is not)."""
     fields = _stat(pid)
-    return fields is not None and fields[0] != "Z"
+    return fields is not None and fields[0] not in ("Z", "X")
 
 
 def cmdline(pid: int, limit: int = 200) -> str:
@@ -38,7 +38,7 @@ def _table() -> dict[int, tuple[int, int, int]]:
     for d in os.listdir("/proc"):
         if d.isdigit():
             fields = _stat(d)
-            if fields is not None and fields[0] != "Z":
+            if fields is not None and fields[0] not in ("Z", "X"):
                 out[int(d)] = (int(fields[1]), int(fields[3]), int(fields[19]))
     return out
 

@@ -63,7 +63,7 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    from ladder.runner import free_port
+    from ladder.links.factory import free_port
     # a temp dir of its own: Ray writes the Prometheus service-discovery file there, and this
     # machine's other Ray clusters must not show up in it (short: Ray's socket paths live there)
     temp_dir = tempfile.mkdtemp(prefix="lr", dir="/tmp")

@@ -18,9 +18,10 @@ import pytest
 import ray
 
 from actors.group import GroupError, TPGroup
-from ladder.runner import GroupOptions, LocalTPGroup
-from ladder.sampling import SamplingParams
-from ladder.scheduler import RequestError
+from ladder.engine.local import LocalTPGroup
+from ladder.engine.sampling import SamplingParams
+from ladder.engine.scheduler import RequestError
+from ladder.options import GroupOptions
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
@@ -49,15 +50,15 @@ def test_spread_group_matches_the_local_runner(ray_cluster, smollm2_tokenizer):
         want = local.generate([ids], [GREEDY])[0]["tokens"]
     with TPGroup(opts, strategy="STRICT_SPREAD", name="spread") as g:
         assert len({n["node_id"] for n in g.nodes}) == 2  # the ranks sit on different nodes
-        assert g.info["interconnect"] == "network" and g.opts.comm == "gloo"
+        assert g.info.interconnect == "network" and g.opts.comm == "gloo"
         out = g.generate([ids], GREEDY)[0]
         assert out["tokens"] == want
         assert out["finish_reason"] == "length" and out["text"]
         st = out["stats"]
         assert st.generated_tokens == 24 and st.ttft_s > 0 and st.tpot_s > 0
-        h = g.health()
+        h = asyncio.run(g.health())
         assert h.healthy and h.rtt_s > 0
-        stats = g.stats()
+        stats = asyncio.run(g.stats())
         decode = [s for s in stats["steps"] if s["kind"] == "decode"]
         assert len(decode) == 23 and all(s["ops"] > 0 and s["bytes"] > 0 for s in decode)
     assert "spread" not in placement_groups_alive()
@@ -74,8 +75,8 @@ def test_spread_group_over_tcp_gives_the_same_tokens(ray_cluster, tiny_llama):
         with TPGroup(opts, strategy="STRICT_SPREAD", name=f"spread{comm}") as g:
             assert len({n["node_id"] for n in g.nodes}) == 2 and g.opts.comm == comm
             want[comm] = [r["tokens"] for r in g.generate(prompts, GREEDY)]
-            assert g.health().healthy
-            assert g.stats()["steps"][-1]["bytes"] > 0
+            assert asyncio.run(g.health()).healthy
+            assert asyncio.run(g.stats())["steps"][-1]["bytes"] > 0
     assert want["tcp"] == want["gloo"] and all(len(t) == 24 for t in want["tcp"])
 
 
@@ -89,7 +90,7 @@ def packed(ray_cluster, tiny_llama):
 
 def test_pack_uses_shared_memory(packed):
     assert len({n["node_id"] for n in packed.nodes}) == 1
-    assert packed.info["interconnect"] == "shm"
+    assert packed.info.interconnect == "shm"
 
 
 def test_sixteen_concurrent_requests_match_alone(packed):
@@ -129,7 +130,7 @@ def test_cancel_frees_the_slot(ray_cluster, tiny_llama):
         assert events[-1].finish_reason == "cancelled" and len(events) < 400
         assert short[-1].finish_reason == "length" and len(short) == 4
         assert after[-1].finish_reason == "length"
-        assert g.stats()["running"] == 0
+        assert asyncio.run(g.stats())["running"] == 0
 
 
 def test_bad_requests_are_refused_and_the_group_serves_on(packed):
@@ -139,13 +140,13 @@ def test_bad_requests_are_refused_and_the_group_serves_on(packed):
             packed.generate([prompt], GREEDY)
     three = SamplingParams(max_tokens=3, ignore_eos=True)
     assert packed.generate([[5, 6]], three)[0]["finish_reason"] == "length"
-    assert packed.health().healthy
+    assert asyncio.run(packed.health()).healthy
 
 
 def test_a_request_that_breaks_its_step_fails_alone_on_the_ray_group(packed):
     """Defence in depth: a request past validation that breaks the leader's step (a seed past
     64 bits) ends alone with RequestFailed; the others finish as alone, the group stays up."""
-    from ladder.scheduler import RequestFailed
+    from ladder.engine.scheduler import RequestFailed
     bad = SamplingParams(max_tokens=4, temperature=0.7, seed=1)
     bad.seed = 2**70
     alone = packed.generate([[5, 6, 7]], GREEDY)[0]["tokens"]
@@ -159,7 +160,7 @@ def test_a_request_that_breaks_its_step_fails_alone_on_the_ray_group(packed):
                 pass
 
     asyncio.run(streamed())
-    assert packed.health().healthy
+    assert asyncio.run(packed.health()).healthy
 
 
 @pytest.mark.parametrize("victim", [1, 0])
@@ -192,7 +193,7 @@ def test_a_dead_rank_fails_its_requests_and_a_new_group_serves(ray_cluster, tiny
         assert isinstance(running, GroupError), running
         assert isinstance(queued, GroupError), queued  # queued behind the one slot: fails too
         assert elapsed < 30
-        h = g.health()
+        h = asyncio.run(g.health())
         assert not h.healthy and h.reason
     finally:
         g.shutdown()

@@ -196,9 +196,9 @@ def test_saved_folder_round_trips_at_tp1_and_tp2(reference):
     from transformers import LlamaForCausalLM
 
     from adapt.distill import build_pair
+    from ladder.engine.local import LocalTPGroup
     from ladder.loaders.shard import unshard
-    from ladder.runner import GroupOptions, LocalTPGroup
-
+    from ladder.options import GroupOptions
     o, _ = reference
     base = open_checkpoint(o.model)
     _, student = build_pair(base, base.plan(PLAN))
@@ -211,7 +211,7 @@ def test_saved_folder_round_trips_at_tp1_and_tp2(reference):
         want = [student(torch.tensor([r]))[0] for r in rows]
     for tp in (1, 2):
         with LocalTPGroup(GroupOptions(model=o.out, tp=tp, max_seq=64)) as g:
-            assert g.info["residual_plan"] == PLAN and g.info["adapted"] is True
+            assert g.info.residual_plan == PLAN and g.info.adapted is True
             for w, got in zip(want, g.logits(rows)):
                 torch.testing.assert_close(got, w, rtol=0, atol=1e-4)
     hf = LlamaForCausalLM.from_pretrained(o.out).state_dict()

@@ -15,8 +15,8 @@ import torch
 
 from adapt.progress import ProgressError, ProgressPrinter, append_progress, read_progress
 from adapt.train import AdaptError, AdaptOptions, check_folders, prepare_run
-from ladder.config import ModelConfig
 from ladder.loaders.hf import EXPORT_MARK, write_folder
+from ladder.model.config import ModelConfig
 from ladder.private import UnsafePath
 
 CFG = ModelConfig(vocab_size=16, dim=8, intermediate_size=16, n_layers=1, n_heads=2,

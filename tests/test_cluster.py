@@ -20,6 +20,7 @@ import pytest
 
 from cluster import launcher
 from cluster.links import DEFAULT_MTU, Link, check_mtu, parse_link, parse_links
+from ladder.links.netns import Namespaces
 from ladder.procs import alive
 
 LADDER = str(Path(sys.executable).with_name("ladder"))
@@ -157,15 +158,15 @@ def test_tp_group_takes_the_link_label_of_its_nodes(shaped, tiny_llama):
     code = (
         "import ray\n"
         "from actors.group import TPGroup\n"
-        "from ladder.runner import GroupOptions\n"
-        "from ladder.sampling import SamplingParams\n"
+        "from ladder.engine.sampling import SamplingParams\n"
+        "from ladder.options import GroupOptions\n"
         "ray.init()\n"
         f"opts = GroupOptions(model={str(tiny_llama)!r}, tp=2, residual='ladder', n_slots=2,"
         " max_seq=64, threads=1)\n"
         "with TPGroup(opts, strategy='STRICT_SPREAD', link='high-end', metrics=False) as g:\n"
         "    ips = sorted(n['ip'] for n in g.nodes)\n"
         "    out = g.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True))\n"
-        "    print(g.info['interconnect'], g.opts.comm, ','.join(ips), len(out[0]['tokens']))\n")
+        "    print(g.info.interconnect, g.opts.comm, ','.join(ips), len(out[0]['tokens']))\n")
     line = in_head(code).strip().splitlines()[-1]
     label, comm, ips, n = line.split()
     st = shaped[0]
@@ -178,8 +179,9 @@ def test_local_group_across_a_shaped_veth_pair(tiny_llama):
     """A local group (no Ray) whose two ranks sit in namespaces joined by a veth pair shaped to
     the cheap profile: it all-reduces over that link (tcp), names it, decodes the same greedy
     tokens as on loopback, and the namespaces and the pair are gone afterwards."""
-    from ladder.runner import GroupOptions, LocalTPGroup
-    from ladder.sampling import SamplingParams
+    from ladder.engine.local import LocalTPGroup
+    from ladder.engine.sampling import SamplingParams
+    from ladder.options import GroupOptions
     params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)]
     opts = GroupOptions(model=str(tiny_llama), tp=2, residual="ladder", comm="tcp", n_slots=2,
                         max_seq=64, threads=1)
@@ -191,12 +193,13 @@ def test_local_group_across_a_shaped_veth_pair(tiny_llama):
         qdisc = subprocess.run(["ip", "netns", "exec", ns[0], "tc", "qdisc", "show"],
                                capture_output=True, text=True).stdout
         assert "tbf" in qdisc and "rate 1Gbit" in qdisc, qdisc
-        with LocalTPGroup(replace(opts, netns=ns, hosts=hosts, interconnect="cheap")) as g:
-            assert g.info["interconnect"] == "cheap"
+        with LocalTPGroup(replace(opts, interconnect="cheap"),
+                          namespaces=Namespaces(ns, hosts)) as g:
+            assert g.info.interconnect == "cheap"
             assert g.generate([[1, 2, 3]], params)[0]["tokens"] == want
     assert launcher._leftovers(tag) == []
     with pytest.raises(ValueError, match="one entry per rank"):
-        replace(opts, netns=ns[:1], hosts=hosts[:1])
+        LocalTPGroup(opts, namespaces=Namespaces(ns[:1], hosts[:1]))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import stat
 
 import pytest
 
-from cluster import launcher
+from cluster import launcher, state
 
 
 def _mode(path) -> int:
@@ -22,14 +22,14 @@ def _mode(path) -> int:
 def test_default_root_is_private_runtime_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("LADDER_CLUSTER_STATE", raising=False)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
-    assert launcher.state_root() == tmp_path / "ladder-cluster"
+    assert state.state_root() == tmp_path / "ladder-cluster"
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     if os.geteuid() == 0 and os.access("/run", os.W_OK):
-        assert str(launcher.state_root()) == "/run/ladder-cluster"
+        assert str(state.state_root()) == "/run/ladder-cluster"
     else:
-        assert launcher.state_root().name == f"ladder-cluster-{os.getuid()}"
+        assert state.state_root().name == f"ladder-cluster-{os.getuid()}"
     monkeypatch.setenv("LADDER_CLUSTER_STATE", str(tmp_path / "mine"))
-    assert launcher.state_root() == tmp_path / "mine"  # the override wins
+    assert state.state_root() == tmp_path / "mine"  # the override wins
 
 
 def test_state_folder_is_made_0700_and_reading_makes_nothing(monkeypatch, tmp_path):
@@ -38,8 +38,8 @@ def test_state_folder_is_made_0700_and_reading_makes_nothing(monkeypatch, tmp_pa
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
     old = os.umask(0)  # a permissive umask must not open the folder
     try:
-        assert launcher.load_state("lone") is None and not root.exists()
-        d = launcher.state_dir("lone", create=True)
+        assert state.load_state("lone") is None and not root.exists()
+        d = state.state_dir("lone", create=True)
     finally:
         os.umask(old)
     assert d == root / "lone" and _mode(root) == 0o700 and _mode(d) == 0o700
@@ -64,25 +64,25 @@ def test_unsafe_state_folder_is_refused(monkeypatch, tmp_path, how):
            "mode-0777": "mode 0777 lets group or others reach into it",
            "mode-0755": "mode 0755 lets group or others reach into it"}[how]
     monkeypatch.setenv("LADDER_CLUSTER_STATE", str(root))
-    for use in (lambda: launcher.load_state("ltest"), lambda: launcher.token_path("ltest"),
-                lambda: launcher.state_dir("ltest", create=True)):
-        with pytest.raises(launcher.ClusterError, match=f"cluster state folder {root}: {why}"):
+    for use in (lambda: state.load_state("ltest"), lambda: state.token_path("ltest"),
+                lambda: state.state_dir("ltest", create=True)):
+        with pytest.raises(state.ClusterError, match=f"cluster state folder {root}: {why}"):
             use()
     assert list(real.iterdir()) == []  # nothing was written through the link
 
 
 def test_state_files_are_not_written_through_links(monkeypatch, tmp_path):
     monkeypatch.setenv("LADDER_CLUSTER_STATE", str(tmp_path / "state"))
-    st = launcher.ClusterState(name="lfile", plain=True, subnet="", bridge="")
-    d = launcher.state_dir("lfile", create=True)
+    st = state.ClusterState(name="lfile", plain=True, subnet="", bridge="")
+    d = state.state_dir("lfile", create=True)
     victim = tmp_path / "victim"
     victim.write_text("keep")
     (d / "state.json.tmp").symlink_to(victim)
     with pytest.raises(OSError):
-        launcher._save(st)
+        state.save_state(st)
     assert victim.read_text() == "keep"
     (d / "state.json.tmp").unlink()
-    launcher._save(st)
-    assert launcher.load_state("lfile") == st and _mode(d / "state.json") == 0o600
+    state.save_state(st)
+    assert state.load_state("lfile") == st and _mode(d / "state.json") == 0o600
     launcher.down("lfile", log=lambda *_: None)  # removes the folder, and the empty root
     assert not (tmp_path / "state").exists()

@@ -9,12 +9,13 @@ import time
 import pytest
 import torch
 
-from ladder.comm import EmulatedLatency, NoComm
-from ladder.config import ConfigError, ModelConfig, ResidualPlan
-from ladder.runner import GroupOptions, LocalTPGroup
-from ladder.sampling import (CANDIDATES, MIN_TEMPERATURE, Sampler, SamplingParams, decode_rows,
-                             encode_rows, pick, threshold, uniform)
-from ladder.tp import ShardSpec, split_sizes
+from ladder.engine.local import LocalTPGroup
+from ladder.engine.sampling import MIN_TEMPERATURE, Sampler, SamplingParams, SamplingRows
+from ladder.engine.vocab import CANDIDATES, pick, threshold, uniform
+from ladder.links.base import EmulatedLatency, NoComm
+from ladder.model.config import ConfigError, ModelConfig, ResidualPlan
+from ladder.model.tp import ShardSpec, split_sizes
+from ladder.options import GroupOptions
 
 
 def test_emulated_latency_delays_and_is_labelled():
@@ -137,13 +138,14 @@ def test_pick_samples_the_softmax_in_vocabulary_order():
     assert [pick(row[perm], ids[perm], u) for u in us[:50]] == [pick(row, ids, u) for u in us[:50]]
 
 
-def test_model_sample_equals_the_full_row_draw():
-    """`Transformer.sample` (one rank: the slice is the vocabulary, 600 > CANDIDATES tokens)
+def test_vocab_sample_equals_the_full_row_draw():
+    """`vocab.sample` (one rank: the slice is the vocabulary, 600 > CANDIDATES tokens)
     draws what `pick` draws from the full row after the textbook cut, greedy rows their argmax,
     for 40 seeds of each kind of row: temperature alone (drawn in the slice), top-k, top-k with
     top-p (drawn from the candidates), a flat top-p row and a top-k beyond the table (gathered),
     a nearly uniform row, and a temperature so small that it is greedy."""
-    from ladder.model import Transformer
+    from ladder.engine import vocab
+    from ladder.model.transformer import Transformer
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=600, dim=32, intermediate_size=64, n_layers=1, n_heads=2,
                       n_kv_heads=1, max_seq_len=16)
@@ -153,12 +155,13 @@ def test_model_sample_equals_the_full_row_draw():
              (0.8, 550, 1.0), (1e6, 0, 0.5), (1e-30, 0, 1.0)]  # top_k > TOPK_IN_TABLE: gathered
     h = torch.randn(len(kinds), 32) * 4
     gen = torch.Generator().manual_seed(1)
+    shard = vocab.Shard.of(model)
     with torch.no_grad():
-        logits = model.local_logits(h).float()
+        logits = model.logits(h).float()
         for _ in range(40):
             seeds = torch.randint(0, 2**62, (len(kinds),), generator=gen).tolist()
-            rows = encode_rows(*zip(*kinds), seeds)
-            got = model.sample(h, rows).tolist()
+            rows = SamplingRows.of([(*k, seed) for k, seed in zip(kinds, seeds)])
+            got = vocab.sample(logits, rows, shard).tolist()
             want = []
             for i, (temp, k, p) in enumerate(kinds):
                 if temp < MIN_TEMPERATURE:  # greedy
@@ -175,7 +178,7 @@ def test_model_sample_equals_the_full_row_draw():
 def test_draws_never_land_on_a_weightless_token():
     """At the edges of [0, 1) (rounding between the ranks' masses) a draw takes the first or
     last token that weighs anything, never one whose weight underflowed to 0."""
-    from ladder.model import _draw
+    from ladder.engine.vocab import _draw
     e = torch.zeros(1, 600)
     e[0, 1], e[0, 300], e[0, 301] = 1.0, 2.0, 1.0
     got = [int(_draw(e, torch.tensor([s], dtype=torch.float64))[0])
@@ -191,14 +194,16 @@ def test_sampler_rows_and_params():
     hot = SamplingParams(temperature=0.7, top_k=10, top_p=0.9, seed=5)
     s.add("g", greedy)
     s.add("h", hot)
-    rows = s.rows(["g", "h"], [greedy, hot])
-    temp, top_k, top_p, seeds = decode_rows(rows)
-    assert temp == [0.0, 0.7] and top_k == [0, 10] and top_p == [1.0, 0.9] and seeds[0] == 0
+    rows = SamplingRows.of([s.row("g", greedy), s.row("h", hot)])
+    back = SamplingRows.decode(rows.encode())  # through the step's int64 wire format
+    assert back == rows and rows.greedy_rows() == [0]
+    assert rows.temperature == [0.0, 0.7] and rows.top_k == [0, 10]
+    assert rows.top_p == [1.0, 0.9] and rows.seed[0] == 0
     s2 = Sampler()
     s2.add("h", hot)
     # a request's seeds follow from its seed alone, step after step
-    assert [decode_rows(s2.rows(["h"], [hot]))[3] for _ in range(3)] == \
-        [[seeds[1]]] + [decode_rows(s.rows(["h"], [hot]))[3] for _ in range(2)]
+    assert [s2.row("h", hot)[3] for _ in range(3)] == \
+        [rows.seed[1]] + [s.row("h", hot)[3] for _ in range(2)]
     for kw, msg in [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
                     ({"max_tokens": 0}, "max_tokens"), ({"top_k": -1}, "top_k")]:
         with pytest.raises(ValueError, match=msg):
@@ -252,8 +257,8 @@ def test_a_request_that_breaks_its_step_fails_alone(smol):
 
 
 def test_request_past_the_context_is_refused(smol):
-    from ladder.runner import GroupError
-    with pytest.raises(GroupError, match="the prompt has 200 tokens; the context holds 128"):
+    from ladder.engine.scheduler import RequestError
+    with pytest.raises(RequestError, match="the prompt has 200 tokens; the context holds 128"):
         smol.generate([[5] * 200], [SamplingParams(max_tokens=4)])
     # the group keeps serving
     assert smol.generate([[5, 6, 7]], [SamplingParams(max_tokens=2, temperature=0)])[0]["tokens"]
@@ -277,7 +282,7 @@ def test_generate_command():
 def test_gpu_link_label_from_uuids():
     """The CUDA interconnect label: decided on (host, GPU UUID) pairs every rank reports, NVML
     asked by UUID (not by index: a Ray worker sees its one GPU as cuda:0)."""
-    from ladder.runner import gpu_link
+    from ladder.links.detect import gpu_link
     nvlinked = {frozenset(("GPU-a", "GPU-b"))}
     asked = []
 

@@ -1,17 +1,20 @@
 """One request must never take a TP group down; bad input gets a 4xx, never a 5xx.
 
-A Serve app on the real three-node Ray cluster: a 2-layer model with SmolLM2's tokenizer and a
-chat template that refuses what real ones refuse (`tiny_chat`), TP=2 over shared memory, an API
-key. Against it: every hostile probe of `bench.hostile` (no 5xx, each followed by a request
-that succeeds), `/health` without and with a key, a schema-driven fuzz of the whole API from its
-own `/openapi.json` (schemathesis: no 5xx, every response as the document declares it, the group
-answering afterwards), and a rank 0 that dies (503 with Retry-After until Serve has replaced the
-replica, never a 500).
+The model: 2 layers with SmolLM2's tokenizer and a chat template that refuses what real ones
+refuse (`tiny_chat`), TP=2 over shared memory, an API key. The HTTP API (`deploy.api`) runs over
+the serving contract, so most of this runs it over a local group (uvicorn, no Ray): every hostile
+probe of `bench.hostile` (no 5xx, each followed by a request that succeeds) and a schema-driven
+fuzz of the whole API from its own `/openapi.json` (schemathesis: no 5xx, every response as the
+document declares it, the group answering afterwards). The Serve deployment on the real
+three-node Ray cluster adds: `/health` without and with a key (no collective per call), the
+document through Serve's proxy, bodies past the limit through the proxy, and a rank 0 that dies
+(503 with Retry-After until Serve has replaced the replica, never a 500).
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -21,12 +24,42 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from bench.hostile import probes, send
-from ladder.runner import free_port
+from ladder.links.factory import free_port
 
 KEY = "sk-hardening"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_SEQ = 256
 MAX_PROMPT_CHARS = 50_000
+
+
+SETTINGS = {"model_name": "tiny-chat", "tp": 2, "residual": "standard", "n_slots": 4,
+            "max_seq": MAX_SEQ, "api_keys": [KEY], "queue_limit": 16,
+            "max_prompt_chars": MAX_PROMPT_CHARS}
+
+
+@pytest.fixture(scope="module")
+def local_api(tiny_chat):
+    """deploy.api over a LocalTPGroup, served by uvicorn on a thread of this process."""
+    import uvicorn
+
+    from deploy.api import OpenAIServer, build_api
+    from deploy.config import ServerConfig
+    from ladder.engine.local import LocalTPGroup
+    cfg = ServerConfig.from_dict({**SETTINGS, "model": str(tiny_chat)})
+    port = free_port()
+    with LocalTPGroup(cfg.group_options()) as group:
+        server = uvicorn.Server(uvicorn.Config(build_api(OpenAIServer(group, cfg)),
+                                               host="127.0.0.1", port=port, log_level="warning"))
+        t = threading.Thread(target=server.run, daemon=True)
+        t.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not server.started and time.monotonic() < deadline:
+                time.sleep(0.05)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+            t.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +70,9 @@ def app(ray_cluster, tiny_chat):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     try:
-        serve.run(build_app({
-            "model": str(tiny_chat), "model_name": "tiny-chat", "tp": 2, "residual": "standard",
-            "n_slots": 4, "max_seq": MAX_SEQ, "api_keys": [KEY], "queue_limit": 16,
-            "max_prompt_chars": MAX_PROMPT_CHARS, "num_replicas": 1,
-            "health_check_period_s": 2, "health_check_timeout_s": 15}),
-            name="hardening", route_prefix="/")
+        serve.run(build_app({**SETTINGS, "model": str(tiny_chat), "num_replicas": 1,
+                             "health_check_period_s": 2, "health_check_timeout_s": 15}),
+                  name="hardening", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -63,7 +93,8 @@ PROBES = probes("tiny-chat", max_prompt_chars=MAX_PROMPT_CHARS)
 
 
 @pytest.mark.parametrize("probe", PROBES, ids=[p.name for p in PROBES])
-def test_a_hostile_request_gets_a_4xx_and_the_group_serves_on(app, probe):
+def test_a_hostile_request_gets_a_4xx_and_the_group_serves_on(local_api, probe):
+    app = local_api
     status, body, headers = send(app, probe, KEY)
     assert status in probe.statuses, (status, body[:300])
     if status >= 400:
@@ -72,7 +103,8 @@ def test_a_hostile_request_gets_a_4xx_and_the_group_serves_on(app, probe):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
-def test_a_stream_is_validated_before_its_first_byte(app):
+def test_a_stream_is_validated_before_its_first_byte(local_api):
+    app = local_api
     """A stream the group refuses is an HTTP error, not a 200 whose events end in an error."""
     r = requests.post(app + "/v1/completions", headers=AUTH, stream=True, timeout=60,
                       json={"model": "tiny-chat", "prompt": [3, 49152], "stream": True})
@@ -126,11 +158,12 @@ def fuzz_cases(url: str):
             yield op.label, mode.value, op.as_strategy(generation_mode=mode)
 
 
-def test_fuzz_the_api_from_its_own_schema(app):
+def test_fuzz_the_api_from_its_own_schema(local_api):
     """No 5xx; every status, content type, header and body as the document declares it (every
     4xx an OpenAI error body). A schema-valid body may still be refused (a prompt past the
     context), so only schema-breaking ones must be. The same examples every run."""
     seen: dict[str, set[str]] = {}
+    app = local_api
     for label, mode, strategy in fuzz_cases(app):
         @given(case=strategy)
         @settings(max_examples=40, deadline=None, database=None, derandomize=True,
@@ -152,9 +185,19 @@ def test_fuzz_the_api_from_its_own_schema(app):
                for p in ("/v1/completions", "/v1/chat/completions")), seen
 
 
-def test_the_group_answers_after_the_fuzz(app):
+def test_the_group_answers_after_the_fuzz(local_api):
+    assert small(local_api).status_code == 200
+    assert requests.get(local_api + "/health", timeout=30).json() == {"status": "ok"}
+
+
+LIMIT_PROBES = [p for p in PROBES if p.statuses == (413,)]
+
+
+@pytest.mark.parametrize("probe", LIMIT_PROBES, ids=[p.name for p in LIMIT_PROBES])
+def test_a_body_past_the_limit_through_serves_proxy(app, probe):
+    status, body, _ = send(app, probe, KEY)
+    assert status == 413 and is_openai_error(body), body[:300]
     assert small(app).status_code == 200
-    assert requests.get(app + "/health", timeout=30).json() == {"status": "ok"}
 
 
 def test_a_dead_rank_0_is_a_503_with_retry_after_until_replaced(app):

@@ -219,8 +219,7 @@ def check_app_args(where: str, args: dict):
     the placement-group bundles of its replicas)."""
     from actors.group import STRATEGIES
     from deploy.server import ServerConfig, build_app, deployment_options
-    from ladder.config import ConfigError, ResidualPlan
-
+    from ladder.model.config import ConfigError, ResidualPlan
     try:
         own = {f.name for f in fields(ServerConfig)}
         cfg = ServerConfig.from_dict({k: v for k, v in args.items() if k in own})

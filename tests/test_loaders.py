@@ -16,11 +16,16 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter
 from gguf.quants import dequantize, quantize
 
-from ladder.loaders import (CheckpointError, GGUFCheckpoint, SafetensorsCheckpoint, load_shard,
-                            open_checkpoint)
-from ladder.loaders import gguf_file
+from ladder.loaders import (
+    CheckpointError,
+    GGUFCheckpoint,
+    SafetensorsCheckpoint,
+    gguf_file,
+    load_shard,
+    open_checkpoint,
+)
 from ladder.loaders.gguf_file import permute_rows, unpermute_rows
-from ladder.tp import ShardSpec
+from ladder.model.tp import ShardSpec
 
 LAYER_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
@@ -264,9 +269,11 @@ def transformers_gguf(smollm2, smollm2_path):
     every tensor, without needing accelerate or dequantizing the whole model). Only the raw
     bytes come through our already-open reader."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import (LlamaTensorProcessor,
-                                                          get_gguf_hf_weights_map,
-                                                          load_gguf_checkpoint)
+    from transformers.modeling_gguf_pytorch_utils import (
+        LlamaTensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+    )
 
     cfg = load_gguf_checkpoint(str(smollm2_path))["config"]
     with torch.device("meta"):

@@ -97,9 +97,9 @@ def traffic(ray_cluster, tiny_llama, prometheus):
     """Six groups (3 residual modes x 2 links), two waves of requests each, kept alive until
     Prometheus has scraped them."""
     from actors.group import TPGroup
-    from ladder.runner import GroupOptions
-    from ladder.sampling import SamplingParams
-    from ladder.scheduler import RequestError
+    from ladder.engine.sampling import SamplingParams
+    from ladder.engine.scheduler import RequestError
+    from ladder.options import GroupOptions
     groups = []
     try:
         for strategy in LINKS:

@@ -16,14 +16,16 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ladder.config import ResidualPlan  # noqa: E402
-from ladder.engine import ShardEngine, StepBatch  # noqa: E402
+from ladder.engine.local import LocalTPGroup  # noqa: E402
+from ladder.engine.sampling import SamplingParams  # noqa: E402
+from ladder.engine.step import ShardEngine, StepBatch  # noqa: E402
+from ladder.links.base import NoComm  # noqa: E402
 from ladder.loaders import load_shard, open_checkpoint  # noqa: E402
-from ladder.comm import NoComm  # noqa: E402
-from ladder.model import best_over_ranks, build_model  # noqa: E402
-from ladder.runner import GroupOptions, LocalTPGroup  # noqa: E402
-from ladder.sampling import SamplingParams  # noqa: E402
-from ladder.tp import ShardSpec  # noqa: E402
+from ladder.model.config import ResidualPlan  # noqa: E402
+from ladder.model.tp import ShardSpec  # noqa: E402
+from ladder.engine.vocab import best_over_ranks  # noqa: E402
+from ladder.model.transformer import build_model  # noqa: E402
+from ladder.options import GroupOptions
 
 ATOL = 1e-4
 
@@ -68,7 +70,7 @@ def test_tp1_matches_transformers_logits_and_greedy(tiny):
         ours = model(toks)
     assert (ref - ours).abs().max() < ATOL
     engine = ShardEngine(model, model.comm, n_slots=2, max_seq=64)
-    from ladder.scheduler import Request, Scheduler
+    from ladder.engine.scheduler import Request, Scheduler
     sched = Scheduler(engine, eos_token_ids=())
     req = sched.add(Request(prompt=PROMPTS[0], params=SamplingParams(max_tokens=12,
                                                                      temperature=0)))
@@ -153,8 +155,7 @@ def test_batched_generation_equals_requests_alone(tiny):
     params = [SamplingParams(max_tokens=9, temperature=0),
               SamplingParams(max_tokens=5, temperature=0.8, top_k=20, seed=7),
               SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=3)]
-    from ladder.scheduler import Request, Scheduler
-
+    from ladder.engine.scheduler import Request, Scheduler
     def run(pairs):
         model = local_model(path, "ladder:1-2")
         sched = Scheduler(ShardEngine(model, model.comm, n_slots=2, max_seq=64))

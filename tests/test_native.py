@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from ladder import native
-from ladder.comm import NoComm
-from ladder.config import ModelConfig, ResidualPlan
-from ladder.engine import ShardEngine, StepBatch
-from ladder.kernels import FastLinear, NativeAttention, fast_cpu_decode
-from ladder.model import Attention, KVCache, RMSNorm, StepContext, Transformer
-from ladder.tp import ShardSpec
+from ladder.engine.step import ShardEngine, StepBatch
+from ladder.links.base import NoComm
+from ladder.model.config import ModelConfig, ResidualPlan
+from ladder.model.layers import Attention, KVCache, RMSNorm, StepContext
+from ladder.model.tp import ShardSpec
+from ladder.model.transformer import Transformer
+from ladder.native.layouts import FastLinear, NativeAttention, decode_layout
 
 LIB = native.load()
 pytestmark = pytest.mark.skipif(LIB is None, reason=f"no native library: "
@@ -156,7 +157,7 @@ def _engines(dtype, tp_plan="ladder"):
     for fused in (False, True):
         model = Transformer(cfg, spec, ResidualPlan.parse(tp_plan, 3)).to(dtype)
         model.load_state_dict(state, strict=False)
-        model = fast_cpu_decode(model.eval().requires_grad_(False), fused=fused)
+        model = decode_layout(model.eval().requires_grad_(False), fused=fused)
         out.append(ShardEngine(model, NoComm(), n_slots=4, max_seq=48))
     return out
 
@@ -205,7 +206,7 @@ def test_turned_off_or_unbuildable_falls_back(monkeypatch, tmp_path, caplog):
     # the model still converts, to oneDNN's layout and torch's small operators
     cfg = ModelConfig(vocab_size=32, dim=32, intermediate_size=64, n_layers=1, n_heads=2,
                       n_kv_heads=1, max_seq_len=16)
-    model = fast_cpu_decode(Transformer(cfg, ShardSpec.make(cfg, 0, 1),
+    model = decode_layout(Transformer(cfg, ShardSpec.make(cfg, 0, 1),
                                         ResidualPlan.parse("standard", 1)).eval())
     assert isinstance(model.layers[0].attention, Attention)
     assert model.layers[0].attention.wqkv.mode in ("packed", "t", "plain")

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from deploy import protocol as P
 from deploy.config import ServerConfig, split_args
-from ladder.sampling import SEED_SPACE, SamplingParams
+from ladder.engine.sampling import SEED_SPACE, SamplingParams
 
 LIMITS = P.Limits(vocab_size=49152, max_seq=2048, max_prompt_chars=100_000,
                   default_max_tokens=16)
@@ -65,7 +65,8 @@ def through_the_protocol(cls, raw: bytes) -> list[SamplingParams] | P.ApiError:
             req.prompt_text_or_ids()
         else:
             [m.text() for m in req.messages]
-        return req.sampling(LIMITS, room=100, default_max=LIMITS.default_max_tokens)
+        return req.sampling(LIMITS, n_prompt=LIMITS.max_seq - 100,
+                            default_max=LIMITS.default_max_tokens)
     except P.ApiError as e:
         return e
 

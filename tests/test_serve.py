@@ -21,7 +21,7 @@ import ray
 from openai import OpenAI
 
 from bench.serve_proc import ladder_serve, write_config
-from ladder.runner import free_port
+from ladder.links.factory import free_port
 
 KEY = "sk-test-ladder"
 APP_ARGS = {

@@ -20,9 +20,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ladder.runner import GroupOptions, LocalTPGroup, free_port, make_comm
-from ladder.sampling import CANDIDATES, SamplingParams
-from ladder.shm import SHM_DIR, CommTimeout, ShmComm
+from ladder.engine.local import LocalTPGroup
+from ladder.engine.sampling import SamplingParams
+from ladder.engine.vocab import CANDIDATES
+from ladder.links.factory import free_port, make_comm
+from ladder.links.shm import SHM_DIR, CommTimeout, ShmComm
+from ladder.options import GroupOptions
 
 SIZES = [1, 7, 1024, 1025, 3 * 1024 + 5, 20_000]  # float32 elements; a slot holds 1024
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

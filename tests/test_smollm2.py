@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ladder.runner import GroupOptions, LocalTPGroup
-from ladder.sampling import SamplingParams
+from ladder.engine.local import LocalTPGroup
+from ladder.engine.sampling import SamplingParams
+from ladder.options import GroupOptions
 
 ATOL = 1e-3  # observed 2.6e-5 at TP=2 on logits of magnitude ~27
 PROMPT = "The three primary colours are"

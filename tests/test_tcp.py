@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 from test_shm import DTYPES, SIZES, Ranks, _gloo, compare_with_gloo, make_comm_ranks
 
-from ladder.shm import CommTimeout
-from ladder import tcp
-from ladder.tcp import TcpComm
+from ladder.links import tcp
+from ladder.links.base import CommTimeout
+from ladder.links.tcp import TcpComm
 
 BIG = 8 * 1024 * 1024  # float32 elements: 32 MiB, far past the sockets' buffers
 
@@ -110,7 +110,7 @@ def _strays_first(rank, world, port, q):
     refused, token = [], []
     handler = logging.Handler()
     handler.emit = lambda rec: refused.append(rec.args[-1])  # the reason
-    logging.getLogger("ladder.tcp").addHandler(handler)
+    logging.getLogger("ladder.links.tcp").addHandler(handler)
     gather, connect = dist.all_gather_object, socket.create_connection
 
     def gather_and_keep_token(out, obj, group=None):

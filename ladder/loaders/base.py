@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ladder.config import ConfigError, ModelConfig, ResidualPlan
+from ladder.model.config import ConfigError, ModelConfig, ResidualPlan
 
 if TYPE_CHECKING:
     from ladder.tokenizer import Tokenizer

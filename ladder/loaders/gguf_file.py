@@ -22,8 +22,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
-from ladder.config import ConfigError, ModelConfig
 from ladder.loaders.base import Checkpoint, CheckpointError, Range, check_range
+from ladder.model.config import ConfigError, ModelConfig
 from ladder.tokenizer import Tokenizer
 
 _LAYER_NAMES = {

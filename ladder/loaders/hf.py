@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ladder.config import ConfigError, ModelConfig, ResidualPlan
 from ladder.loaders.base import Checkpoint, CheckpointError, Range, check_range
+from ladder.model.config import ConfigError, ModelConfig, ResidualPlan
 from ladder.private import check_replaceable, remove
 from ladder.tokenizer import Tokenizer
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ladder.loaders.base import Checkpoint, CheckpointError
-from ladder.tp import ShardSpec
+from ladder.model.tp import ShardSpec
 
 
 def expected_shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:

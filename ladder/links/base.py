@@ -23,9 +23,13 @@ import torch.distributed as dist
 
 
 class Work(Protocol):
-    kind: str  # how its wait is accounted: "module" (default), "ladder" or "gather"
+    kind: str  # how its wait is accounted (`all_reduce`'s `kind`)
 
     def wait(self) -> torch.Tensor: ...
+
+
+class CommTimeout(RuntimeError):
+    """A peer did not take part in a collective in time: it died or stalled."""
 
 
 @dataclass(slots=True)
@@ -35,9 +39,9 @@ class CommStats:
     exposed_s: float = 0.0  # seconds blocked in Work.wait()
     bytes: int = 0  # bytes all-reduced (payload size per rank)
     ops: int = 0
-    # the waits by kind (a Work's `kind`, set by whoever waits on it): "module" (a residual
-    # module's reduce waited for at once), "ladder" (one that overlapped the next module),
-    # "gather" (the LM head's logits); seconds and counts
+    # the waits by kind (what the reduce was started as, `all_reduce`'s `kind`): "module" (a
+    # residual module's reduce waited for at once), "ladder" (one that overlapped the next
+    # module), "gather" (a table each rank fills its part of); seconds and counts
     wait_s: dict = field(default_factory=lambda: dict.fromkeys(WAIT_KINDS, 0.0))
     waits: dict = field(default_factory=lambda: dict.fromkeys(WAIT_KINDS, 0))
     # CUDA: (start, end, kind) around each wait on the compute stream, resolved lazily
@@ -81,8 +85,8 @@ WAIT_KINDS = ("module", "ladder", "gather")
 class _Done:
     __slots__ = ("tensor", "kind")
 
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor, self.kind = tensor, "module"
+    def __init__(self, tensor: torch.Tensor, kind: str) -> None:
+        self.tensor, self.kind = tensor, kind
 
     def wait(self) -> torch.Tensor:
         return self.tensor
@@ -104,8 +108,9 @@ class Communicator(ABC):
         self.stats = CommStats()
 
     @abstractmethod
-    def all_reduce(self, x: torch.Tensor) -> Work:
-        """Start an in-place sum of `x` over the group; the sum is in `x` once `wait()` returns."""
+    def all_reduce(self, x: torch.Tensor, kind: str = "module") -> Work:
+        """Start an in-place sum of `x` over the group; the sum is in `x` once `wait()` returns.
+        `kind` (one of WAIT_KINDS) says how the wait is accounted in `stats`."""
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Synchronous broadcast of a CPU tensor (step plans from the leader)."""
@@ -125,15 +130,15 @@ class NoComm(Communicator):
         super().__init__()
         self.rank, self.world_size, self.interconnect = rank, world_size, interconnect
 
-    def all_reduce(self, x: torch.Tensor) -> Work:
-        return _Done(x)
+    def all_reduce(self, x: torch.Tensor, kind: str = "module") -> Work:
+        return _Done(x, kind)
 
 
 class _TimedWork:
     __slots__ = ("tensor", "work", "stats", "kind")
 
-    def __init__(self, tensor: torch.Tensor, work, stats: CommStats) -> None:
-        self.tensor, self.work, self.stats, self.kind = tensor, work, stats, "module"
+    def __init__(self, tensor: torch.Tensor, work, stats: CommStats, kind: str) -> None:
+        self.tensor, self.work, self.stats, self.kind = tensor, work, stats, kind
 
     def wait(self) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -174,11 +179,11 @@ class TorchComm(Communicator):
         self.interconnect = interconnect
         self._work_cls = _CudaTimedWork if self.backend == "nccl" else _TimedWork
 
-    def all_reduce(self, x: torch.Tensor) -> Work:
+    def all_reduce(self, x: torch.Tensor, kind: str = "module") -> Work:
         self.stats.bytes += x.numel() * x.element_size()
         self.stats.ops += 1
         work = dist.all_reduce(x, group=self.group, async_op=True)
-        return self._work_cls(x, work, self.stats)
+        return self._work_cls(x, work, self.stats, kind)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         dist.broadcast(x, src=dist.get_global_rank(self.cpu_group, src), group=self.cpu_group)
@@ -191,8 +196,8 @@ class TorchComm(Communicator):
 class _DelayedWork:
     __slots__ = ("inner", "due", "stats", "kind")
 
-    def __init__(self, inner: Work, due: float, stats: CommStats) -> None:
-        self.inner, self.due, self.stats, self.kind = inner, due, stats, "module"
+    def __init__(self, inner: Work, due: float, stats: CommStats, kind: str) -> None:
+        self.inner, self.due, self.stats, self.kind = inner, due, stats, kind
 
     def wait(self) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -221,11 +226,11 @@ class EmulatedLatency(Communicator):
         self.rank, self.world_size = inner.rank, inner.world_size
         self.interconnect = f"{inner.interconnect}+emu{round(latency_s * 1e6)}us"
 
-    def all_reduce(self, x: torch.Tensor) -> Work:
+    def all_reduce(self, x: torch.Tensor, kind: str = "module") -> Work:
         self.stats.bytes += x.numel() * x.element_size()
         self.stats.ops += 1
-        return _DelayedWork(self.inner.all_reduce(x), time.perf_counter() + self.latency_s,
-                            self.stats)
+        return _DelayedWork(self.inner.all_reduce(x, kind), time.perf_counter() + self.latency_s,
+                            self.stats, kind)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         return self.inner.broadcast(x, src)

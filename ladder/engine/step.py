@@ -17,8 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ladder.comm import Communicator
-from ladder.model import KVCache, StepContext, Transformer
+from ladder.engine.sampling import SamplingRows
+from ladder.engine import vocab
+from ladder.links.base import Communicator
+from ladder.model.layers import KVCache, StepContext
+from ladder.model.transformer import Transformer
 
 OP_STEP, OP_STOP, OP_PING = 1, 2, 3
 _HEADER = 4  # op, rows, tokens per row (padded), flags
@@ -33,8 +36,8 @@ class StepBatch:
     starts: list[int]
     all_logits: bool = False  # logits for every position (reference checks), not only the last
     greedy: bool = False  # every row takes its most likely token: the step returns token ids
-    # each row's sampling (ladder.sampling.encode_rows, int64 [B, 4]): the step returns token ids
-    sampling: torch.Tensor | None = None
+    # each row's sampling: the step returns token ids (sampled on the ranks, ladder.engine.vocab)
+    sampling: SamplingRows | None = None
 
     def body_len(self) -> int:
         return self.body_size(len(self.tokens), max(len(r) for r in self.tokens),
@@ -58,7 +61,7 @@ class StepBatch:
         body[base + b:base + 2 * b] = torch.tensor(self.starts)
         body[base + 2 * b:base + 3 * b] = torch.tensor([len(r) for r in self.tokens])
         if self.sampling is not None:
-            body[base + 3 * b:] = self.sampling.reshape(-1)
+            body[base + 3 * b:] = self.sampling.encode().reshape(-1)
         return head, body
 
     @classmethod
@@ -70,7 +73,18 @@ class StepBatch:
         return cls(tokens=[toks[i, :lens[i]].tolist() for i in range(b)],
                    slots=body[base:base + b].tolist(), starts=body[base + b:base + 2 * b].tolist(),
                    all_logits=bool(flags & 1), greedy=bool(flags & 2),
-                   sampling=body[base + 3 * b:].view(b, 4).clone() if flags & 4 else None)
+                   sampling=SamplingRows.decode(body[base + 3 * b:].view(b, 4))
+                   if flags & 4 else None)
+
+
+@dataclass(frozen=True, slots=True)
+class StepComm:
+    """The last step's communication on this rank."""
+
+    exposed_s: float = 0.0  # blocked in all-reduce waits
+    bytes: int = 0  # all-reduced
+    ops: int = 0  # all-reduces
+    overlap: float | None = None  # CommStats.overlap_estimate(): the share of waits ladder hid
 
 
 @dataclass(slots=True)
@@ -99,14 +113,16 @@ class ShardEngine:
         self.cache = KVCache(cfg.n_layers, n_slots, spec.n_kv_heads, max_seq, cfg.head_dim,
                              self.dtype, self.device)
         self.n_slots, self.max_seq = n_slots, max_seq
+        self.shard = vocab.Shard.of(model)
         self.timing = StepTiming()
+        self.last = StepComm()
 
     # -- SPMD ----------------------------------------------------------------------------------
     def step(self, batch: StepBatch) -> torch.Tensor | None:
         """Leader: broadcast `batch`, run it, return logits [B, V] (or [B, T, V] with all_logits),
         or with `greedy` each row's most likely token id [B] (int64), or with `sampling` each
         row's sampled token id [B]: then only each rank's best (value, id) per row crosses the
-        link, not the logits (ladder.model.Transformer.greedy and .sample)."""
+        link, not the logits (ladder.engine.vocab)."""
         if self.comm.world_size > 1:
             head, body = batch.encode()
             self.comm.broadcast(head)
@@ -160,19 +176,19 @@ class ShardEngine:
             h = self.model.hidden(tokens, ctx)
             if not batch.all_logits:
                 h = h[torch.arange(h.shape[0]), torch.tensor(lens, device=h.device) - 1]
-            # every rank: the LM head is vocabulary-parallel
-            if batch.all_logits:
-                out = self.model.logits(h)
-            elif batch.sampling is not None:
-                out = self.model.sample(h, batch.sampling)
-            elif batch.greedy:
-                out = self.model.greedy(h)
+            # every rank: the LM head is vocabulary-parallel, and so are the decisions
+            local = self.model.logits(h)
+            if batch.sampling is not None and not batch.all_logits:
+                out = vocab.sample(local, batch.sampling, self.shard)
+            elif batch.greedy and not batch.all_logits:
+                out = vocab.greedy(local, self.shard)
             else:
-                out = self.model.logits(h)
+                out = vocab.gather(local, self.shard)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         stats.collect()
         dt = time.perf_counter() - t0
+        self.last = StepComm(stats.exposed_s, stats.bytes, stats.ops, stats.overlap_estimate())
         tm = self.timing
         tm.steps += 1
         tm.exposed_s += stats.exposed_s

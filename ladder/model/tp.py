@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ladder.config import ConfigError, ModelConfig
+from ladder.model.config import ConfigError, ModelConfig
 
 
 def split_sizes(n: int, parts: int, align: int = 1) -> list[int]:

@@ -36,8 +36,7 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from ladder.comm import Communicator, TorchComm
-from ladder.shm import CommTimeout
+from ladder.links.base import CommTimeout, Communicator, TorchComm
 
 log = logging.getLogger(__name__)
 _HALF = (torch.float16, torch.bfloat16)
@@ -61,8 +60,8 @@ def _bytes(t: torch.Tensor) -> memoryview:
 class _TcpWork:
     __slots__ = ("comm", "tensor", "src", "parts", "out", "into", "sent", "got", "kind", "done")
 
-    def __init__(self, comm: "TcpComm", tensor: torch.Tensor) -> None:
-        self.comm, self.tensor, self.kind, self.done = comm, tensor, "module", False
+    def __init__(self, comm: "TcpComm", tensor: torch.Tensor, kind: str) -> None:
+        self.comm, self.tensor, self.kind, self.done = comm, tensor, kind, False
         self.src = tensor if tensor.is_contiguous() else tensor.contiguous()
         self.parts = {r: torch.empty_like(self.src) for r in comm.peers}  # the peers' partials
         self.out = _bytes(self.src)  # what goes to every peer
@@ -174,13 +173,13 @@ class TcpComm(Communicator):
         return data
 
     # -- all-reduce ----------------------------------------------------------------------------
-    def all_reduce(self, x: torch.Tensor) -> _TcpWork:
+    def all_reduce(self, x: torch.Tensor, kind: str = "module") -> _TcpWork:
         self._check()
         if x.device.type != "cpu":
             raise ValueError("tcp all-reduces CPU tensors")
         self.stats.bytes += x.numel() * x.element_size()
         self.stats.ops += 1
-        work = _TcpWork(self, x)
+        work = _TcpWork(self, x, kind)
         if not self.peers:
             work.done = True
             return work

@@ -14,11 +14,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
-from ladder.engine import ShardEngine, StepBatch
-from ladder.sampling import Sampler, SamplingParams
-
+from ladder.engine.sampling import Sampler, SamplingParams, SamplingRows
+from ladder.engine.step import ShardEngine, StepBatch
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +76,16 @@ class TokenEvent:
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
     stats: RequestStats | None = None  # on the final event
     error: str | None = None  # what failed, with finish_reason "error" (RequestFailed)
+
+
+@dataclass(slots=True)
+class Scheduled:
+    """What one `Scheduler.step` decided and what came of it (the leader's step record)."""
+
+    kind: str  # "prefill" (admitted requests' prompts) or "decode" (a token for every row)
+    rows: int  # rows the engine ran (a request that failed its part is not among them)
+    tokens: int  # new tokens fed to the model
+    events: list[TokenEvent]
 
 
 def new_result() -> dict:
@@ -145,14 +152,22 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def step(self) -> list[TokenEvent]:
+    def load(self) -> tuple[int, int, int]:
+        """(running, waiting, slots)."""
+        return len(self.running), len(self.waiting), self.engine.n_slots
+
+    def step(self) -> Scheduled | None:
+        """One engine step: a prefill when requests wait and slots are free, else a decode of
+        every running request; None when there is nothing to run."""
         if self.waiting and self.free:
             return self._prefill()
         if self.running:
-            return self._decode()
-        return []
+            rows = sorted(self.running.values(), key=lambda r: r.slot)
+            return self._step("decode", rows, [[r.output[-1]] for r in rows],
+                              [len(r.prompt) + len(r.output) - 1 for r in rows])
+        return None
 
-    def _prefill(self) -> list[TokenEvent]:
+    def _prefill(self) -> Scheduled:
         admitted, failed = [], []
         while self.waiting and self.free and len(admitted) < self.max_prefill_rows:
             r = self.waiting.popleft()
@@ -166,17 +181,15 @@ class Scheduler:
                 failed.append(self._fail(r, e))
                 continue
             admitted.append(r)
-        return failed + self._step(admitted, [r.prompt for r in admitted], [0] * len(admitted))
+        done = self._step("prefill", admitted, [r.prompt for r in admitted],
+                          [0] * len(admitted))
+        done.events[:0] = failed
+        return done
 
-    def _decode(self) -> list[TokenEvent]:
-        rows = sorted(self.running.values(), key=lambda r: r.slot)
-        return self._step(rows, [[r.output[-1]] for r in rows],
-                          [len(r.prompt) + len(r.output) - 1 for r in rows])
-
-    def _step(self, rows: list[Request], tokens: list[list[int]],
-              starts: list[int]) -> list[TokenEvent]:
+    def _step(self, kind: str, rows: list[Request], tokens: list[list[int]],
+              starts: list[int]) -> Scheduled:
         """One engine step for `rows`, then a token each: the step's own token ids, greedy or
-        sampled on the ranks under each row's parameters (ladder.model.Transformer.sample).
+        sampled on the ranks under each row's parameters (ladder.engine.vocab).
 
         Each row's part of the step (its tokens and sampling row as int64s) is built before
         anything is broadcast, under its own guard: a row that cannot be built fails alone and
@@ -195,11 +208,12 @@ class Scheduler:
             toks.append(row_toks)
             kept_starts.append(start)
         if not kept:
-            return failed
+            return Scheduled(kind, 0, 0, failed)
         out = self.engine.step(StepBatch(
             tokens=toks, slots=[r.slot for r in kept], starts=kept_starts, greedy=greedy,
-            sampling=None if greedy else torch.tensor(table, dtype=torch.int64)))
-        return failed + self._emit(kept, out.tolist())
+            sampling=None if greedy else SamplingRows.of(table)))
+        return Scheduled(kind, len(kept), sum(map(len, toks)),
+                         failed + self._emit(kept, out.tolist()))
 
     def _emit(self, rows: list[Request], toks: list[int]) -> list[TokenEvent]:
         now = time.perf_counter()

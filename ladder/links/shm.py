@@ -27,36 +27,24 @@ the wait into `CommTimeout`; the communicator is unusable after that. Broadcasts
 step plans) go through the bcast buffers; a follower waiting for the next plan waits as long as
 the source lives (an idle leader is normal), the source waits at most `timeout_s` for readers.
 
-Segments: rank 0 creates `/dev/shm/ladder-<name>-<pid>` and unlinks it as soon as every rank
-has mapped it, so a running group leaves nothing in /dev/shm and a crash can at worst leave a
-half-started segment, whose dead creator pid lets the next group's rank 0 remove it.
+The segment itself (creation, attaching, removal) is `ladder.links.shm_segment`'s.
 """
 
 from __future__ import annotations
 
 import ctypes
-import glob
-import mmap
 import os
 import platform
 import re
 import time
-from collections import deque
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from ladder.comm import CommStats, Communicator
+from ladder.links.base import CommStats, CommTimeout, Communicator
+from ladder.links.shm_segment import _R_BACK, _R_DONE, _R_PID, _R_PUB, SHM_DIR, ShmSegment
+from ladder.procs import alive
 
-SHM_DIR = "/dev/shm"
-PREFIX = "ladder-"
-_MAGIC = 0x4C41444452534D31  # "LADDRSM1": written last by the creator, once the header is whole
-_LINE = 8  # int64 words per 64-byte cache line
-# header words
-_H_MAGIC, _H_WORLD, _H_SLOTS, _H_SLOT_BYTES, _H_BSLOTS, _H_BBYTES, _H_PID = range(7)
-# per-rank line words (line 1 + rank)
-_R_PID, _R_ATTACHED, _R_PUB, _R_DONE, _R_BACK = range(5)
 _HALF = (torch.bfloat16, torch.float16)
 _POLL_S = 0.02  # a wait polls (yielding the core) this long, then sleeps in the kernel
 
@@ -68,45 +56,13 @@ if _SYS_FUTEX is not None:
     _syscall.restype = ctypes.c_long
 
 
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-class CommTimeout(RuntimeError):
-    """A peer did not take part in a collective in time: it died or stalled."""
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, killed but not yet reaped, counts as dead)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2:][:1] not in (b"Z", b"X")
-
-
-def remove_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
-    """Remove `ladder-<name>-<pid>` segments whose creator is dead; returns their paths."""
-    removed = []
-    for path in glob.glob(os.path.join(shm_dir, PREFIX + "*")):
-        m = re.fullmatch(re.escape(PREFIX) + r"[A-Za-z0-9_.]+-(\d+)", os.path.basename(path))
-        if m and not _alive(int(m.group(1))):
-            try:
-                os.unlink(path)
-                removed.append(path)
-            except FileNotFoundError:
-                pass
-    return removed
-
-
 class _ShmWork:
     __slots__ = ("comm", "tensor", "buf", "last_seq", "done", "kind")
 
     def __init__(self, comm: "ShmComm", tensor: torch.Tensor, buf: torch.Tensor,
-                 last_seq: int) -> None:
+                 last_seq: int, kind: str) -> None:
         self.comm, self.tensor, self.buf, self.last_seq = comm, tensor, buf, last_seq
-        self.done, self.kind = False, "module"
+        self.done, self.kind = False, kind
 
     def wait(self) -> torch.Tensor:
         if not self.done:
@@ -117,7 +73,7 @@ class _ShmWork:
         return self.tensor
 
 
-class ShmComm(Communicator):
+class ShmComm(ShmSegment, Communicator):
     """All-reduce, broadcast and barrier among `world_size` processes on one node through shared
     memory; `name` identifies the group (letters, digits, `_` and `.`), unique among the groups
     starting at the same time.
@@ -159,133 +115,6 @@ class ShmComm(Communicator):
         if rank == 0:
             self._await_attached()
 
-    # -- segment -------------------------------------------------------------------------------
-    @staticmethod
-    def _layout(world: int, slots: int, slot_bytes: int, bslots: int, bbytes: int):
-        ctrl = (2 + world + -(-world // _LINE)) * _LINE * 8
-        ring = -(-ctrl // 4096) * 4096
-        bcast = ring + slots * world * slot_bytes
-        return ring, bcast, bcast + bslots * bbytes  # offsets of ring and bcast, total size
-
-    def _create(self, name, geometry, shm_dir, cpu_group) -> None:
-        remove_stale_segments(shm_dir)
-        pid = os.getpid()
-        if cpu_group is not None:
-            dist.broadcast(torch.tensor([pid]), src=dist.get_global_rank(cpu_group, 0),
-                           group=cpu_group)
-        self.path = os.path.join(shm_dir, f"{PREFIX}{name}-{pid}")
-        size = self._layout(*geometry)[2]
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, size)  # no space is an error now, not a SIGBUS later
-            self._mm = mmap.mmap(fd, size)
-        except BaseException:
-            os.unlink(self.path)
-            raise
-        finally:
-            os.close(fd)
-        head = memoryview(self._mm)[:_LINE * 8].cast("q")
-        for i, v in zip((_H_WORLD, _H_SLOTS, _H_SLOT_BYTES, _H_BSLOTS, _H_BBYTES), geometry):
-            head[i] = v
-        head[_H_PID] = pid
-        head[_H_MAGIC] = _MAGIC
-        head.release()
-
-    def _attach(self, name, geometry, shm_dir, cpu_group) -> None:
-        if cpu_group is not None:
-            pid = torch.zeros(1, dtype=torch.int64)
-            dist.broadcast(pid, src=dist.get_global_rank(cpu_group, 0), group=cpu_group)
-            pattern = os.path.join(shm_dir, f"{PREFIX}{name}-{int(pid)}")
-        else:
-            pattern = os.path.join(shm_dir, f"{PREFIX}{name}-*")
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            for path in glob.glob(pattern):
-                if self._try_open(path, geometry):
-                    self.path = path
-                    return
-            if time.monotonic() > deadline:
-                raise CommTimeout(f"shm: rank {self.rank} found no segment {pattern} within "
-                                  f"{self.timeout_s} s (rank 0 did not start)")
-            time.sleep(1e-3)
-
-    def _try_open(self, path: str, geometry) -> bool:
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
-            return False
-        try:
-            raw = os.pread(fd, _LINE * 8, 0)
-            if len(raw) < _LINE * 8:
-                return False  # not sized yet
-            head = np.frombuffer(raw, dtype=np.int64)
-            if head[_H_MAGIC] != _MAGIC or not _alive(int(head[_H_PID])):
-                return False  # not written yet, or a dead group's
-            found = tuple(int(head[i]) for i in (_H_WORLD, _H_SLOTS, _H_SLOT_BYTES, _H_BSLOTS,
-                                                 _H_BBYTES))
-            if found != geometry:
-                raise ValueError(f"shm segment {path} has geometry {found}, this rank expects "
-                                 f"{geometry} (world, slots, slot bytes, bcast slots, bytes)")
-            self._mm = mmap.mmap(fd, self._layout(*geometry)[2])
-            return True
-        finally:
-            os.close(fd)
-
-    def _map_views(self) -> None:
-        mm = self._mm
-        head = np.frombuffer(mm, dtype=np.int64, count=_LINE)
-        world, slots, slot_bytes, bslots, bbytes = (int(head[i]) for i in (
-            _H_WORLD, _H_SLOTS, _H_SLOT_BYTES, _H_BSLOTS, _H_BBYTES))
-        self.n_slots, self.slot_bytes, self.bcast_slots, self.bcast_bytes = (
-            slots, slot_bytes, bslots, bbytes)
-        ring, bcast, size = self._layout(world, slots, slot_bytes, bslots, bbytes)
-        lines = 2 + world + -(-world // _LINE)
-        self._w = memoryview(mm)[:lines * _LINE * 8].cast("q")
-        self._np = np.frombuffer(mm, dtype=np.int64, count=lines * _LINE)  # for addresses
-        self._addr = self._np.ctypes.data
-        line = [(1 + r) * _LINE for r in range(world)]
-        self._line = line
-        self._bpub = (1 + world) * _LINE
-        me = line[self.rank]
-        self._my_pub, self._my_done, self._my_back = me + _R_PUB, me + _R_DONE, me + _R_BACK
-        self._peers = [r for r in range(world) if r != self.rank]
-        sleep = (2 + world) * _LINE  # one word per rank: it may sleep in futex_wait
-        self._my_sleep = sleep + self.rank
-        self._peer_sleep = [sleep + r for r in self._peers]
-        self._nap = _Timespec(0, 2_000_000)
-        self._w[me + _R_PID] = os.getpid()
-        self._w[me + _R_ATTACHED] = 1
-        self._wake(me + _R_ATTACHED)
-        data = torch.from_numpy(np.frombuffer(mm, dtype=np.uint8))
-        self._ring = [[data[ring + (s * world + r) * slot_bytes:
-                            ring + (s * world + r + 1) * slot_bytes] for r in range(world)]
-                      for s in range(slots)]
-        self._bbuf = [data[bcast + i * bbytes:bcast + (i + 1) * bbytes] for i in range(bslots)]
-        self._views: dict = {}  # (dtype, elems) -> per slot, per rank: the first elems as dtype
-        self._acc: dict = {}  # half dtype -> float32 accumulator of a slot's elements
-        self._seq = self._done_seq = 0  # last sequence issued / summed by this rank
-        self._min_done = 0  # a lower bound on every rank's `done`
-        self._bseq = 0
-        self._pending: deque = deque()  # published chunks not summed yet, in sequence order
-
-    def _await_attached(self) -> None:
-        """Rank 0: once every rank has mapped the segment, its name is no longer needed."""
-        try:
-            for r in self._peers:
-                self._block(self._line[r] + _R_ATTACHED, 1, r, "shm: rank {r} did not attach",
-                            self.timeout_s)
-        finally:
-            self._unlink()
-
-    def _unlink(self) -> None:
-        if self.rank == 0 and self.path is not None:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-            self.path = None
-
-    # -- waiting -------------------------------------------------------------------------------
     def _block(self, idx: int, target: int, peer: int, what: str,
                timeout_s: float | None) -> None:
         """Wait until control word `idx` (written by `peer`) reaches `target`; raise
@@ -305,7 +134,7 @@ class ShmComm(Communicator):
             now = time.monotonic()
             if now >= check:
                 pid = w[self._line[peer] + _R_PID]
-                if pid and not _alive(pid):
+                if pid and not alive(pid):
                     self._fail(what.format(r=peer) + f": it died (pid {pid})")
                 if timeout_s is not None and now - t0 > timeout_s:
                     self._fail(what.format(r=peer) + f" within {timeout_s} s (dead or "
@@ -354,7 +183,7 @@ class ShmComm(Communicator):
             self._views[(dtype, elems)] = views
         return views
 
-    def all_reduce(self, x: torch.Tensor) -> _ShmWork:
+    def all_reduce(self, x: torch.Tensor, kind: str = "module") -> _ShmWork:
         """Start summing `x` in place over the group: publishes x (one or more chunks) and
         returns; blocks only when every ring slot still holds an unsummed reduce."""
         self._check()
@@ -365,7 +194,7 @@ class ShmComm(Communicator):
         buf = x if x.is_contiguous() else x.contiguous()
         per = self.slot_bytes // size
         chunks = -(-n // per)
-        work = _ShmWork(self, x, buf, self._seq + chunks)
+        work = _ShmWork(self, x, buf, self._seq + chunks, kind)
         if n == 0:
             work.done = True
             return work

@@ -2,30 +2,21 @@
 
 Decode is a chain of matrix products with few rows (one per request in the batch), so its speed
 is how fast each weight is streamed from memory and, at 16 or 32 rows, how well the kernel
-blocks. Measured on the SmolLM2 shapes (30 copies of each weight, far larger than the cache),
-one thread, time per product against F.linear over the checkpoint's [out, in] layout:
+blocks. F.linear over the checkpoint's [out, in] layout reads slowest; oneDNN's packed layout
+and `ladder.native`'s blocked products read about twice as fast (measured per product and per
+token in bench/results/2026-12-03-session10.md, "Decode layouts"). oneDNN packs a weight for an
+expected row count; packing for 16 rows is as fast at 1 row as packing for 1 row is, so every
+weight is packed for 16. Where `ladder.native` builds and the CPU has AVX-512 (AVX512-BF16 for
+bfloat16), its own blocked products replace oneDNN's: about as fast per byte, without oneDNN's
+per-call overhead (121 calls a token).
 
-                               1 row        16 rows
-    float32, F.linear          1.00         1.00
-    float32, [in, out], x @ W  0.71         1.02    (the layout used before: batch-1 only)
-    float32, oneDNN-packed     0.46-0.56    0.40-0.46
-    bfloat16, oneDNN-packed    0.5-0.65     (F.linear runs oneDNN for bf16: bit-identical)
-    float32, ladder.native     0.72-0.91 of oneDNN-packed at 1 row, 0.75-1.08 at 16 rows
-
-oneDNN packs a weight for an expected row count; packing for 16 rows is as fast at 1 row as
-packing for 1 row is (and 1.3-1.5x faster at 16 rows in float32; bfloat16 does not care), so
-every weight is packed for 16. Where `ladder.native` builds and the CPU has AVX-512 (AVX512-BF16
-for bfloat16), its own blocked products replace oneDNN's: about as fast per byte, without
-oneDNN's ~10 us per call (121 calls a token).
-
-`fast_cpu_decode(model)` swaps the model's linears (and adds an LM-head copy in the fast layout)
-in place and, with the native library, wraps each norm, attention and MLP so that the small
-operators between the weight products run as one C call each: the norm; rotary embedding,
-KV-cache write and attention of a decode step; silu(gate) * up. SmolLM2 float32 at TP=1 with
-two threads went from 18.7 to 11-12 ms a token. It is for inference only: the re-laid weights
-have no autograd and no state_dict names that a checkpoint would recognise. The model code is
-unchanged and still reads like a single-device model; training and the reference tests use the
-plain layout.
+`decode_layout(model)` is the serving build's explicit last step (`ladder.engine.build`): it
+swaps the model's linears (and gives the LM head a module of its own in the fast layout) and,
+with the native library, wraps each norm, attention and MLP so that the small operators between
+the weight products run as one C call each: the norm; rotary embedding, KV-cache write and
+attention of a decode step; silu(gate) * up. It is for inference only: the re-laid weights have
+no autograd and no state_dict names that a checkpoint would recognise. The model code does not
+know it; training and the reference tests use the plain layout.
 """
 
 from __future__ import annotations
@@ -35,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ladder import native
-from ladder.model import Attention, MLP, RMSNorm, StepContext, Transformer
+from ladder.model.layers import MLP, Attention, RMSNorm, StepContext
+from ladder.model.transformer import Transformer
 
 
 def _mkldnn_ok() -> bool:
@@ -178,7 +170,7 @@ class NativeMLP(nn.Module):
         return self._w2(a)
 
 
-def fast_cpu_decode(model: Transformer, fused: bool = True) -> Transformer:
+def decode_layout(model: Transformer, fused: bool = True) -> Transformer:
     """Re-lay out a CPU model's weights for decode speed (in place; returns the model).
 
     Same outputs up to the order of additions (the weight products alone are bit-identical in
@@ -195,8 +187,7 @@ def fast_cpu_decode(model: Transformer, fused: bool = True) -> Transformer:
             lin = getattr(parent, name)
             if isinstance(lin, nn.Linear):
                 setattr(parent, name, FastLinear(lin.weight.detach(), lib))
-    model.head = FastLinear(model.lm_head_weight().detach(), lib)
-    model.output = None  # an untied head's only copy now lives in `head`
+    model.output = FastLinear(model.lm_head_weight().detach(), lib)
     if lib is not None:
         for layer in model.layers:
             if isinstance(layer.attention, Attention):

@@ -1,0 +1,185 @@
+"""The layers of a Llama-family model, single-device code: RMSNorm, rotary embedding, grouped
+attention over a slot-based KV cache, SwiGLU. A rank's layers hold its heads and its slice of
+the MLP (`ladder.model.tp.ShardSpec`); their outputs are partial sums the model all-reduces.
+
+Shapes: B batch rows, T tokens per row, D model dim, H / K local query / KV heads, E head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ladder.model.config import ModelConfig
+from ladder.model.tp import ShardSpec
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [E/2], with Llama-3 scaling when the config has it (as in HF)."""
+    e = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, e, 2, dtype=torch.int64).float() / e))
+    rs = config.rope_scaling
+    if rs is None:
+        return inv
+    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_ctx = rs["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_ctx / lo, old_ctx / hi
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalised in float32, then cast back before the weight, as transformers' Llama does
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, E]; cos/sin [B, 1, T, E] (HF's rotate-half layout)."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+@dataclass(slots=True)
+class StepContext:
+    """What attention needs to know about this forward, beyond the hidden states.
+
+    `positions` [B, T] are absolute token positions. With a KV cache, row b writes its keys and
+    values at `positions[b]` of slot `slots[b]` and attends to everything before them in that slot;
+    `kv_len` is how many cached positions the longest row needs. Without a cache (training,
+    reference forwards) attention is causal within the given tokens.
+    """
+
+    cos: torch.Tensor  # [B, 1, T, E]
+    sin: torch.Tensor
+    positions: torch.Tensor  # [B, T]
+    cache: "KVCache | None" = None
+    slots: torch.Tensor | slice | None = None  # a slice when the rows sit in consecutive slots
+    slot_ids: torch.Tensor | None = None  # int64 [B]: the rows' slots, whichever form `slots` has
+    kv_len: int = 0
+    mask: torch.Tensor | None = None  # [B, 1, T, kv_len] bool, None when causal or unmasked
+    causal: bool = False
+
+
+class KVCache:
+    """Static slot-based cache: [layers, slots, K, max_seq, E] for keys and values.
+
+    Allocated once, so continuous batching only moves slot indices around.
+    """
+
+    def __init__(self, n_layers: int, n_slots: int, n_kv_heads: int, max_seq: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        shape = (n_layers, n_slots, n_kv_heads, max_seq, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.n_slots, self.max_seq = n_slots, max_seq
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, spec: ShardSpec, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id  # its index in the KV cache
+        self.n_heads, self.n_kv, self.head_dim = spec.n_heads, spec.n_kv_heads, config.head_dim
+        e = config.head_dim
+        self.wqkv = nn.Linear(config.dim, (self.n_heads + 2 * self.n_kv) * e, bias=False)
+        self.wo = nn.Linear(self.n_heads * e, config.dim, bias=False)
+        # the KV head each query head reads; not j // (H / K) under the 'even' head split
+        self.kv_map, self.grouped = spec.kv_map, spec.grouped
+        self._kv_index: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Partial output [B, T, D] of this rank's heads; the caller all-reduces it."""
+        b, t, _ = x.shape
+        h, k_, e = self.n_heads, self.n_kv, self.head_dim
+        qk, v = self.wqkv(x).split(((h + k_) * e, k_ * e), dim=-1)
+        # q and k heads sit side by side in wqkv's output: one rotation for both
+        q, k = apply_rope(qk.view(b, t, h + k_, e).transpose(1, 2), ctx.cos, ctx.sin).split(
+            (h, k_), dim=1)
+        v = v.view(b, t, k_, e).transpose(1, 2)
+        if ctx.cache is not None:
+            ck, cv = ctx.cache.k[self.layer_id], ctx.cache.v[self.layer_id]
+            s = ctx.slots
+            in_place = isinstance(s, slice)  # consecutive slots: the cache is read in place
+            if in_place:
+                ck, cv, s = ck[s], cv[s], slice(None)
+            if in_place and t == 1 and b == 1:
+                p = int(ctx.positions[0, 0])
+                ck[:, :, p:p + 1] = k
+                cv[:, :, p:p + 1] = v
+            else:
+                rows = torch.arange(b, device=x.device) if in_place else s
+                idx = ctx.positions.clamp(max=ctx.cache.max_seq - 1)  # pad rows write junk late
+                rr = rows[:, None].expand(b, t)
+                ck[rr, :, idx] = k.transpose(1, 2)
+                cv[rr, :, idx] = v.transpose(1, 2)
+            # scattered slots (an index tensor): a gathered copy of the rows' first kv_len
+            k, v = ck[s, :, :ctx.kv_len], cv[s, :, :ctx.kv_len]
+        if not self.grouped:  # one KV head per query head, in the query heads' order
+            idx = self._kv_index
+            if idx is None or idx.device != k.device:
+                idx = self._kv_index = torch.tensor(self.kv_map, device=k.device)
+            k, v = k.index_select(1, idx), v.index_select(1, idx)
+        if t == 1:
+            y = _decode_attention(q, k, v, ctx.mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask,
+                                               is_causal=ctx.causal and ctx.mask is None,
+                                               enable_gqa=h != k.shape[1])
+        return self.wo(y.transpose(1, 2).reshape(b, t, h * e))
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+    """One query per row: q [B, H, 1, E], k/v [B, K, L, E] -> [B, H, 1, E].
+
+    Two small matmuls over the query heads grouped by KV head (no repeat of K/V). CPU SDPA's
+    flash kernel costs ~3 ms per call at T=1, more than the layer's weights take to read.
+    """
+    b, h, _, e = q.shape
+    kv = k.shape[1]
+    dtype = q.dtype
+    # float32 math: small bf16 batched matmuls have no fast CPU kernel, and the cast is cheap
+    qg = q.reshape(b, kv, h // kv, e).float()
+    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * (e ** -0.5)  # [B, K, G, L]
+    if mask is not None:
+        scores = scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf"))
+    return torch.matmul(scores.softmax(-1), v.float()).to(dtype).view(b, h, 1, e)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, spec: ShardSpec) -> None:
+        super().__init__()
+        self.ffn = spec.ffn_size
+        self.w13 = nn.Linear(config.dim, 2 * self.ffn, bias=False)  # gate rows, then up rows
+        self.w2 = nn.Linear(self.ffn, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.ffn, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, spec: ShardSpec, layer_id: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, spec, layer_id)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config, spec)
+
+    def modules_in_order(self, ctx: StepContext):
+        """The block's two residual modules as (norm, fn) pairs, attention first."""
+        return ((self.attn_norm, lambda x: self.attention(x, ctx)), (self.mlp_norm, self.mlp))

@@ -1,0 +1,56 @@
+"""What a TP group serves and how its ranks talk: `GroupOptions`, checked when it is built.
+
+Where the ranks run (processes, Ray actors, network namespaces) is the launcher's business and
+not an option here: a local group takes its namespaces beside its options
+(`ladder.links.netns.Namespaces`), a Ray group its placement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ladder.model.tp import HEAD_SPLITS
+
+COMMS = ("auto", "gloo", "tcp", "shm", "nccl")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(kw_only=True)
+class GroupOptions:
+    model: str = "smollm2"
+    tp: int = 1
+    residual: str | None = None  # None: the checkpoint's own plan (an adapted one's), else standard
+    dtype: str = "float32"
+    comm: str = "auto"  # how ranks all-reduce: auto | gloo | tcp | shm | nccl (make_comm)
+    device: str = "cpu"  # cpu | cuda (rank r uses cuda:r, NCCL all-reduces)
+    cuda_index: int | None = None  # this rank's GPU when not cuda:<rank> (a Ray worker's: 0)
+    n_slots: int = 8
+    max_seq: int = 2048
+    latency_s: float = 0.0  # emulated link latency per all-reduce (0: none)
+    threads: int = 0  # torch threads per rank; 0: cores // tp
+    host: str = ""  # the address this rank's gloo binds to ('' = gloo's default resolution)
+    interconnect: str = ""  # the link's label when the launcher knows it better (e.g. network)
+    fast_kernels: bool = True  # CPU: weights re-laid out for decode (ladder.native.layouts)
+    head_split: str = "groups"  # groups | even: how attention heads are split (ladder.model.tp)
+    startup_timeout_s: float = 300.0
+    op_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.tp < 1:
+            raise ValueError(f"tp must be >= 1, got {self.tp}")
+        if self.comm not in COMMS:
+            raise ValueError(f"comm {self.comm!r} is not one of {COMMS}")
+        if self.head_split not in HEAD_SPLITS:
+            raise ValueError(f"head_split {self.head_split!r} is not one of {HEAD_SPLITS}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device {self.device!r} is not one of ('cpu', 'cuda')")
+        if (self.comm == "nccl") != (self.device == "cuda") and self.comm != "auto":
+            raise ValueError(f"comm {self.comm!r} does not run on device {self.device!r} "
+                             "(nccl is the CUDA link, the others are CPU links)")
+
+    def cuda_device(self, rank: int) -> torch.device:
+        return torch.device("cuda", rank if self.cuda_index is None else self.cuda_index)
