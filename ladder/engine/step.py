@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ladder.engine.sampling import SamplingRows
 from ladder.engine import vocab
+from ladder.engine.sampling import SamplingRows
 from ladder.links.base import Communicator
 from ladder.model.layers import KVCache, StepContext
 from ladder.model.transformer import Transformer

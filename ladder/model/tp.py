@@ -132,7 +132,3 @@ class ShardSpec:
     @property
     def vocab_size(self) -> int:
         return self.vocab[1] - self.vocab[0]
-
-    @property
-    def is_leader(self) -> bool:
-        return self.rank == 0
