@@ -143,6 +143,54 @@ def prefix_match(a: list[int], b: list[int]) -> int:
     return n
 
 
+def measure(group: LocalTPGroup, ckpt, weights: dict, dt: str, s: Settings, vs_hf: bool,
+            bandwidth: bool) -> tuple[dict | None, dict | None]:
+    """One dtype: our decode against transformers' (interleaved) and/or the matrix-vector passes
+    over the shard's weights."""
+    dtype, n, other = DTYPES[dt], s.tokens, OtherLoad()
+    prompt = group.encode(PROMPT, chat=True)
+    hf = hf_model(ckpt, weights, dtype) if vs_hf else None
+    mats = shard_matrices(ckpt, dtype) if bandwidth else []
+    laid_out = [FastLinear(w) for w in mats]  # the layouts the engine reads
+    xs = [torch.randn(1, w.shape[1], dtype=dtype) for w in mats]
+    nbytes = sum(w.numel() * w.element_size() for w in mats)
+    decode_run(group, prompt, min(8, n))  # warm-up
+    if hf is not None:
+        hf_run(hf, prompt, min(8, n))
+    ours, theirs, gemv, gemv_fast = [], [], [], []
+    for rep in range(s.reps):  # ours, theirs, then theirs, ours: drift falls on both
+        if rep % 2 == 0:
+            ours.append(decode_run(group, prompt, n))
+        if hf is not None:
+            theirs.append(hf_run(hf, prompt, n))
+        if rep % 2 == 1:
+            ours.append(decode_run(group, prompt, n))
+        if mats:
+            gemv_pass_s(mats, xs)  # warm
+            gemv += [gemv_pass_s(mats, xs) for _ in range(3)]
+            gemv_pass_s(laid_out, xs)
+            gemv_fast += [gemv_pass_s(laid_out, xs) for _ in range(3)]
+    del hf, mats, laid_out, xs
+    busy = other.cores()  # the rest of the machine while this dtype ran (0: quiet)
+    ours_s = median(r.per_token_s for r in ours)
+    ours_wall = median(r.wall_per_token_s for r in ours)
+    hf_out = bw_out = None
+    if vs_hf:
+        hf_s = median(t for t, _ in theirs)
+        hf_out = {"ours_tok_s": 1 / ours_s, "ours_wall_tok_s": 1 / ours_wall, "hf_tok_s": 1 / hf_s,
+                  "ratio": hf_s / ours_s, "ratio_wall": hf_s / ours_wall,
+                  "greedy_prefix_match": prefix_match(ours[0].tokens, theirs[0][1]),
+                  "tokens": n, "prompt_tokens": len(prompt), "other_processes_cores": busy}
+    if bandwidth:
+        g, best = median(gemv), min(median(gemv), median(gemv_fast))
+        bw_out = {"weight_bytes_per_token": nbytes, "decode_ms_per_token": 1e3 * ours_s,
+                  "decode_gb_s": nbytes / ours_s / 1e9, "gemv_ms_per_pass": 1e3 * g,
+                  "gemv_gb_s": nbytes / g / 1e9, "fraction": g / ours_s,
+                  "best_gemv_gb_s": nbytes / best / 1e9, "fraction_of_best": best / ours_s,
+                  "other_processes_cores": busy}
+    return hf_out, bw_out
+
+
 def run(s: Settings, vs_hf: bool, bandwidth: bool) -> tuple[dict, dict, str]:
     """Parts (b) and/or (c), one engine group per dtype; returns their JSON dicts and tables."""
     torch.set_num_threads(THREADS)
@@ -160,54 +208,16 @@ def run(s: Settings, vs_hf: bool, bandwidth: bool) -> tuple[dict, dict, str]:
         except BaseException:
             first.result().close()
             raise
-    n = s.tokens
     hf_out, bw_out = {}, {}
     for i, dt in enumerate(s.dtypes):
-        dtype = DTYPES[dt]
         log(f"SmolLM2 TP=1 {dt}: engine" + (" vs transformers" if vs_hf else "")
             + (" and matrix-vector bandwidth" if bandwidth else ""))
-        other = OtherLoad()
         with first.result() if i == 0 else start(dt) as group:
-            prompt = group.encode(PROMPT, chat=True)
-            hf = hf_model(ckpt, weights, dtype) if vs_hf else None
-            mats = shard_matrices(ckpt, dtype) if bandwidth else []
-            laid_out = [FastLinear(w) for w in mats]  # the layouts the engine reads
-            xs = [torch.randn(1, w.shape[1], dtype=dtype) for w in mats]
-            nbytes = sum(w.numel() * w.element_size() for w in mats)
-            decode_run(group, prompt, min(8, n))  # warm-up
-            if hf is not None:
-                hf_run(hf, prompt, min(8, n))
-            ours, theirs, gemv, gemv_fast = [], [], [], []
-            for rep in range(s.reps):  # ours, theirs, then theirs, ours: drift falls on both
-                if rep % 2 == 0:
-                    ours.append(decode_run(group, prompt, n))
-                if hf is not None:
-                    theirs.append(hf_run(hf, prompt, n))
-                if rep % 2 == 1:
-                    ours.append(decode_run(group, prompt, n))
-                if mats:
-                    gemv_pass_s(mats, xs)  # warm
-                    gemv += [gemv_pass_s(mats, xs) for _ in range(3)]
-                    gemv_pass_s(laid_out, xs)
-                    gemv_fast += [gemv_pass_s(laid_out, xs) for _ in range(3)]
-            del hf, mats, laid_out, xs
-        busy = other.cores()  # the rest of the machine while this dtype ran (0: quiet)
-        ours_s = median(r.per_token_s for r in ours)
-        ours_wall = median(r.wall_per_token_s for r in ours)
-        if vs_hf:
-            hf_s = median(t for t, _ in theirs)
-            hf_out[dt] = {
-                "ours_tok_s": 1 / ours_s, "ours_wall_tok_s": 1 / ours_wall, "hf_tok_s": 1 / hf_s,
-                "ratio": hf_s / ours_s, "ratio_wall": hf_s / ours_wall,
-                "greedy_prefix_match": prefix_match(ours[0].tokens, theirs[0][1]),
-                "tokens": n, "prompt_tokens": len(prompt), "other_processes_cores": busy}
-        if bandwidth:
-            g, best = median(gemv), min(median(gemv), median(gemv_fast))
-            bw_out[dt] = {"weight_bytes_per_token": nbytes, "decode_ms_per_token": 1e3 * ours_s,
-                          "decode_gb_s": nbytes / ours_s / 1e9, "gemv_ms_per_pass": 1e3 * g,
-                          "gemv_gb_s": nbytes / g / 1e9, "fraction": g / ours_s,
-                          "best_gemv_gb_s": nbytes / best / 1e9, "fraction_of_best": best / ours_s,
-                          "other_processes_cores": busy}
+            hf, bw = measure(group, ckpt, weights, dt, s, vs_hf, bandwidth)
+        if hf:
+            hf_out[dt] = hf
+        if bw:
+            bw_out[dt] = bw
     return hf_out, bw_out, report(hf_out, bw_out, s)
 
 

@@ -81,26 +81,11 @@ def native_products(model, rows: int, elsize: int) -> list[dict]:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
-    other = OtherLoad()
-    opts = GroupOptions(model="smollm2", tp=1, dtype=args.dtype, n_slots=args.batch, max_seq=512)
-    ckpt, engine = build_engine(opts, 0, NoComm())
-    leader = Leader.for_checkpoint(ckpt, engine)  # not started: its scheduler runs here
-    prompt = leader.encode_chat([{"role": "user", "content": PROMPT}])
-    log(f"SmolLM2 TP=1 {args.dtype}, {args.threads} threads, {args.tokens} tokens, batch {args.batch}")
-    generate(leader.scheduler, prompt, 8, args.batch)  # warm-up
-
-    engine.timing = type(engine.timing)()
-    t0 = time.perf_counter()
-    generate(leader.scheduler, prompt, args.tokens, args.batch)
-    wall = time.perf_counter() - t0
-    tm = engine.timing
-    per_token = tm.decode_s / tm.decode_tokens
-
+def torch_profile(engine, decode, args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """The torch operators by self CPU time, and the weight matmuls with the bandwidth each reaches."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        generate(leader.scheduler, prompt, args.tokens, args.batch)
+        decode()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     elsize = torch.tensor([], dtype=engine.dtype).element_size()
     mms = []  # the weight matmuls by shape, with the bandwidth each reaches
@@ -121,16 +106,43 @@ def run(args: argparse.Namespace) -> int:
     ops = [{"op": e.key, "calls_per_token": e.count / args.tokens,
             "self_us_per_token": e.self_cpu_time_total / args.tokens,
             "share": e.self_cpu_time_total / total_us} for e in events[:args.top]]
+    return ops, mms
 
+
+def python_profile(decode, args: argparse.Namespace) -> list[dict]:
+    """The Python functions by own time (cProfile)."""
     pr = cProfile.Profile()
     pr.enable()
-    generate(leader.scheduler, prompt, args.tokens, args.batch)
+    decode()
     pr.disable()
     stats = pstats.Stats(pr, stream=io.StringIO())
     funcs = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:args.top]
-    py = [{"function": f"{fn[0].rsplit('/', 1)[-1]}:{fn[1]}({fn[2]})",
-           "calls_per_token": st[1] / args.tokens, "own_us_per_token": 1e6 * st[2] / args.tokens}
-          for fn, st in funcs]
+    return [{"function": f"{fn[0].rsplit('/', 1)[-1]}:{fn[1]}({fn[2]})",
+             "calls_per_token": st[1] / args.tokens, "own_us_per_token": 1e6 * st[2] / args.tokens}
+            for fn, st in funcs]
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    other = OtherLoad()
+    opts = GroupOptions(model="smollm2", tp=1, dtype=args.dtype, n_slots=args.batch, max_seq=512)
+    ckpt, engine = build_engine(opts, 0, NoComm())
+    leader = Leader.for_checkpoint(ckpt, engine)  # not started: its scheduler runs here
+    prompt = leader.encode_chat([{"role": "user", "content": PROMPT}])
+    log(f"SmolLM2 TP=1 {args.dtype}, {args.threads} threads, {args.tokens} tokens, batch {args.batch}")
+    generate(leader.scheduler, prompt, 8, args.batch)  # warm-up
+
+    def decode() -> None:
+        generate(leader.scheduler, prompt, args.tokens, args.batch)
+
+    engine.timing = type(engine.timing)()
+    t0 = time.perf_counter()
+    decode()
+    wall = time.perf_counter() - t0
+    tm = engine.timing
+    per_token = tm.decode_s / tm.decode_tokens
+    ops, mms = torch_profile(engine, decode, args)
+    py = python_profile(decode, args)
 
     print(table(f"torch operators by self CPU time ({args.tokens} tokens, {args.dtype})",
                 ["operator", "calls/token", "self us/token", "share"],

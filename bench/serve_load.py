@@ -71,15 +71,46 @@ async def load(base_url: str, model: str, clients: int, requests: int, tokens: i
             **{f"tpot_p{q}_s": pct(tpot, q) for q in (50, 90, 99)}}
 
 
+def stream_overhead(base: str, opts, args: argparse.Namespace) -> tuple[list[float], list[float]]:
+    """Seconds per output token of one stream, over HTTP and from a TP group with the same options
+    called directly, `args.reps` times each, interleaved."""
+    from actors.group import TPGroup
+    from ladder.engine.sampling import SamplingParams
+    group = TPGroup(opts, name="direct")
+    try:
+        n = args.overhead_tokens
+        sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+        prompt = group.encode(PROMPT, chat=True)
+
+        def direct() -> float:
+            async def go():
+                return [time.perf_counter() async for ev in group.stream(prompt, sp)
+                        if ev.token_id is not None]
+            st = asyncio.run(go())
+            return (st[-1] - st[0]) / (len(st) - 1)
+
+        def http() -> float:
+            return run_streams(base, "smollm2", n=1, max_tokens=n,
+                               extra_body=forced_length(n)).tpot_s
+
+        direct(), http()  # warm-up
+        d, h = [], []
+        for rep in range(args.reps):
+            for f in ((http, direct) if rep % 2 == 0 else (direct, http)):
+                (h if f is http else d).append(f())
+        log(f"one stream: HTTP {median(h) * 1e3:.1f} ms/token, group {median(d) * 1e3:.1f}")
+        return h, d
+    finally:
+        group.shutdown()
+
+
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
     import ray
     from ray import serve
 
-    from actors.group import TPGroup
     from deploy.server import ServerConfig, build_app
-    from ladder.engine.sampling import SamplingParams
     cfg = {"model": "smollm2", "model_name": "smollm2", "tp": 2, "residual": "ladder:24-29",
            "n_slots": 16, "max_seq": 512, "threads": 1}
     with socket.socket() as s:
@@ -91,38 +122,13 @@ def run(args: argparse.Namespace) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         log("deploying the Serve app and a TP group with the same options beside it")
         serve.run(build_app({**cfg, "num_replicas": 1}), name="ladder", route_prefix="/")
-        group = TPGroup(ServerConfig.from_dict(cfg).group_options(), name="direct")
-        try:
-            n = args.overhead_tokens
-            sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-            prompt = group.encode(PROMPT, chat=True)
-
-            def direct() -> float:
-                async def go():
-                    return [time.perf_counter() async for ev in group.stream(prompt, sp)
-                            if ev.token_id is not None]
-                st = asyncio.run(go())
-                return (st[-1] - st[0]) / (len(st) - 1)
-
-            def http() -> float:
-                return run_streams(base, "smollm2", n=1, max_tokens=n,
-                                   extra_body=forced_length(n)).tpot_s
-
-            direct(), http()  # warm-up
-            d, h = [], []
-            for rep in range(args.reps):
-                for f in ((http, direct) if rep % 2 == 0 else (direct, http)):
-                    (h if f is http else d).append(f())
-            log(f"one stream: HTTP {median(h) * 1e3:.1f} ms/token, group "
-                f"{median(d) * 1e3:.1f}")
-        finally:
-            group.shutdown()
+        h, d = stream_overhead(base, ServerConfig.from_dict(cfg).group_options(), args)
         log(f"load: {args.clients} clients, {args.requests} requests x {args.tokens} tokens")
         res = asyncio.run(load(base, "smollm2", args.clients, args.requests, args.tokens))
     finally:
         serve.shutdown()
         ray.shutdown()
-    ratio = median(h) / median(d)
+    ratio, n = median(h) / median(d), args.overhead_tokens
     out = {"bench": "serve_load", **cfg, "overhead_tokens": n,
            "http_ms_per_token": 1e3 * median(h), "group_ms_per_token": 1e3 * median(d),
            "http_vs_group": ratio, "load": res, "targets": TARGETS}

@@ -16,7 +16,8 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from actors.group import LINK_LABEL
+from actors.group import LINK_LABEL, STRATEGIES
+from ladder.model.config import ResidualPlan
 from ladder.options import GroupOptions
 
 # Serve's own deployment settings, accepted beside the ServerConfig fields in `args`
@@ -71,6 +72,10 @@ class ServerConfig:
         for name in ("queue_limit", "retry_after_s", "max_prompt_chars"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy {self.strategy!r} is not one of {STRATEGIES}")
+        if self.residual is not None:  # the syntax here; the layers against the checkpoint's
+            ResidualPlan.parse(self.residual, n_layers=1 << 16)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ServerConfig":

@@ -70,6 +70,21 @@ def deploy_failure(serve, app: str) -> str | None:
     return st.message or None
 
 
+def banner(url: str, model: str, keyed: bool, ready_s: float) -> str:
+    """What `ladder serve` prints once ready: where, and a request to copy. The example names no
+    key of the config's: keys stay out of terminals and logs."""
+    key = "$LADDER_API_KEY" if keyed else "none"
+    return (f"ladder-serve: {model} on {url}/v1 (ready in {ready_s:.0f} s; Ctrl-C stops)\n\n"
+            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+            f"       -H \"Authorization: Bearer {key}\" \\\n"
+            f"       -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
+            f"\"content\": \"Hello!\"}}], \"max_tokens\": 32}}'\n\n"
+            f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', "
+            f"api_key='{key}'); print(c.chat.completions.create(model='{model}', "
+            f"messages=[{{'role': 'user', 'content': 'Hello!'}}], max_tokens=32)"
+            ".choices[0].message.content)\"\n")
+
+
 def run(a: argparse.Namespace) -> int:
     http, appcfg = load_config(a.config)
     args = dict(appcfg["args"])
@@ -108,20 +123,8 @@ def run(a: argparse.Namespace) -> int:
             print(f"ladder serve: {a.config}: the application did not start: "
                   f"{deploy_failure(serve, name) or e}", file=sys.stderr, flush=True)
             return 1
-        url = f"http://{host}:{port}"
-        model = args.get("model_name", "smollm2")
-        # the example names no key of the config's: keys stay out of terminals and logs
-        key = "$LADDER_API_KEY" if keyed else "none"
-        print(f"ladder-serve: {model} on {url}/v1 (ready in {time.perf_counter() - t0:.0f} s; "
-              "Ctrl-C stops)\n\n"
-              f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-              f"       -H \"Authorization: Bearer {key}\" \\\n"
-              f"       -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
-              f"\"content\": \"Hello!\"}}], \"max_tokens\": 32}}'\n\n"
-              f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', "
-              f"api_key='{key}'); print(c.chat.completions.create(model='{model}', "
-              f"messages=[{{'role': 'user', 'content': 'Hello!'}}], max_tokens=32)"
-              ".choices[0].message.content)\"\n", flush=True)
+        print(banner(f"http://{host}:{port}", args.get("model_name", "smollm2"), keyed,
+                     time.perf_counter() - t0), flush=True)
         while not stop.wait(1.0):
             pass
         print("ladder-serve: shutting down", file=sys.stderr, flush=True)

@@ -26,9 +26,6 @@ import json
 import os
 import subprocess
 import sys
-import types
-import typing
-from dataclasses import fields
 from pathlib import Path
 
 import jsonschema
@@ -198,43 +195,16 @@ def check_manifest(name: str, docs: list) -> list[dict]:
 
 # -- Serve configs and the project's own parser -----------------------------------------------
 
-def _fits(value, hint) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, h) for h in typing.get_args(hint))
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_fits(v, item) for v in value)
-    if hint is type(None):
-        return value is None
-    if hint in (int, float) and isinstance(value, bool):
-        return False
-    if hint is float:
-        return isinstance(value, (int, float))
-    return isinstance(value, hint)
-
-
 def check_app_args(where: str, args: dict):
     """The application's `args` through the project's parser: (the Serve application built,
     the placement-group bundles of its replicas)."""
-    from actors.group import STRATEGIES
-    from deploy.server import ServerConfig, build_app, deployment_options
-    from ladder.model.config import ConfigError, ResidualPlan
+    from deploy.config import split_args
+    from deploy.server import build_app, deployment_options
     try:
-        own = {f.name for f in fields(ServerConfig)}
-        cfg = ServerConfig.from_dict({k: v for k, v in args.items() if k in own})
-        hints = typing.get_type_hints(ServerConfig)
-        for f in fields(ServerConfig):  # ServerConfig takes any value: its types, checked here
-            value = getattr(cfg, f.name)
-            if not _fits(value, hints[f.name]):
-                raise ValueError(f"{f.name}: {value!r} is not a {hints[f.name]}")
+        cfg = split_args(args)[0]  # every setting's type and range, the residual's syntax
         cfg.group_options()
-        if cfg.strategy not in STRATEGIES:
-            raise ValueError(f"strategy {cfg.strategy!r} is not one of {STRATEGIES}")
-        if cfg.residual is not None:  # syntax only: the layer count is the checkpoint's
-            ResidualPlan.parse(cfg.residual, n_layers=1 << 16)
         app = build_app(copy.deepcopy(args))  # what `serve deploy` runs on the cluster
-    except (TypeError, ValueError, ConfigError) as e:
+    except (TypeError, ValueError) as e:
         raise LaunchFileError(f"{where}: args: {type(e).__name__}: {e}") from None
     return app, deployment_options(cfg)["placement_group_bundles"]
 

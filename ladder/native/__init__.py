@@ -204,12 +204,3 @@ def block_weight(w: torch.Tensor) -> torch.Tensor:
 def unavailable_reason() -> str | None:
     """Why `load()` returned None (after it did), else None."""
     return _error
-
-
-if __name__ == "__main__":  # `python -m ladder.native`: build now (make setup) and say how it went
-    lib = load()
-    if lib is None:
-        print(f"ladder.native: unavailable ({unavailable_reason()}); torch's operators are used")
-    else:
-        names = sorted(str(d).removeprefix("torch.") for d in gemm_dtypes(lib))
-        print(f"ladder.native: {library_path()} (weight products: {', '.join(names) or 'none'})")
