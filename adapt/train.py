@@ -1,13 +1,13 @@
 """`ladder adapt` on Ray Train: data-parallel distillation with checkpoints, resume and restarts.
 
-A `TorchTrainer` runs `train_loop` on `workers` processes (gloo on CPU, NCCL on GPU). Each
-holds the whole model, takes its share of every step's rows (see `adapt.data`), and the
-trainable gradients are averaged with one all-reduce per step. Every `checkpoint_every` steps
-rank 0 hands Ray Train the trainable tensors, the optimizer state and the step; a worker that
-dies is replaced by Ray Train (`FailureConfig.max_failures`) and the group resumes from that
-checkpoint, and so does a run started again after Ctrl-C: the run is named by its folder
-(`storage`/`name`), whose `run.json` pins the settings that define it and whose `data.npz` the
-packed data, so the resumed run continues the same data order and schedule.
+A `TorchTrainer` runs `train_loop` (adapt.worker) on `workers` processes (gloo on CPU, NCCL on
+GPU). Each holds the whole model, takes its share of every step's rows (see `adapt.data`), and the
+trainable gradients are averaged with one all-reduce per step. Every `checkpoint_every` steps rank
+0 hands Ray Train the trainable tensors, the optimizer state and the step; a worker that dies is
+replaced by Ray Train (`FailureConfig.max_failures`) and the group resumes from that checkpoint,
+and so does a run started again after Ctrl-C: the run is named by its folder (`storage`/`name`),
+whose `run.json` pins the settings that define it and whose `data.npz` the packed data, so the
+resumed run continues the same data order and schedule.
 
 Progress: the controller (on the driver's node) appends each step's rank-0 metrics to
 `progress.jsonl` in the run folder; the driver prints them as they arrive (see adapt.progress).
@@ -18,13 +18,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapt.data import DEFAULT_DATA, Packed, fingerprint, prepare, step_rows
+from adapt.data import DEFAULT_DATA, Packed, prepare
 from adapt.progress import ProgressPrinter, append_progress, progress_callback, read_progress
+from adapt.worker import train_loop
 from ladder.private import UnsafePath, check_replaceable, remove
 
 # settings that define a run: resuming with any of them changed is refused
@@ -116,95 +116,6 @@ def check_folders(o: AdaptOptions) -> None:
                               what=f"the run folder {o.run_dir} (--fresh deletes it)")
     except UnsafePath as e:
         raise AdaptError(str(e)) from None
-
-
-def train_loop(cfg: dict) -> None:
-    """One data-parallel worker (Ray Train calls it on every rank, again after a restart)."""
-    import ray.train
-    import torch
-    import torch.distributed as dist
-
-    from adapt.distill import (Schedule, build_pair, distill_loss, held_out_sums, summarize,
-                               trainable_state)
-    from ladder.loaders import open_checkpoint
-
-    o = AdaptOptions(**cfg["options"])
-    torch.set_num_threads(o.threads)
-    torch.manual_seed(o.seed)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if o.gpus_per_worker else torch.device("cpu")
-    data: Packed = cfg["data"]
-    ckpt = open_checkpoint(o.model)
-    teacher, student = build_pair(ckpt, ckpt.plan(o.residual), o.trainable, device)
-    params = [p for p in student.parameters() if p.requires_grad]
-    names = list(trainable_state(student))
-    opt = torch.optim.AdamW(params, lr=o.lr, betas=(0.9, 0.95), weight_decay=o.weight_decay)
-    schedule = Schedule(o.lr, o.steps, o.warmup, o.min_lr_ratio)
-    start = 0
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=True)
-        with torch.no_grad():
-            for n, p in zip(names, params):
-                p.copy_(state["params"][n])
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
-
-    held = torch.from_numpy(data.held_out[:o.eval_rows][rank::world]).long().to(device)
-    per_worker = o.batch // world
-
-    def evaluate() -> dict:
-        sums = held_out_sums(student, teacher, held, per_worker).to(device)
-        dist.all_reduce(sums)
-        return summarize(sums.cpu())
-
-    def mean(x: float) -> float:
-        t = torch.tensor([x], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.item() / world
-
-    if start == 0:
-        ray.train.report({"step": 0, "tokens": 0, "pid": os.getpid(), **evaluate()})
-    tokens_per_step = o.batch * o.seq_len
-    for step in range(start, o.steps):
-        t0 = time.perf_counter()
-        rows = step_rows(step, o.batch, len(data.train), o.seed)
-        x = torch.from_numpy(data.train[rows[rank::world]]).long().to(device)
-        for g in opt.param_groups:
-            g["lr"] = schedule(step)
-        with torch.no_grad():
-            t_logits = teacher(x)
-        loss, parts = distill_loss(student(x), t_logits, x, o.ce_weight)
-        del t_logits
-        loss.backward()
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat)  # one reduce of every trainable gradient, then the mean
-        flat /= world
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad.copy_(g.view_as(p))
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, o.clip).item()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        done = step + 1
-        metrics = {"step": done, "tokens": done * tokens_per_step, "loss": mean(loss.item()),
-                   "kl": mean(parts["kl"]), "ce": mean(parts["ce"]), "lr": schedule(step),
-                   "grad_norm": grad_norm, "rows": fingerprint(rows), "pid": os.getpid()}
-        if done % o.eval_every == 0 or done == o.steps:
-            metrics.update(evaluate())
-        metrics["step_s"] = time.perf_counter() - t0
-        if done % o.checkpoint_every == 0 or done == o.steps:
-            with tempfile.TemporaryDirectory() as d:
-                if rank == 0:
-                    torch.save({"step": done, "params": {n: p.detach().cpu() for n, p in
-                                                         zip(names, params)},
-                                "optimizer": opt.state_dict()}, Path(d) / "state.pt")
-                    (Path(d) / "run.json").write_text(json.dumps(o.run_settings()))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d)
-                                 if rank == 0 else None)
-        else:
-            ray.train.report(metrics)
 
 
 def prepare_run(o: AdaptOptions) -> Packed:

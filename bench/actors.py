@@ -72,58 +72,77 @@ def run(args: argparse.Namespace) -> int:
         local = LocalTPGroup(opts)
         try:
             prompt = local.encode(PROMPT, chat=True)
-
-            def ray_run():
-                async def go():
-                    return [(time.perf_counter(), ev)
-                            async for ev in group.stream(prompt, greedy)]
-                return stream_gaps(asyncio.run(go()))
-
-            def local_run():
-                seen = []
-                local.generate([prompt], [greedy],
-                               on_event=lambda _, ev: seen.append((time.perf_counter(), ev)))
-                return stream_gaps(seen)
-
-            ray_run(), local_run()  # warm-up
-            ray_s, local_s, same = [], [], True
-            for rep in range(args.reps):
-                order = (ray_run, local_run) if rep % 2 == 0 else (local_run, ray_run)
-                got = {}
-                for f in order:
-                    got[f] = f()
-                ray_s.append(got[ray_run][0])
-                local_s.append(got[local_run][0])
-                same = same and got[ray_run][1] == got[local_run][1]
-            log(f"latency: ray {median(ray_s) * 1e3:.1f} ms/token, runner "
-                f"{median(local_s) * 1e3:.1f}")
+            ray_s, local_s, same = latency(group, local, prompt, greedy, args.reps)
             local.close()
-
-            scaling = {}
-            for n in levels:
-                sp = SamplingParams(max_tokens=args.scaling_tokens, temperature=0,
-                                    ignore_eos=True)
-
-                async def burst():
-                    async def one():
-                        return sum([1 async for ev in group.stream(prompt, sp)
-                                    if ev.token_id is not None])
-                    t0 = time.perf_counter()
-                    counts = await asyncio.gather(*(one() for _ in range(n)))
-                    return sum(counts), time.perf_counter() - t0
-
-                asyncio.run(burst()) if n == levels[0] else None  # warm-up
-                toks, wall = asyncio.run(burst())
-                scaling[n] = {"tokens": toks, "wall_s": wall, "tok_s": toks / wall}
-                log(f"{n} concurrent: {toks / wall:.1f} tok/s")
+            scaling = throughput(group, prompt, levels, args.scaling_tokens)
         finally:
             local.close()
             group.shutdown()
     finally:
         ray.shutdown()
-    busy = other.cores()
+    out = report(args, ray_s, local_s, same, scaling, other.cores())
+    emit(out, args.out, "actors")
+    return 0
+
+
+def latency(group, local, prompt: list[int], greedy, reps: int
+            ) -> tuple[list[float], list[float], bool]:
+    """Part (a): seconds per token of the Ray group and of the runner, one per interleaved rep
+    (after a warm-up of each), and whether every rep streamed the same tokens from both."""
+    def ray_run():
+        async def go():
+            return [(time.perf_counter(), ev) async for ev in group.stream(prompt, greedy)]
+        return stream_gaps(asyncio.run(go()))
+
+    def local_run():
+        seen = []
+        local.generate([prompt], [greedy],
+                       on_event=lambda _, ev: seen.append((time.perf_counter(), ev)))
+        return stream_gaps(seen)
+
+    ray_run(), local_run()  # warm-up
+    ray_s, local_s, same = [], [], True
+    for rep in range(reps):
+        order = (ray_run, local_run) if rep % 2 == 0 else (local_run, ray_run)
+        got = {}
+        for f in order:
+            got[f] = f()
+        ray_s.append(got[ray_run][0])
+        local_s.append(got[local_run][0])
+        same = same and got[ray_run][1] == got[local_run][1]
+    log(f"latency: ray {median(ray_s) * 1e3:.1f} ms/token, runner {median(local_s) * 1e3:.1f}")
+    return ray_s, local_s, same
+
+
+def throughput(group, prompt: list[int], levels: list[int], tokens: int) -> dict[int, dict]:
+    """Part (b): per concurrency level, a burst of that many requests of `tokens` new tokens on
+    the Ray group (the first level warmed up once): tokens, wall seconds and tokens/s."""
+    from ladder.engine.sampling import SamplingParams
+    scaling = {}
+    for n in levels:
+        sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+
+        async def burst():
+            async def one():
+                return sum([1 async for ev in group.stream(prompt, sp)
+                            if ev.token_id is not None])
+            t0 = time.perf_counter()
+            counts = await asyncio.gather(*(one() for _ in range(n)))
+            return sum(counts), time.perf_counter() - t0
+
+        if n == levels[0]:
+            asyncio.run(burst())  # warm-up
+        toks, wall = asyncio.run(burst())
+        scaling[n] = {"tokens": toks, "wall_s": wall, "tok_s": toks / wall}
+        log(f"{n} concurrent: {toks / wall:.1f} tok/s")
+    return scaling
+
+
+def report(args: argparse.Namespace, ray_s: list[float], local_s: list[float], same: bool,
+           scaling: dict[int, dict], busy: float) -> dict:
+    """Prints both parts' tables; returns the JSON line's content."""
     r = median(ray_s) / median(local_s)
-    base = scaling[levels[0]]["tok_s"]
+    base = next(iter(scaling.values()))["tok_s"]  # the first level's
     out = {"bench": "actors", "model": args.model, "residual": args.residual, "tp": 2,
            "link": "shm", "dtype": args.dtype, "tokens": args.tokens, "reps": args.reps,
            "ray_ms_per_token": 1e3 * median(ray_s), "runner_ms_per_token": 1e3 * median(local_s),
@@ -145,8 +164,7 @@ def run(args: argparse.Namespace) -> int:
          for n, v in scaling.items()]))
     print(f"\nCPU outside this process: {busy:.2f} cores on average (this benchmark's own Ray "
           "workers and runner ranks included: only a figure far above 1 means a busy machine)")
-    emit(out, args.out, "actors")
-    return 0
+    return out
 
 
 def main() -> int:

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from bench import engine_speed, overlap
+from bench.overlap_condition import Shape
 from bench.timed import OtherLoad, log
 
 # dim 2048 with 8 of 16 KV heads and ffn 4096: a rank's attention shard is ~25 MB and its MLP
@@ -43,7 +44,7 @@ from bench.timed import OtherLoad, log
 # (~0.4 ms). 8 layers: ladder can hide 15 of the 17 reduces a token makes (see schedule bound).
 FULL = {
     "overlap": overlap.Settings(
-        overlap.Shape(dim=2048, ffn=4096, layers=8, heads=16, kv_heads=8, vocab=1024),
+        Shape(dim=2048, ffn=4096, layers=8, heads=16, kv_heads=8, vocab=1024),
         tokens=24, reps=5, probe_iters=200),
     "engine": engine_speed.Settings(tokens=128, reps=3),
 }
@@ -51,7 +52,7 @@ FULL = {
 # tiny model, one rep, no separate real-shm link (the emulated link runs over shm), float32 only
 QUICK = {
     "overlap": overlap.Settings(
-        overlap.Shape(dim=512, ffn=1024, layers=2, heads=8, kv_heads=4, vocab=256),
+        Shape(dim=512, ffn=1024, layers=2, heads=8, kv_heads=4, vocab=256),
         tokens=6, reps=1, probe_iters=20, real_shm=False),
     "engine": engine_speed.Settings(tokens=6, reps=1, dtypes=("float32",)),
 }

@@ -31,16 +31,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from bench.table import table
-from bench.timed import bench_main, csv, emit, log
+from bench.interconnect_cells import direct_cell, serve_cell
+from bench.interconnect_report import Gauges, overlap, report, speedups
+from bench.timed import bench_main, csv, log
 from ladder.model.tp import HEAD_SPLITS
 
 RESIDUALS = {"standard": "standard", "ladder": "ladder", "partial": "ladder:upper-half",
@@ -82,75 +81,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 # -- driver side (inside the cluster) -----------------------------------------------------------
-def prompt_ids(n: int, vocab: int, seed: int) -> list[int]:
-    import random
-    rnd = random.Random(seed)
-    return [rnd.randrange(3, vocab) for _ in range(n)]
-
-
-async def direct_cell(group, batch: int, plen: int, tokens: int, vocab: int) -> dict:
-    from ladder.engine.sampling import SamplingParams
-    sp = SamplingParams(max_tokens=tokens, min_tokens=tokens, ignore_eos=True, temperature=0.0)
-    since = time.time()
-    t0 = time.perf_counter()
-
-    async def one(i: int) -> tuple[float, int]:
-        first, n = None, 0
-        async for ev in group.stream(prompt_ids(plen, vocab, i), sp):
-            if ev.token_id is not None:
-                n += 1
-                first = first or time.perf_counter()
-        return first - t0, n
-
-    res = await asyncio.gather(*(one(i) for i in range(batch)))
-    wall = time.perf_counter() - t0
-    steps = [s for s in (await group.stats(since))["steps"] if s["kind"] == "decode"]
-    full = [s for s in steps if s["rows"] == batch] or steps
-    return {"ms_per_token": 1e3 * statistics.median(s["step_s"] for s in full),
-            "exposed_ms": 1e3 * statistics.median(s["exposed_s"] for s in full),
-            "ttft_ms": 1e3 * statistics.median(r[0] for r in res),
-            "tok_s": sum(r[1] for r in res) / wall}
-
-
-def serve_cell(base: str, model: str, batch: int, plen: int, tokens: int, vocab: int) -> dict:
-    from concurrent.futures import ThreadPoolExecutor
-
-    import requests
-
-    def one(i: int) -> tuple[float, list[float], int]:
-        body = {"model": model, "prompt": prompt_ids(plen, vocab, i), "max_tokens": tokens,
-                "min_tokens": tokens, "ignore_eos": True, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}}
-        sent = time.perf_counter()
-        stamps, usage = [], None
-        # a stalled stream fails the cell within the read timeout instead of hanging the run
-        with requests.post(f"{base}/v1/completions", json=body, stream=True,
-                           timeout=(10, 120)) as r:
-            if r.status_code != 200:
-                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
-            for line in r.iter_lines():
-                if line.startswith(b"data: {"):
-                    chunk = json.loads(line[6:])
-                    if chunk["choices"]:
-                        stamps.append(time.perf_counter())
-                    if chunk.get("usage"):
-                        usage = chunk["usage"]["completion_tokens"]
-        # a chunk carries one token's text, or more when a token ends mid-character: the
-        # server's token count (usage) divides the streaming time
-        return sent, stamps, usage or len(stamps)
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(batch) as pool:
-        res = list(pool.map(one, range(batch)))
-    if any(len(s) < 2 or n < 2 for _, s, n in res):
-        raise RuntimeError("a stream ended with fewer than two tokens: nothing to time")
-    wall = max(s[-1] for _, s, _ in res) - t0
-    return {"ms_per_token": 1e3 * statistics.median((s[-1] - s[0]) / (n - 1)
-                                                    for _, s, n in res),
-            "ttft_ms": 1e3 * statistics.median(s[0] - sent for sent, s, _ in res),
-            "tok_s": sum(n for _, _, n in res) / wall}
-
-
 class _Phase:
     """Names what the run is doing in the log, and bounds it: past `timeout_s` every thread's
     stack goes to stderr and the process exits (a hang says where it hung)."""
@@ -197,7 +127,7 @@ def sweep(a: argparse.Namespace) -> dict:
     from ladder.loaders import open_checkpoint
     vocab = open_checkpoint(a.model).config.vocab_size
     cells = []
-    gauges = _Gauges(a.metrics_port)
+    gauges = Gauges(a.metrics_port)
     phase = _Phase(a.phase_timeout)
     for link in links:
         strategy, label = placement(link)
@@ -304,113 +234,7 @@ def serve_sweep(a, opts, res, link, strategy, label, batches, plens, vocab, gaug
     return out
 
 
-def overlap(cells: list[dict]) -> list[dict]:
-    """Per link, batch and prompt length: (T_std - T_ladder) / (T_std - T_desync), direct."""
-    by = {(c["link"], c["batch"], c["prompt_len"], c["residual"]): c for c in cells
-          if c["path"] == "direct"}
-    out = []
-    for (link, b, plen, res), c in sorted(by.items()):
-        if res != "ladder":
-            continue
-        std, des = by.get((link, b, plen, "standard")), by.get((link, b, plen, "desync"))
-        if std is None or des is None:
-            continue
-        gap = std["ms_per_token"] - des["ms_per_token"]
-        out.append({"link": link, "interconnect": c["interconnect"], "batch": b,
-                    "prompt_len": plen,
-                    "efficiency": (std["ms_per_token"] - c["ms_per_token"]) / gap
-                    if gap > 0 else None,
-                    "live": 1 - c["exposed_ms"] / std["exposed_ms"]
-                    if std["exposed_ms"] > 0 else None})
-    return out
-
-
-def speedups(cells: list[dict]) -> list[dict]:
-    """ladder (and partial, parallel) over standard per-token latency, per path/link/cell."""
-    by = {(c["path"], c["link"], c["batch"], c["prompt_len"], c["residual"]): c for c in cells}
-    out = []
-    for (path, link, b, plen, res), c in sorted(by.items()):
-        std = by.get((path, link, b, plen, "standard"))
-        if std is None or res in ("standard", "desync"):
-            continue
-        out.append({"path": path, "link": link, "batch": b, "prompt_len": plen,
-                    "residual": res, "speedup": std["ms_per_token"] / c["ms_per_token"]})
-    return out
-
-
-class _Gauges:
-    """The bench's figures as Prometheus gauges (prometheus-client: this process is outside
-    Ray's metrics), served on `port` while the run lasts and written as a text file after."""
-
-    def __init__(self, port: int) -> None:
-        from prometheus_client import CollectorRegistry, Gauge, start_http_server
-        self.registry = CollectorRegistry()
-        labels = ["path", "interconnect", "residual", "batch", "prompt_len"]
-        self.g = {k: Gauge(f"ladder_bench_{k}", doc, labels, registry=self.registry)
-                  for k, doc in (("decode_seconds_per_token", "median per-token decode latency"),
-                                 ("ttft_seconds", "median time to first token"),
-                                 ("throughput_tokens_per_second", "new tokens / wall time"))}
-        if port:
-            start_http_server(port, addr="0.0.0.0", registry=self.registry)
-
-    def set(self, c: dict) -> None:
-        lab = dict(path=c["path"], interconnect=c["interconnect"], residual=c["residual"],
-                   batch=str(c["batch"]), prompt_len=str(c["prompt_len"]))
-        self.g["decode_seconds_per_token"].labels(**lab).set(c["ms_per_token"] / 1e3)
-        self.g["ttft_seconds"].labels(**lab).set(c["ttft_ms"] / 1e3)
-        self.g["throughput_tokens_per_second"].labels(**lab).set(c["tok_s"])
-
-    def write(self, path: Path) -> None:
-        from prometheus_client import write_to_textfile
-        write_to_textfile(str(path), self.registry)
-
-
-# -- outputs -----------------------------------------------------------------------------------
-def report(result: dict, out: str | None) -> None:
-    cells = result["cells"]
-    rows = [[c["path"], c["interconnect"], c["residual"], c["batch"], c["prompt_len"],
-             c["ms_per_token"], c.get("range_ms"), c.get("exposed_ms"), c["ttft_ms"], c["tok_s"]]
-            for c in cells]
-    mtu = f", links of MTU {result['mtu']}" if result.get("mtu") else ""
-    reps = f", direct: medians of {result['reps']} interleaved reps" if result.get("reps") else ""
-    print(table(f"TP=2 {result['model']} {result['dtype']}, {result['tokens']} new tokens a "
-                f"request{mtu}{reps}",
-                ["path", "interconnect", "residual", "batch", "prompt", "ms/token", "range ms",
-                 "exposed ms", "TTFT ms", "tok/s"], rows))
-    print(table("ladder's overlap efficiency (T_std - T_ladder) / (T_std - T_desync), direct; "
-                "live estimate beside it",
-                ["interconnect", "batch", "prompt", "efficiency", "live"],
-                [[o["interconnect"], o["batch"], o["prompt_len"], o["efficiency"], o["live"]]
-                 for o in result["overlap"]]))
-    print(table("speedup over standard (per-token decode latency)",
-                ["path", "link", "batch", "prompt", "residual", "speedup"],
-                [[s["path"], s["link"], s["batch"], s["prompt_len"], s["residual"],
-                  s["speedup"]] for s in result["speedup"]]))
-    emit(result, out, "interconnects")
-    if out:
-        from dashboards.report import render
-        rows = report_rows(result)
-        render(rows, Path(out) / "interconnects.png", Path(out) / "interconnects.html",
-               f"ladder vs standard by interconnect: TP=2 {result['model']}, batch "
-               f"{rows[0]['batch'] if rows else '-'}")
-        log(f"wrote {out}/interconnects.png, .html, .prom and the JSON line")
-
-
-def report_rows(result: dict) -> list[dict]:
-    """The report's rows: direct path, the smallest batch and prompt."""
-    cells = [c for c in result["cells"] if c["path"] == "direct" and c["residual"] != "desync"]
-    if not cells:
-        return []
-    b = min(c["batch"] for c in cells)
-    plen = min(c["prompt_len"] for c in cells)
-    eff = {o["interconnect"]: o["efficiency"] for o in result["overlap"]
-           if o["batch"] == b and o["prompt_len"] == plen}
-    return [{"interconnect": c["interconnect"], "residual": c["residual"], "batch": b,
-             "ms_per_token": c["ms_per_token"], "exposed_ms_per_token": c["exposed_ms"],
-             "overlap": eff.get(c["interconnect"]) if c["residual"] == "ladder" else None}
-            for c in cells if c["batch"] == b and c["prompt_len"] == plen]
-
-
+# -- the command: the driver inside the cluster, or its launcher outside ------------------------
 def run(a: argparse.Namespace) -> int:
     if os.environ.get(IN_CLUSTER) == a.cluster:  # the driver, inside the head's namespace
         result = sweep(a)

@@ -1,7 +1,7 @@
 """What a link costs the cores that compute, by profile, frame size and message size.
 
 Two ranks in two network namespaces joined by one veth pair shaped like each of `--links`
-(`cluster.launcher.veth_pair`), once per MTU in `--mtus` (`ladder cluster up --mtu`) and message
+(`cluster.network.veth_pair`), once per MTU in `--mtus` (`ladder cluster up --mtu`) and message
 size in `--bytes`. Each iteration a rank computes for about `--compute-us` (a matmul that stays in
 cache) and exchanges a message with its peer over TCP (a TP all-reduce's traffic: 2.3 / 18 / 74 KiB
 are SmolLM2's at batch 1 / 8 / 32, float32), three ways:
@@ -56,6 +56,20 @@ def _rank(rank: int, init: str, ns: tuple[str, str], a: argparse.Namespace, out)
     from ladder.links.netns import enter_netns
     enter_netns(ns[rank])
     torch.set_num_threads(1)
+    s = _meet(rank, init)
+    peer = _Peer(s, a.nbytes, a.compute_us)
+    runs = _time_ways(peer, a.reps, a.iters)
+    peer.sync()
+    s.close()
+    if rank == 0:
+        out.put({m: {"wall_us": 1e6 * statistics.median(r[0] for r in v),
+                     "cpu_us": 1e6 * statistics.median(r[1] for r in v)}
+                 for m, v in runs.items()})
+
+
+def _meet(rank: int, init: str) -> socket.socket:
+    """The TCP connection between the two ranks (rank 0 listens at `init`, rank 1 retries for a
+    minute), blocking, without Nagle's delay, with 4 MiB socket buffers."""
     host, port = init.removeprefix("tcp://").rsplit(":", 1)
     if rank == 0:
         srv = socket.create_server((host, int(port)))
@@ -76,27 +90,35 @@ def _rank(rank: int, init: str, ns: tuple[str, str], a: argparse.Namespace, out)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         s.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
-    x, y = torch.randn(200, 200), torch.randn(200, 200)
-    rounds = []
-    for _ in range(5):  # the median of 5 rounds: one round lands on a burst of load too often
-        t0 = time.perf_counter()
-        for _ in range(20):
-            torch.mm(x, y)
-        rounds.append((time.perf_counter() - t0) / 20)
-    k = max(1, round(a.compute_us * 1e-6 / statistics.median(rounds)))
-    nbytes = a.nbytes
-    msg, buf = bytearray(nbytes), bytearray(nbytes)
-    view = memoryview(buf)
+    return s
 
-    def compute() -> None:
-        for _ in range(k):
-            torch.mm(x, y)
 
-    def receive(n: int) -> None:
+class _Peer:
+    """A rank's side of one iteration: compute (`k` in-cache matmuls, about `compute_us`) and
+    one `nbytes` message each way over `s`, in the order of a way (`one`)."""
+
+    def __init__(self, s: socket.socket, nbytes: int, compute_us: float) -> None:
+        import torch
+        self.s, self.nbytes, self.mm = s, nbytes, torch.mm
+        self.x, self.y = torch.randn(200, 200), torch.randn(200, 200)
+        rounds = []
+        for _ in range(5):  # the median of 5 rounds: one round lands on a burst of load too often
+            t0 = time.perf_counter()
+            for _ in range(20):
+                self.mm(self.x, self.y)
+            rounds.append((time.perf_counter() - t0) / 20)
+        self.k = max(1, round(compute_us * 1e-6 / statistics.median(rounds)))
+        self.msg, self.view = bytearray(nbytes), memoryview(bytearray(nbytes))
+
+    def compute(self) -> None:
+        for _ in range(self.k):
+            self.mm(self.x, self.y)
+
+    def receive(self, n: int) -> None:
         got = 0
         while got < n:
             try:
-                r = s.recv_into(view[got:n], 0, socket.MSG_DONTWAIT)
+                r = self.s.recv_into(self.view[got:n], 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 os.sched_yield()
                 continue
@@ -104,47 +126,47 @@ def _rank(rank: int, init: str, ns: tuple[str, str], a: argparse.Namespace, out)
                 raise ConnectionError("the peer closed the connection")
             got += r
 
-    def sync() -> None:  # both ranks start a way together
-        s.sendall(b"s")
-        receive(1)
+    def sync(self) -> None:  # both ranks start a way together
+        self.s.sendall(b"s")
+        self.receive(1)
 
-    def one(mode: str) -> None:
+    def one(self, mode: str) -> None:
         if mode == "none":
-            compute()
+            self.compute()
         elif mode == "standard":
-            compute()
-            s.sendall(msg)
-            receive(nbytes)
+            self.compute()
+            self.s.sendall(self.msg)
+            self.receive(self.nbytes)
         else:
-            s.sendall(msg)
-            compute()
-            receive(nbytes)
+            self.s.sendall(self.msg)
+            self.compute()
+            self.receive(self.nbytes)
 
+
+def _time_ways(peer: _Peer, reps: int, iters: int) -> dict[str, list[tuple[float, float]]]:
+    """Per way, (wall, CPU) seconds an iteration of each of `reps` rounds of `iters`, the ways
+    interleaved (reversed every other round) after a warm-up of each."""
     runs: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
     for m in MODES:  # warm-up
-        sync()
+        peer.sync()
         for _ in range(10):
-            one(m)
-    for rep in range(a.reps):
+            peer.one(m)
+    for rep in range(reps):
         for m in MODES if rep % 2 == 0 else MODES[::-1]:
-            sync()
+            peer.sync()
             w0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(a.iters):
-                one(m)
-            runs[m].append(((time.perf_counter() - w0) / a.iters,
-                            (time.process_time() - c0) / a.iters))
-    sync()
-    s.close()
-    if rank == 0:
-        out.put({m: {"wall_us": 1e6 * statistics.median(r[0] for r in v),
-                     "cpu_us": 1e6 * statistics.median(r[1] for r in v)}
-                 for m, v in runs.items()})
+            for _ in range(iters):
+                peer.one(m)
+            runs[m].append(((time.perf_counter() - w0) / iters,
+                            (time.process_time() - c0) / iters))
+    return runs
 
 
 # -- the driver ------------------------------------------------------------------------------------
 def run(a: argparse.Namespace) -> int:
-    from cluster.launcher import ClusterError, veth_pair
     from cluster.links import check_mtu, parse_link
+    from cluster.network import veth_pair
+    from cluster.state import ClusterError
     try:
         links = [parse_link(x) for x in csv(a.links)]
         if not links:

@@ -82,7 +82,7 @@ def native_products(model, rows: int, elsize: int) -> list[dict]:
 
 
 def torch_profile(engine, decode, args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
-    """The torch operators by self CPU time, and the weight matmuls with the bandwidth each reaches."""
+    """The torch operators by self CPU time; the weight matmuls with the bandwidth each reaches."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         decode()

@@ -77,8 +77,9 @@ def run(a: argparse.Namespace) -> int:
         with ExitStack() as stack:
             spaces, label = None, ""
             if link != "loopback":
-                from cluster.launcher import ClusterError, veth_pair
                 from cluster.links import DEFAULT_MTU, parse_link
+                from cluster.network import veth_pair
+                from cluster.state import ClusterError
                 try:
                     spec = parse_link(link)
                     ns, hosts = stack.enter_context(veth_pair(spec, f"sa{os.getpid() % 10000}",

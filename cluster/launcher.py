@@ -3,10 +3,11 @@
 Each node is a network namespace (`lsc-<name>-<i>`) with a veth pair to a bridge in the root
 namespace (`lsb<name>`, which holds the subnet's .1 so this host reaches every node). A node's
 link is shaped with `tc tbf` on both ends of its veth (egress each way), so traffic between two
-nodes crosses both nodes' links: the slower profile decides. A Ray head (node 0) and workers
-run inside the namespaces, token authentication on, each labelled with its link profile
-(`ladder.io/link`, plus `ladder.io/emu-latency-us` for an emulated latency), which is what TP
-groups place on and what the metrics' `interconnect` label says.
+nodes crosses both nodes' links: the slower profile decides (cluster.network makes all of it).
+A Ray head (node 0) and workers run inside the namespaces, token authentication on, each
+labelled with its link profile (`ladder.io/link`, plus `ladder.io/emu-latency-us` for an
+emulated latency), which is what TP groups place on and what the metrics' `interconnect` label
+says.
 
 Everything it makes is named after the cluster, so `down` finds it all again from the names
 alone, after a crash as well: the namespaces (and every process in them: Ray's, by construction
@@ -25,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import secrets
 import shutil
 import signal
@@ -33,13 +33,13 @@ import socket
 import subprocess
 import sys
 import time
-import zlib
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from actors.group import LATENCY_LABEL, LINK_LABEL
 from cluster.links import DEFAULT_MTU, Link, check_mtu
+from cluster.network import (check_name, cluster_namespaces, in_ns, leftovers, loopback_mtu,
+                             make_network, namespace_pids, namespaces_allowed, names, node_mtu,
+                             node_qdisc, pick_subnet, remove_network)
 from cluster.state import (ClusterError, ClusterState, NodeState, load_state, ray_env, save_state,
                            state_dir, token_path)
 from ladder.private import open_private
@@ -47,93 +47,6 @@ from ladder.procs import alive
 
 METRICS_PORT = 8090  # each node's metrics agent, inside its own namespace
 OBJECT_STORE_BYTES = 200 * 1024 * 1024  # per node: the benchmarks move tokens, not tensors
-_NAME = re.compile(r"^[a-z0-9]{1,6}$")  # interface names are at most 15 characters
-
-
-# -- shell -------------------------------------------------------------------------------------
-def _sh(*cmd: str, check: bool = True, env: dict | None = None) -> str:
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if check and p.returncode != 0:
-        raise ClusterError(f"`{' '.join(cmd)}` failed ({p.returncode}): "
-                           f"{(p.stderr or p.stdout).strip()}")
-    return p.stdout
-
-
-def _in_ns(ns: str, *cmd: str) -> tuple[str, ...]:
-    return ("ip", "netns", "exec", ns, *cmd) if ns else cmd
-
-
-def namespaces_allowed() -> str:
-    """'' when this process may create network namespaces, else why not."""
-    if os.geteuid() != 0:
-        return "creating network namespaces needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN)"
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            return f"`{tool}` (iproute2) is not installed"
-    probe = f"lscprobe{os.getpid()}"
-    p = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if p.returncode != 0:
-        return f"`ip netns add` is refused here: {p.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return ""
-
-
-def _names(name: str) -> tuple[re.Pattern, str, re.Pattern]:
-    """(namespace pattern, bridge, host-side veth pattern) of cluster `name`."""
-    return (re.compile(rf"^lsc-{name}-(\d+)$"), f"lsb{name}", re.compile(rf"^lsv{name}n(\d+)$"))
-
-
-def _netns_list() -> list[str]:
-    out = _sh("ip", "netns", "list", check=False) if shutil.which("ip") else ""
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def _links() -> list[str]:
-    out = _sh("ip", "-o", "link", "show", check=False) if shutil.which("ip") else ""
-    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
-
-
-def _pick_subnet(name: str) -> str:
-    used = _sh("ip", "-o", "addr", "show", check=False) + _sh("ip", "route", check=False)
-    start = zlib.crc32(name.encode()) % 200
-    for k in range(200):
-        subnet = f"10.87.{20 + (start + k) % 200}"
-        if f"{subnet}." not in used:
-            return subnet
-    raise ClusterError("no free 10.87.x.0/24 subnet for the cluster's bridge")
-
-
-@contextmanager
-def veth_pair(link: Link, tag: str, mtu: int = 1500
-              ) -> Iterator[tuple[tuple[str, str], tuple[str, str]]]:
-    """Two network namespaces, `lsc-<tag>-0` and `lsc-<tag>-1`, joined by one veth pair of
-    `mtu` whose ends are shaped like `link` (tbf; the veth as it is for high-end): for a local
-    group's two ranks (`GroupOptions.netns`), without Ray. Yields (namespaces, addresses);
-    both namespaces, and with them the pair, are removed on exit, whatever happened. Raises
-    ClusterError where namespaces cannot be made (namespaces_allowed says why)."""
-    if not _NAME.match(tag):
-        raise ClusterError(f"veth pair tag {tag!r}: 1-6 lowercase letters or digits")
-    why = namespaces_allowed()
-    if why:
-        raise ClusterError(why)
-    ns = (f"lsc-{tag}-0", f"lsc-{tag}-1")
-    ends = (f"lsv{tag}n0", f"lsv{tag}n1")
-    ips = ("10.88.0.1", "10.88.0.2")  # each in its own namespace: nothing else can see them
-    try:
-        for n in ns:
-            _sh("ip", "netns", "add", n)
-        _sh("ip", "link", "add", ends[0], "netns", ns[0], "type", "veth", "peer", "name",
-            ends[1], "netns", ns[1])
-        for n, end, ip in zip(ns, ends, ips):
-            _sh(*_in_ns(n, "ip", "addr", "add", f"{ip}/24", "dev", end))
-            _sh(*_in_ns(n, "ip", "link", "set", end, "mtu", str(mtu), "up"))
-            _sh(*_in_ns(n, "ip", "link", "set", "lo", "up"))
-            if link.rate_bit:
-                _sh(*_in_ns(n, "tc", "qdisc", "add", "dev", end, "root", *link.tbf_args(mtu)))
-        yield ns, ips
-    finally:
-        for n in ns:
-            _sh("ip", "netns", "del", n, check=False)
 
 
 # -- up ----------------------------------------------------------------------------------------
@@ -142,9 +55,8 @@ def up(name: str, links: list[Link], *, cpus: int, head_cpus: int = 0, plain: bo
     """Create the nodes and their links (`mtu` on each, the bridge too), start Ray on them,
     wait until all are alive."""
     check_mtu(mtu)
-    if not _NAME.match(name):
-        raise ClusterError(f"cluster name {name!r}: 1-6 lowercase letters or digits")
-    if load_state(name) is not None or _leftovers(name):
+    check_name(name, "cluster name")
+    if load_state(name) is not None or leftovers(name):
         raise ClusterError(f"a cluster named {name!r} is already up (or left over from a crash):"
                            f" `ladder cluster down --name {name}` first")
     if not plain:
@@ -162,10 +74,10 @@ def up(name: str, links: list[Link], *, cpus: int, head_cpus: int = 0, plain: bo
     state_dir(name, create=True)
     with open_private(token_path(name)) as f:
         f.write(secrets.token_hex(32).encode())
-    _, bridge, _ = _names(name)
-    subnet = "" if plain else _pick_subnet(name)
+    _, bridge, _ = names(name)
+    subnet = "" if plain else pick_subnet(name)
     st = ClusterState(name=name, plain=plain, subnet=subnet, bridge="" if plain else bridge,
-                      started=time.time(), mtu=_loopback_mtu() if plain else mtu)
+                      started=time.time(), mtu=loopback_mtu() if plain else mtu)
     if plain:
         st.port, st.dashboard_port = _listen_port(), _listen_port()
     for i, link in enumerate(links):
@@ -176,7 +88,7 @@ def up(name: str, links: list[Link], *, cpus: int, head_cpus: int = 0, plain: bo
     save_state(st)  # from here on, `down` can undo whatever comes next
     try:
         if not plain:
-            _make_network(st, links)
+            make_network(st, links)
         _start_ray(st, links, timeout_s, log)
     except BaseException:
         down(name, log=lambda *_: None)
@@ -185,32 +97,6 @@ def up(name: str, links: list[Link], *, cpus: int, head_cpus: int = 0, plain: bo
     save_state(st)
     return st
 
-
-def _loopback_mtu() -> int:
-    try:
-        return int(Path("/sys/class/net/lo/mtu").read_text())
-    except (OSError, ValueError):
-        return 65536
-
-
-def _make_network(st: ClusterState, links: list[Link]) -> None:
-    mtu = str(st.mtu)
-    _sh("ip", "link", "add", st.bridge, "mtu", mtu, "type", "bridge")
-    _sh("ip", "addr", "add", f"{st.subnet}.1/24", "dev", st.bridge)
-    _sh("ip", "link", "set", st.bridge, "up")
-    for node, link in zip(st.nodes, links):
-        _sh("ip", "netns", "add", node.ns)
-        _sh("ip", "link", "add", node.veth, "mtu", mtu, "type", "veth", "peer", "name", "eth0",
-            "mtu", mtu, "netns", node.ns)
-        _sh("ip", "link", "set", node.veth, "master", st.bridge)
-        _sh("ip", "link", "set", node.veth, "up")
-        _sh(*_in_ns(node.ns, "ip", "addr", "add", f"{node.ip}/24", "dev", "eth0"))
-        _sh(*_in_ns(node.ns, "ip", "link", "set", "eth0", "up"))
-        _sh(*_in_ns(node.ns, "ip", "link", "set", "lo", "up"))
-        if link.rate_bit:  # both directions: the node's egress and the bridge's egress to it
-            _sh("tc", "qdisc", "add", "dev", node.veth, "root", *link.tbf_args(st.mtu))
-            _sh(*_in_ns(node.ns, "tc", "qdisc", "add", "dev", "eth0", "root",
-                        *link.tbf_args(st.mtu)))
 
 
 def _ray_start_args(st: ClusterState, node: NodeState, link: Link) -> list[str]:
@@ -276,7 +162,7 @@ def _start_ray(st: ClusterState, links: list[Link], timeout_s: float, log) -> No
         with open_private(logs / f"n{node.index}.log") as out:
             # `--block`: the node's processes stay under this session, so a plain cluster's
             # `down` finds them by session id (a namespace's are found by namespace)
-            p = subprocess.Popen(_in_ns(node.ns, *_ray_start_args(st, node, link)), env=env,
+            p = subprocess.Popen(in_ns(node.ns, *_ray_start_args(st, node, link)), env=env,
                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         node.sid = p.pid
         save_state(st)
@@ -296,7 +182,7 @@ def alive_nodes(st: ClusterState) -> list[dict]:
             " 'resources': dict(n.resources_total)})\n"
             "print(json.dumps(out))\n")
     env = ray_env(st.name)
-    p = subprocess.run(_in_ns(st.head.ns, sys.executable, "-c", code), capture_output=True,
+    p = subprocess.run(in_ns(st.head.ns, sys.executable, "-c", code), capture_output=True,
                        text=True, env=env, timeout=60)
     if p.returncode != 0:
         raise ClusterError(f"cannot reach the cluster's GCS at {st.address}: "
@@ -333,12 +219,6 @@ def _session_alive(node: NodeState) -> bool:
 
 
 # -- down --------------------------------------------------------------------------------------
-def _leftovers(name: str) -> list[str]:
-    ns_pat, bridge, veth_pat = _names(name)
-    out = [n for n in _netns_list() if ns_pat.match(n)]
-    out += [link for link in _links() if link == bridge or veth_pat.match(link)]
-    return out
-
 
 def _pids_of_session(sid: int) -> list[int]:
     pids = []
@@ -372,20 +252,16 @@ def _end(pids: list[int], grace_s: float = 5.0) -> None:
 
 def down(name: str, log=print) -> list[str]:
     """Remove everything cluster `name` made; what was removed. Idempotent."""
-    if not _NAME.match(name):
-        raise ClusterError(f"cluster name {name!r}: 1-6 lowercase letters or digits")
+    check_name(name, "cluster name")
     removed = []
     st = None
     try:
         st = load_state(name)
     except ClusterError:
         pass
-    ns_pat, bridge, veth_pat = _names(name)
     # processes first: Ray in a namespace is ours by construction; a plain node's by session
-    pids = []
-    namespaces = [n for n in _netns_list() if ns_pat.match(n)]
-    for ns in namespaces:
-        pids += [int(p) for p in _sh("ip", "netns", "pids", ns, check=False).split()]
+    namespaces = cluster_namespaces(name)
+    pids = namespace_pids(namespaces)
     if st is not None:
         for node in st.nodes:
             if node.sid:
@@ -394,13 +270,7 @@ def down(name: str, log=print) -> list[str]:
     if pids:
         _end(pids)
         removed.append(f"{len(pids)} processes")
-    for ns in namespaces:
-        _sh("ip", "netns", "del", ns, check=False)
-        removed.append(f"namespace {ns}")
-    for link in _links():
-        if link == bridge or veth_pat.match(link):
-            _sh("ip", "link", "del", link, check=False)
-            removed.append(f"link {link}")
+    removed += remove_network(name, namespaces)
     d = state_dir(name)
     if d.exists():
         shutil.rmtree(d, ignore_errors=True)
@@ -409,7 +279,7 @@ def down(name: str, log=print) -> list[str]:
         d.parent.rmdir()  # the state root too, once no cluster is left in it
     except OSError:
         pass
-    left = _leftovers(name)
+    left = leftovers(name)
     if left:
         raise ClusterError(f"cluster {name!r}: could not remove {', '.join(left)}")
     return removed
@@ -420,14 +290,14 @@ def status(name: str) -> dict:
     """What is up: the nodes with their link shaping, and what Ray says is alive."""
     st = load_state(name)
     if st is None:
-        left = _leftovers(name)
+        left = leftovers(name)
         return {"name": name, "up": False, "leftovers": left}
     nodes = []
     for node in st.nodes:
-        shaping = "loopback (plain)" if st.plain else _qdisc(node)
+        shaping = "loopback (plain)" if st.plain else node_qdisc(node)
         nodes.append({"index": node.index, "ip": node.ip, "link": node.link, "cpus": node.cpus,
                       "namespace": node.ns, "shaping": shaping,
-                      "mtu": st.mtu if st.plain else _mtu(node),
+                      "mtu": st.mtu if st.plain else node_mtu(node),
                       "running": _session_alive(node)})
     try:
         known = alive_nodes(st)
@@ -440,16 +310,3 @@ def status(name: str) -> dict:
             "ready_s": round(st.ready_s, 1), "nodes": nodes, "ray_alive": len(known),
             "ray_labels": sorted({n["labels"].get(LINK_LABEL, "?") for n in known}),
             **({"error": err} if err else {})}
-
-
-def _mtu(node: NodeState) -> int:
-    """The MTU the node's link has now (0 if it is gone)."""
-    out = _sh(*_in_ns(node.ns, "ip", "-o", "link", "show", "dev", "eth0"), check=False)
-    m = re.search(r" mtu (\d+)", out)
-    return int(m[1]) if m else 0
-
-
-def _qdisc(node: NodeState) -> str:
-    out = _sh(*_in_ns(node.ns, "tc", "qdisc", "show", "dev", "eth0"), check=False)
-    m = re.search(r"tbf .*?rate (\S+)", out)
-    return f"tbf {m[1]}" if m else "unshaped veth"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import launcher
+from cluster import launcher, network
 from cluster.links import DEFAULT_MTU, Link, check_mtu, parse_link, parse_links
 from ladder.links.netns import Namespaces
 from ladder.procs import alive
@@ -46,7 +46,7 @@ def in_head(code: str, name: str = NAME, timeout: float = 300) -> str:
 
 
 def nothing_left(name: str, pids: list[int]) -> list[str]:
-    left = launcher._leftovers(name)
+    left = network.leftovers(name)
     if launcher.state_dir(name).exists():
         left.append(str(launcher.state_dir(name)))
     left += [f"pid {p}" for p in pids if alive(p)]
@@ -188,7 +188,7 @@ def test_local_group_across_a_shaped_veth_pair(tiny_llama):
     with LocalTPGroup(opts) as g:
         want = g.generate([[1, 2, 3]], params)[0]["tokens"]
     tag = f"vp{os.getpid() % 10000}"
-    with launcher.veth_pair(parse_link("cheap"), tag) as (ns, hosts):
+    with network.veth_pair(parse_link("cheap"), tag) as (ns, hosts):
         assert ns == (f"lsc-{tag}-0", f"lsc-{tag}-1")
         qdisc = subprocess.run(["ip", "netns", "exec", ns[0], "tc", "qdisc", "show"],
                                capture_output=True, text=True).stdout
@@ -197,7 +197,7 @@ def test_local_group_across_a_shaped_veth_pair(tiny_llama):
                           namespaces=Namespaces(ns, hosts)) as g:
             assert g.info.interconnect == "cheap"
             assert g.generate([[1, 2, 3]], params)[0]["tokens"] == want
-    assert launcher._leftovers(tag) == []
+    assert network.leftovers(tag) == []
     with pytest.raises(ValueError, match="one entry per rank"):
         LocalTPGroup(opts, namespaces=Namespaces(ns[:1], hosts[:1]))
 
@@ -295,7 +295,7 @@ def test_plain_cluster_without_shaping(tmp_path):
         assert mtu.returncode == 2 and "loopback, whose MTU is its own" in mtu.stderr
         bad = ladder("cluster", "up", "--name", "lplai2", "--mtu", "100000")
         assert bad.returncode == 2 and "a link's MTU must be 1280-65535" in bad.stderr
-        assert launcher.load_state("lplai2") is None and launcher._leftovers("lplai2") == []
+        assert launcher.load_state("lplai2") is None and network.leftovers("lplai2") == []
     finally:
         d = ladder("cluster", "down", "--name", name)
     assert d.returncode == 0, d.stderr
@@ -315,7 +315,7 @@ def test_without_rights_it_says_so_and_offers_plain():
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 2, p.stdout + p.stderr
     assert "needs root" in p.stderr and "--plain" in p.stderr
-    assert launcher._leftovers("lnone") == []
+    assert network.leftovers("lnone") == []
 
 
 def test_the_dispatcher_does_not_import_ray():
@@ -349,7 +349,7 @@ def test_bench_linkcost_short_run(tmp_path):
             # not (over an unshaped veth the exchange costs ~20 us: within this machine's noise)
             assert r["standard_wall_us"] > r["none_wall_us"]
     assert list(tmp_path.glob("linkcost-*.json"))
-    assert not [n for n in launcher._netns_list() if n.startswith("lsc-lc")]
+    assert not [n for n in network._netns_list() if n.startswith("lsc-lc")]
 
 
 @needs_root
@@ -368,7 +368,7 @@ def test_bench_sampling_short_run(tmp_path):
         # 2 rows of logits would be 2 x 49152 x 4 = 384 KiB a step
         assert extra["greedy"] == 0 and 0 < extra["sampled"] < extra["top-p"] < 8 * 1024
     assert "over greedy" in p.stdout and list(tmp_path.glob("sampling-*.json"))
-    assert not [n for n in launcher._netns_list() if n.startswith("lsc-sa")]
+    assert not [n for n in network._netns_list() if n.startswith("lsc-sa")]
 
 
 @pytest.mark.parametrize("args, says", [
