@@ -253,15 +253,16 @@ def test_a_killed_shard_worker_gets_its_replica_replaced(server, client):
     assert new != old and served
 
 
-def test_ladder_serve_says_why_a_replica_did_not_start(tmp_path, ray_cluster):
+def test_ladder_serve_says_why_a_replica_did_not_start(tmp_path, ray_cluster, tiny_llama):
     """A setting only the replica can check (a layer the model lacks) ends `ladder serve` with
     the replica's own error, not Serve's bare "failed to update the deployments"."""
-    path = write_config(tmp_path, free_port(), residual="ladder:40-41", max_seq=256, n_slots=2)
+    path = write_config(tmp_path, free_port(), model=str(tiny_llama), residual="ladder:40-41",
+                        max_seq=256, n_slots=2)
     with ladder_serve(path) as proc:
         out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 1, out[-3000:]
     assert (f"{path}: the application did not start:" in out
-            and "layer 41 out of range (the model has 30 layers, 0..29)" in out), out[-3000:]
+            and "layer 41 out of range (the model has 4 layers, 0..3)" in out), out[-3000:]
 
 
 def test_overload_gets_503_with_retry_after(server, tiny_llama):

@@ -265,7 +265,7 @@ def greedy():
 
 def test_greedy_tokens_over_shm_equal_gloo(greedy):
     tokens, info, timing, pid = greedy["shm"]
-    assert info["interconnect"] == "shm" and not info["emulated"]
+    assert info.interconnect == "shm" and not info.emulated
     assert len(tokens) == 16 and tokens == greedy["gloo"][0]
     assert timing.bytes > 0 and timing.decode_steps == 15
     assert glob.glob(os.path.join(SHM_DIR, f"ladder-*-{pid}")) == []
@@ -273,7 +273,7 @@ def test_greedy_tokens_over_shm_equal_gloo(greedy):
 
 def test_greedy_tokens_over_tcp_equal_gloo(greedy):
     tokens, info, timing, _ = greedy["tcp"]
-    assert info["interconnect"] == "loopback" and not info["emulated"]
+    assert info.interconnect == "loopback" and not info.emulated
     assert tokens == greedy["gloo"][0] and timing.decode_steps == 15
     assert timing.bytes == greedy["gloo"][2].bytes  # the same reduces, moved another way
 

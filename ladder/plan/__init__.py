@@ -1,0 +1,13 @@
+"""`ladder plan`: an analytical model of a tensor-parallel decode step, no Ray, no torch.
+
+    models     model presets (published shapes) and reading a config.json
+    hardware   device presets (datasheets) and the calibrated compute terms
+    links      link presets and NCCL's all-reduce cost model
+    measured   the measured.json `--calibrate` writes, and reading it
+    costs      each module's bytes, FLOPs and seconds on the slowest rank
+    step       one decode step played out under a residual plan
+    sweep      rows per plan x batch x context, as JSON fields and a table
+    quality    a plan's quality cost from a recovery curve
+    plot       speedup against link bandwidth
+    cli        the `ladder plan` command
+"""

@@ -1,0 +1,124 @@
+"""`ladder plan`: predict what ladder buys on a model, a TP size, a device and a link.
+
+    ladder plan --model llama-3.1-70b --tp 8 --hardware h100-sxm --link nvlink4
+    ladder plan --model path/to/hf-folder --tp 2 --hardware l4 --link pcie4 --batch 1,8 --json
+
+Prints, per plan x batch x context, the predicted ms a token, tokens/s, speedup over standard,
+the all-reduce share of a step and the share of it the schedule hides (`ladder.plan.sweep`);
+`--json` prints one object whose `rows` carry exactly those fields. Presets and their sources:
+`ladder.plan.models`, `.hardware`, `.links`; measured.json: `ladder.plan.measured`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+from ladder.model.config import ConfigError
+from ladder.model.tp import HEAD_SPLITS
+from ladder.plan import measured, plot, quality
+from ladder.plan.hardware import DTYPE_BYTES, HARDWARE
+from ladder.plan.links import LINKS
+from ladder.plan.models import load_model, model_names
+from ladder.plan.sweep import Setup, memory_notes, parse_plans, rows, table
+
+DEFAULT_PLANS = "standard,ladder,upper-half,parallel"
+_RANGE = re.compile(r"\s*\d+\s*(-\s*\d+\s*)?")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="predict ladder's decode speedup on given hardware",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    p.set_defaults(func=run)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help=f"a preset ({', '.join(model_names())}), a Hugging Face model folder "
+                   "or a config.json")
+    p.add_argument("--tp", type=int, required=True, help="tensor-parallel size")
+    p.add_argument("--hardware", required=True,
+                   help=f"a preset ({', '.join([*HARDWARE, 'this-cpu'])}) or a measured.json")
+    p.add_argument("--link", required=True,
+                   help=f"a preset ({', '.join(LINKS)}) or a measured.json")
+    p.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes")
+    p.add_argument("--context", default="512,4096",
+                   help="comma-separated cached positions a row attends to")
+    p.add_argument("--plans", default=DEFAULT_PLANS,
+                   help="comma-separated: standard, ladder, upper-half, ladder:A-B[,C...], "
+                   "parallel, desync")
+    p.add_argument("--head-split", choices=HEAD_SPLITS, default=None,
+                   help="attention heads by KV-head groups or evenly, as `ladder generate "
+                   "--head-split` (default: groups where the TP size allows, else even)")
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=None,
+                   help="weights and KV cache (default: the hardware's: bfloat16 on GPUs, "
+                   "float32 on this CPU)")
+    p.add_argument("--json", action="store_true", help="one JSON object with the rows")
+    p.add_argument("--png", metavar="FILE", help="speedup against link bandwidth")
+    p.add_argument("--quality", metavar="FILE",
+                   help="a bench.adapt_curve result (or {\"plans\": {...}}): quality per plan")
+
+
+def split_plans(text: str) -> list[str]:
+    """`--plans` entries split at commas, where a bare layer or range continues the partial
+    plan before it: `standard,ladder:0,3,5-7,parallel` is three plans."""
+    out: list[str] = []
+    for part in text.split(","):
+        if out and out[-1].startswith("ladder:") and _RANGE.fullmatch(part):
+            out[-1] += "," + part.strip()
+        else:
+            out.append(part)
+    return out
+
+
+def positive_ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated positive integers")
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except ConfigError as e:
+        print(f"ladder plan: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = load_model(args.model)
+    hw = measured.resolve_hardware(args.hardware)
+    setup = Setup(config=config, tp=args.tp, hardware=hw, link=measured.resolve_link(args.link),
+                  dtype=args.dtype or hw.dtype, head_split=args.head_split)
+    batches = positive_ints(args.batch, "--batch")
+    contexts = positive_ints(args.context, "--context")
+    plans = parse_plans(split_plans(args.plans), config.n_layers)
+    result = rows(setup, plans, batches, contexts)  # checks the contexts too
+    if args.quality:
+        known = quality.by_plan(quality.load(args.quality), config.n_layers, args.quality)
+        quality.attach(result, dict(plans), known)
+    if args.png:
+        plot.write_png(setup, plans, batches, contexts[0], args.png)
+        print(f"plot: {args.png}", file=sys.stderr)
+    for note in memory_notes(setup, batches, contexts):
+        print(note, file=sys.stderr)
+    if args.json:
+        print(json.dumps({"model": config.name, "tp": setup.tp, "hardware": hw.name,
+                          "link": setup.link.name, "dtype": setup.dtype, "rows": result}))
+    else:
+        print(table(setup, result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ladder plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    return run(p.parse_args(argv))
