@@ -28,6 +28,7 @@ from deploy.openapi import body_of, describe, responses
 from deploy.streams import EventStream, Generations
 from ladder.engine.group import Group, GroupError, Health
 from ladder.engine.scheduler import RequestError, RequestFailed, add_event, new_result
+from ladder.plan.serving import Prediction
 
 log = logging.getLogger("ray.serve")
 GROUP_RETRY_AFTER_S = 5  # a broken group's replica is replaced within about this many seconds
@@ -50,6 +51,9 @@ class OpenAIServer:
         self.created = P.now()
         self.active = [0]  # generations of ours in the group (running or waiting)
         self.last_health = (Health(True, "started"), time.monotonic())
+        self.prediction = Prediction(info.config, info.tp, info.residual_plan, info.interconnect,
+                                     cfg.dtype, cfg.head_split, cfg.device)
+        log.info("%s: %s", info.name, self.prediction.describe())
 
     async def check_health(self) -> None:
         """The periodic health check (Serve's): the group's collective round trip, the one
@@ -82,13 +86,20 @@ class OpenAIServer:
         return {"group": self.info.name, **st}
 
     async def models(self, request: Request) -> dict:
+        """The served model, and its predicted decode step beside the last minute's."""
         self.begin(request, "models")
         i = self.info
+        try:
+            steps = (await self.group.stats(since=time.time() - 60.0))["steps"]
+        except GroupError:
+            steps = []  # the model's side still says what to expect
+        performance = {"prediction": self.prediction.describe(),
+                       "decode_step": self.prediction.beside(steps)}
         return {"object": "list", "data": [{
             "id": self.cfg.model_name, "object": "model", "created": self.created,
             "owned_by": "ladder-serve", "max_model_len": self.limits.max_seq, "tp": i.tp,
             "residual": i.residual, "residual_plan": i.residual_plan, "adapted": i.adapted,
-            "interconnect": i.interconnect}]}
+            "interconnect": i.interconnect, "performance": performance}]}
 
     async def completions(self, request: Request):
         rid = self.begin(request, "cmpl")

@@ -266,6 +266,18 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class StepTimes(BaseModel):
+    predicted_ms: float | None = Field(description="`ladder plan`'s decode step for this group")
+    measured_ms: float | None = Field(description="the median of the last minute's steps")
+    steps: int = Field(description="decode steps of the last minute at this batch size")
+
+
+class Performance(BaseModel):
+    prediction: str = Field(description="how the step was predicted, or why it was not")
+    decode_step: dict[str, StepTimes] = Field(
+        description="by batch size (rows in a step): batch 1 and each size the last minute ran")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"]
@@ -277,6 +289,7 @@ class ModelCard(BaseModel):
     residual_plan: str
     adapted: bool
     interconnect: str
+    performance: Performance
 
 
 class ModelList(BaseModel):

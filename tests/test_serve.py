@@ -127,6 +127,24 @@ BAD = [
 ]
 
 
+def test_models_shows_the_predicted_step_beside_the_measured(client, server):
+    """/v1/models: `ladder plan`'s decode step for this group (SmolLM2 TP=2 over shm on this
+    CPU) beside the median of the last minute's steps at the same batch size. No time is
+    asserted: only that both exist and that the model is not off by an order of magnitude."""
+    for _ in range(3):  # with two replicas, /v1/models may reach the one that did not serve
+        client.completions.create(model="smollm2", prompt=[5, 6, 7], max_tokens=16,
+                                  temperature=0, extra_body={"ignore_eos": True})
+        code, body = get(server + "/v1/models")
+        assert code == 200, body
+        perf = body["data"][0]["performance"]
+        if perf["decode_step"]["1"]["steps"]:
+            break
+    assert perf["prediction"].startswith("predicted decode step"), perf
+    one = perf["decode_step"]["1"]
+    assert one["steps"] >= 15 and one["predicted_ms"] > 0 and one["measured_ms"] > 0, perf
+    assert 0.1 < one["predicted_ms"] / one["measured_ms"] < 10, perf
+
+
 @pytest.mark.parametrize("body,status,param", BAD, ids=[str(i) for i in range(len(BAD))])
 def test_bad_input_gets_an_openai_error(server, body, status, param):
     code, err, _ = post(server + "/v1/completions", body)

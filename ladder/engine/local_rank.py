@@ -58,7 +58,18 @@ def _serve(ckpt, engine, conn) -> None:
         return put
 
     leader = Leader.for_checkpoint(ckpt, engine, name=f"local-{os.getpid()}", after_step=flush)
-    leader.start()
+    reader = threading.Thread(target=_read, args=(leader, engine, conn, lock, sink),
+                              name="ladder-pipe", daemon=True)
+    reader.start()
+    try:
+        leader.run()  # here: the thread that built the engine (see Leader.run)
+    finally:
+        flush()
+    reader.join()  # after a failure the parent still gets its answers (GroupError) until it closes
+
+
+def _read(leader: Leader, engine, conn, lock, sink) -> None:
+    """The parent's messages, until it closes the pipe or goes away; then the loop stops."""
     try:
         while True:
             msg = conn.recv()
@@ -77,11 +88,10 @@ def _serve(ckpt, engine, conn) -> None:
                         conn.send(("accepted", [r.id for r in reqs]))
             else:
                 _answer(leader, engine, msg[1], msg[2], msg[3], conn, lock)
-    except EOFError:  # the parent is gone
+    except (EOFError, OSError):  # the parent is gone
         pass
     finally:
         leader.stop()
-        flush()
 
 
 def _answer(leader: Leader, engine, cid: int, name: str, args: tuple, conn, lock) -> None:

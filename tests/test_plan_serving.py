@@ -1,0 +1,51 @@
+"""The serving side of `ladder plan`: which presets a running group maps to, and what
+/v1/models shows (the HTTP side runs in test_serve)."""
+
+from __future__ import annotations
+
+from ladder.plan.models import preset_model
+from ladder.plan.serving import Prediction, device_preset
+
+
+def smollm2(**kw) -> Prediction:
+    args = dict(config=preset_model("smollm2-135m").to_dict(), tp=2, plan="ladder:24-29",
+                interconnect="shm", dtype="float32", head_split="even", device="cpu")
+    return Prediction(**{**args, **kw})
+
+
+def test_a_cpu_group_over_shm_is_predicted():
+    p = smollm2()
+    assert p.setup is not None and p.setup.link.name == "shm", p.why
+    assert p.setup.hardware.name == "this-cpu" and p.ms(1) > 0
+    assert p.ms(32) > p.ms(1)  # more rows, more KV cache and activations to read
+    assert p.describe().startswith("predicted decode step") and "link shm" in p.describe()
+
+
+def test_links_and_devices_map_to_presets():
+    assert smollm2(interconnect="cheap").setup.link.name == "tcp-cheap"
+    assert smollm2(interconnect="loopback").setup.link.name == "tcp-high-end"
+    assert device_preset("cuda", "NVIDIA H100 80GB HBM3") == "h100-sxm"
+    assert device_preset("cuda", "NVIDIA H200") == "h200"
+    assert device_preset("cuda", "") is None
+
+
+def test_what_cannot_be_predicted_says_why():
+    p = smollm2(interconnect="loopback+emu200us")
+    assert p.ms(1) is None and "no link preset for the interconnect 'loopback+emu200us'" in \
+        p.describe()
+    p = smollm2(device="cuda")
+    assert p.ms(1) is None and "no device preset for 'cuda'" in p.describe()
+    p = smollm2(plan="ladder:40-41")
+    assert p.ms(1) is None and "out of range" in p.describe()
+
+
+def test_steps_beside_the_prediction():
+    steps = [{"kind": "decode", "rows": 1, "step_s": 0.02}, {"kind": "decode", "rows": 1,
+             "step_s": 0.04}, {"kind": "prefill", "rows": 1, "step_s": 0.5},
+             {"kind": "decode", "rows": 8, "step_s": 0.05}]
+    by = smollm2().beside(steps)
+    assert set(by) == {"1", "8"}
+    assert by["1"]["measured_ms"] == 30.0 and by["1"]["steps"] == 2
+    assert by["8"]["steps"] == 1 and by["8"]["predicted_ms"] > by["1"]["predicted_ms"]
+    assert smollm2().beside([])["1"] == {"predicted_ms": by["1"]["predicted_ms"],
+                                          "measured_ms": None, "steps": 0}
