@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from deploy import protocol as P
+from deploy import responses as R
 from deploy.config import ServerConfig
 from deploy.openapi import body_of, describe, responses
 from deploy.streams import EventStream, Generations
@@ -48,7 +49,7 @@ class OpenAIServer:
             max_prompt_chars=cfg.max_prompt_chars or info.max_seq * max(1, info.max_token_chars),
             default_max_tokens=cfg.default_max_tokens)
         self.keys = [k.encode() for k in cfg.api_keys]
-        self.created = P.now()
+        self.created = R.now()
         self.active = [0]  # generations of ours in the group (running or waiting)
         self.last_health = (Health(True, "started"), time.monotonic())
         self.prediction = Prediction(info.config, info.tp, info.residual_plan, info.interconnect,
@@ -127,7 +128,7 @@ class OpenAIServer:
     # -- checks ----------------------------------------------------------------------------
     def begin(self, request: Request, prefix: str) -> str:
         """A request's id (in its error responses and logs) and its key check."""
-        rid = P.new_id(prefix)
+        rid = R.new_id(prefix)
         request.state.rid = rid
         if not self.key_ok(request):
             raise P.ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)",
@@ -225,31 +226,31 @@ class OpenAIServer:
             await gens.close()
         for o in outs:
             o["text"] = echo + o["text"]
-        use = P.usage(len(ids), sum(len(o["tokens"]) for o in outs))
-        return P.completion_body(rid, self.cfg.model_name, P.now(), outs, use, chat)
+        use = R.usage(len(ids), sum(len(o["tokens"]) for o in outs))
+        return R.completion_body(rid, self.cfg.model_name, R.now(), outs, use, chat)
 
     async def sse(self, rid: str, n_prompt: int, gens: Generations, chat: bool,
                   include_usage: bool, echo: str):
         """SSE chunks of every choice as they come, then usage (if asked) and [DONE]. An error
         after the stream has started is sent as an error event before [DONE]: never silence."""
-        model, created = self.cfg.model_name, P.now()
+        model, created = self.cfg.model_name, R.now()
         generated, started = 0, set()
         if echo:
             for i in range(len(gens.streams)):
-                yield P.sse(P.chunk(rid, model, created, i, echo, None, chat))
+                yield R.sse(R.chunk(rid, model, created, i, echo, None, chat))
         async for i, ev in gens.merged():
             if isinstance(ev, Exception):
-                yield P.sse(self.failure(ev, rid).body())
+                yield R.sse(self.failure(ev, rid).body())
                 continue
             generated += ev.token_id is not None
             first = chat and i not in started
             started.add(i)
             if ev.text or ev.finish_reason or first:
-                yield P.sse(P.chunk(rid, model, created, i, ev.text, ev.finish_reason, chat,
+                yield R.sse(R.chunk(rid, model, created, i, ev.text, ev.finish_reason, chat,
                                     first=first))
         if include_usage:
-            yield P.sse(P.usage_chunk(rid, model, created, P.usage(n_prompt, generated), chat))
-        yield P.sse("[DONE]")
+            yield R.sse(R.usage_chunk(rid, model, created, R.usage(n_prompt, generated), chat))
+        yield R.sse("[DONE]")
 
 
 def _too_large(limit: int) -> P.ApiError:
@@ -285,11 +286,11 @@ def build_api(server: OpenAIServer) -> FastAPI:
         return JSONResponse(P.ApiError(500, f"internal error (request {rid}); it was logged",
                                        type_="server_error").body(), status_code=500)
 
-    app.get("/health", responses=responses(P.HealthBody))(server.health)
+    app.get("/health", responses=responses(R.HealthBody))(server.health)
     app.get("/stats")(server.stats)
-    app.get("/v1/models", responses=responses(P.ModelList))(server.models)
+    app.get("/v1/models", responses=responses(R.ModelList))(server.models)
     app.post("/v1/completions", openapi_extra=body_of(P.CompletionRequest),
-             responses=responses(P.Completion, stream=True))(server.completions)
+             responses=responses(R.Completion, stream=True))(server.completions)
     app.post("/v1/chat/completions", openapi_extra=body_of(P.ChatRequest),
-             responses=responses(P.ChatCompletion, stream=True))(server.chat_completions)
+             responses=responses(R.ChatCompletion, stream=True))(server.chat_completions)
     return app

@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from deploy.protocol import ErrorResponse
+from deploy.responses import ErrorResponse
 
 REF = "#/components/schemas/{model}"
 # one event of a stream: its data is a chunk (the JSON of a completion or chat completion chunk),

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deploy import protocol as P
+from deploy import responses as R
 from deploy.config import ServerConfig, split_args
 from ladder.engine.sampling import SEED_SPACE, SamplingParams
 
@@ -130,10 +131,10 @@ def test_non_finite_and_oversized_numbers_are_refused(literal, name):
                                            ["stop", "length", "cancelled"])}),
                 min_size=1, max_size=3), st.booleans())
 def test_responses_are_what_the_document_declares(choices, chat):
-    use = P.usage(3, 4)
-    body = P.completion_body("id-1", "m", 1, choices, use, chat)
-    (P.ChatCompletion if chat else P.Completion).model_validate(body)
-    P.ErrorResponse.model_validate(P.ApiError(400, "x", param="n").body())
+    use = R.usage(3, 4)
+    body = R.completion_body("id-1", "m", 1, choices, use, chat)
+    (R.ChatCompletion if chat else R.Completion).model_validate(body)
+    R.ErrorResponse.model_validate(P.ApiError(400, "x", param="n").body())
 
 
 def test_api_keys_must_be_a_list_of_keys(tmp_path, monkeypatch):
