@@ -77,7 +77,11 @@ def progress_callback(path: str):
 
     class Progress(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            rec = dict(metrics[0])
+            # one record a step: a report holds its last step and the steps before it
+            for i in range(len(metrics[0].get("earlier", []))):
+                append_progress(path, {**metrics[0]["earlier"][i],
+                                       "pids": [m["earlier"][i].get("pid") for m in metrics]})
+            rec = {k: v for k, v in metrics[0].items() if k != "earlier"}
             rec["pids"] = [m.get("pid") for m in metrics]
             if checkpoint is not None:
                 rec["checkpoint"] = checkpoint.path

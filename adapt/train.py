@@ -183,7 +183,7 @@ def run_adapt(o: AdaptOptions, *, log=None) -> dict:
     with ProgressPrinter(o.run_dir / "progress.jsonl", o.steps, out=log):
         result = trainer.fit()
     final = result.checkpoint
-    metrics = result.metrics or {}
+    metrics = {k: v for k, v in (result.metrics or {}).items() if k != "earlier"}
     if final is None or metrics.get("step") != o.steps:
         raise AdaptError(f"the run stopped at step {metrics.get('step')} of {o.steps}; run the "
                          "same command again to resume it from its last checkpoint")
