@@ -46,15 +46,21 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | Path, *, extra_eos_token_ids: Iterable[int] = ()) -> "Tokenizer":
+        """transformers converts the GGUF's tokenizer metadata (~6 s for SmolLM2's 49k tokens and
+        merges on this machine, most of it parsing the file twice); the result is kept in a cache
+        (`gguf_cache_dir`) and later loads of the same file read that (~0.3 s)."""
         path = Path(path)
-        from transformers import AutoTokenizer
-
-        try:
-            hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
-                                               local_files_only=True)
-        except Exception as e:
-            raise TokenizerError(f"{path}: cannot build the tokenizer from GGUF metadata: "
-                                 f"{e}") from e
+        cached = gguf_cache_dir(path)
+        hf = _load_cached(cached)
+        if hf is None:
+            from transformers import AutoTokenizer
+            try:
+                hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                   local_files_only=True)
+            except Exception as e:
+                raise TokenizerError(f"{path}: cannot build the tokenizer from GGUF metadata: "
+                                     f"{e}") from e
+            _store(hf, cached)
         return cls(hf, source=path, extra_eos_token_ids=extra_eos_token_ids)
 
     @property
@@ -148,3 +154,55 @@ class IncrementalDecoder:
         self._prefix = self._read = len(self.ids)
         self.text += delta
         return delta
+
+
+def gguf_cache_dir(path: Path) -> Path:
+    """Where the tokenizer converted from GGUF file `path` is kept: $XDG_CACHE_HOME/ladder-serve/
+    tokenizers/<key> (~/.cache when unset), the key naming the file (its real path, size and
+    modification time) and the converting versions of transformers and tokenizers."""
+    import hashlib
+    import os
+
+    import tokenizers
+    import transformers
+    st = path.stat()
+    key = hashlib.sha256("\0".join(map(str, (
+        path.resolve(), st.st_size, st.st_mtime_ns, transformers.__version__,
+        tokenizers.__version__))).encode()).hexdigest()[:16]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "ladder-serve" / "tokenizers" / key
+
+
+def _load_cached(folder: Path) -> Any | None:
+    """The cached tokenizer, or None when there is none, or when it (or its folder) could have
+    been changed by someone else: then it is converted again, and not stored over theirs."""
+    from ladder.private import unsafe_reason
+    if not folder.is_dir() or any(unsafe_reason(p, directory=p.is_dir(), others_read=True)
+                                  for p in (folder.parent, folder, *folder.iterdir())):
+        return None
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception:  # noqa: BLE001 - a damaged cache entry: convert again
+        return None
+
+
+def _store(hf: Any, folder: Path) -> None:
+    """Save `hf` into the cache: written to a temporary folder, renamed into place (a concurrent
+    writer's identical copy may win; then ours is dropped). A cache that cannot be written is
+    skipped: the next start converts again."""
+    import shutil
+    import tempfile
+    try:
+        folder.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    except OSError:
+        return
+    try:
+        hf.save_pretrained(str(tmp))
+        tmp.chmod(0o755)
+        tmp.rename(folder)
+    except OSError:
+        pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -462,3 +462,20 @@ def test_error_slice_out_of_range(tmp_path):
     ckpt = open_checkpoint(tmp_path / "m.gguf")
     raises([tmp_path / "m.gguf", "rows range [0, 999)"], ckpt.read, "model.norm.weight", (0, 999))
 
+
+
+def test_the_fast_reader_reads_what_gguf_reads(smollm2):
+    """GGUFCheckpoint's reader (slices of a plain array over the map) against gguf's own."""
+    import numpy as np
+    from gguf import GGUFReader
+    ref = GGUFReader(smollm2.path, "r")
+    ours = smollm2.reader
+    assert list(ours.fields) == list(ref.fields)
+    for k, f in ref.fields.items():
+        assert ours.fields[k].contents() == f.contents(), k
+        assert ours.fields[k].types == f.types, k
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+    for a, b in zip(ours.tensors, ref.tensors):
+        assert (a.tensor_type, a.shape.tolist(), a.data.shape, a.data.dtype, a.data_offset) == (
+            b.tensor_type, b.shape.tolist(), b.data.shape, b.data.dtype, b.data_offset), a.name
+        assert np.array_equal(a.data, b.data), a.name

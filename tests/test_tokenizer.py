@@ -146,3 +146,41 @@ def test_incremental_decoder_holds_partial_characters(smollm2_tokenizer):
     held = [partial.feed(i) for i in ids[:2]]  # "a" and the first byte(s) of the emoji
     assert held == ["a", ""]
     assert partial.flush() == tok.decode(ids[:2])[1:]  # flush releases the incomplete rest
+
+
+def test_gguf_tokenizer_is_converted_once_then_read_from_the_cache(smollm2, tmp_path,
+                                                                   monkeypatch):
+    """The first load converts the GGUF's metadata (transformers) and keeps the result; the next
+    reads it (the converter is not called) and is the same tokenizer; a cache entry someone else
+    could have changed is not read."""
+    import os
+
+    import transformers
+
+    from ladder.tokenizer import _load_cached, gguf_cache_dir
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = Tokenizer.from_gguf(smollm2.path)
+    cached = gguf_cache_dir(smollm2.path)
+    assert cached.parent == tmp_path / "ladder-serve" / "tokenizers"
+    assert (cached / "tokenizer.json").is_file() and not os.stat(cached).st_mode & 0o022
+    auto = transformers.AutoTokenizer.from_pretrained
+
+    def no_conversion(*args, **kw):
+        assert "gguf_file" not in kw, "converted again: the cache was not read"
+        return auto(*args, **kw)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_conversion)
+    again = Tokenizer.from_gguf(smollm2.path)
+    for text in TEXTS:
+        assert again.encode(text) == first.encode(text)
+        assert again.decode(first.encode(text)) == text
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    assert again.apply_chat_template(messages) == first.apply_chat_template(messages)
+    assert (again.eos_token_ids, again.bos_token_id, again.vocab_size, again.max_token_chars) == (
+        first.eos_token_ids, first.bos_token_id, first.vocab_size, first.max_token_chars)
+    (cached / "tokenizer.json").chmod(0o666)  # others may write it: not trusted
+    assert _load_cached(cached) is None
+    (cached / "tokenizer.json").chmod(0o644)
+    cached.chmod(0o777)
+    assert _load_cached(cached) is None
+    cached.chmod(0o755)
+    assert _load_cached(cached) is not None

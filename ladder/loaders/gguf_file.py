@@ -72,7 +72,7 @@ class GGUFCheckpoint(Checkpoint):
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no such GGUF file")
         try:
-            reader = GGUFReader(self.path, "r")
+            reader = _Reader(self.path, "r")
         except Exception as e:  # the reader parses untrusted bytes and fails in many ways
             raise CheckpointError(f"{self.path}: not a readable GGUF file "
                                   f"(truncated or corrupt?): {type(e).__name__}: {e}") from None
@@ -214,6 +214,22 @@ class GGUFCheckpoint(Checkpoint):
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_gguf(self.path, extra_eos_token_ids=self.config.eos_token_ids)
+
+
+class _Reader(GGUFReader):
+    """`GGUFReader`, its ~250k slices (SmolLM2's vocabulary: two a token and a merge) taken from
+    a plain array over the memory map: a numpy memmap's slices each run Python code of its own
+    (3.7 s to open SmolLM2 here; this way 1.0 s). The same fields and tensors, as views."""
+
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None):
+        flat = self.__dict__.get("_flat")
+        if flat is None:
+            flat = self._flat = self.data.view(np.ndarray)
+        dt = np.dtype(dtype)
+        count = int(count)
+        arr = flat[offset:offset + dt.itemsize * count].view(dt)[:count]
+        return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None
+                                               else override_order))
 
 
 def _llama3_divisors(theta: float, head_dim: int, factor: float, low: float, high: float,

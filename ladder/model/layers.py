@@ -19,9 +19,12 @@ from ladder.model.tp import ShardSpec
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies [E/2], with Llama-3 scaling when the config has it (as in HF)."""
+    """Inverse frequencies [E/2], with Llama-3 scaling when the config has it (as in HF).
+    Computed on the CPU whatever the default device: on the meta device (`build_model`) these
+    ops would import sympy (1.5 s of every rank's start)."""
     e = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (torch.arange(0, e, 2, dtype=torch.int64).float() / e))
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, e, 2, dtype=torch.int64, device="cpu")
+                                       .float() / e))
     rs = config.rope_scaling
     if rs is None:
         return inv

@@ -47,7 +47,12 @@ class Transformer(nn.Module):
                  comm: Communicator | None = None) -> None:
         super().__init__()
         self.config, self.spec, self.plan = config, spec, plan
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        # Embedding's own init runs even on the meta device (build_model's), where it imports
+        # torch._dynamo: 1.6 s of every rank's start. Random weights only off the meta device.
+        emb = torch.empty(config.vocab_size, config.dim)
+        if not emb.is_meta:
+            nn.init.normal_(emb)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, _weight=emb)
         self.layers = nn.ModuleList(Block(config, spec, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         # this rank's vocabulary rows of the LM head as a module: an untied checkpoint's own; a
