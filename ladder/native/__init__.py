@@ -191,14 +191,15 @@ def block_weight(w: torch.Tensor) -> torch.Tensor:
     float32 [ceil(out / 16), in, 16]; bfloat16 [ceil(out / 16), ceil(in / 2), 16, 2]."""
     out, inp = w.shape
     nb = -(-out // 16)
+    pairs = -(-inp // 2) if w.dtype != torch.float32 else inp
+    cols = inp if w.dtype == torch.float32 else pairs * 2
+    padded = w
+    if (nb * 16, cols) != (out, inp):  # a copy only where there is something to pad
+        padded = w.new_zeros(nb * 16, cols)
+        padded[:out, :inp] = w
     if w.dtype == torch.float32:
-        padded = w.new_zeros(nb * 16, inp)
-        padded[:out] = w
-        return padded.view(nb, 16, inp).transpose(1, 2).contiguous()
-    pairs = -(-inp // 2)
-    padded = w.new_zeros(nb * 16, pairs * 2)
-    padded[:out, :inp] = w
-    return padded.view(nb, 16, pairs, 2).transpose(1, 2).contiguous()
+        return padded.reshape(nb, 16, inp).transpose(1, 2).contiguous()
+    return padded.reshape(nb, 16, pairs, 2).transpose(1, 2).contiguous()
 
 
 def unavailable_reason() -> str | None:
