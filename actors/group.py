@@ -169,6 +169,9 @@ class TPGroup(Group):
             return await self._call(self.leader.encode_chat.remote(messages))
         return await self._call(self.leader.encode.remote(text))
 
+    async def detokenize(self, ids: list[int]) -> str:
+        return await self._call(self.leader.decode.remote(ids))
+
     async def cancel(self, request_id: str) -> None:
         await self._call(self.leader.cancel.remote(request_id))
 

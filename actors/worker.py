@@ -150,7 +150,10 @@ class ShardWorker:
     async def encode_chat(self, messages: list[dict]) -> list[int]:
         return await self._tokenize(self.leader.encode_chat, messages)
 
-    async def _tokenize(self, fn, *args) -> list[int]:
+    async def decode(self, ids: list[int]) -> str:
+        return await self._tokenize(self.leader.decode, ids)
+
+    async def _tokenize(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
 
     # -- shutdown --------------------------------------------------------------------------

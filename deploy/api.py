@@ -3,7 +3,10 @@
 (`deploy.server`) and a local group in a test.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with `stream`), GET /v1/models,
-GET /health (liveness from the last collective check; details with a valid key), GET /stats.
+POST /tokenize and /detokenize (vLLM's), GET /health (liveness from the last collective check;
+details with a valid key), GET /stats. Every response carries X-Request-Id: the client's own
+(1-128 printable ASCII characters) or one made here; it names the request in the logs and in
+its completion's id (`cmpl-<X-Request-Id>`).
 Every error is an OpenAI-style body: a 4xx for what the client sent (413 past the body limit,
 checked before parsing), 503 with Retry-After while the group is down or full, 500 only for a
 fault of ours, logged with the request id. Validation ends before the first byte of a 200: a
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +30,7 @@ from deploy import protocol as P
 from deploy import responses as R
 from deploy.config import ServerConfig
 from deploy.openapi import body_of, describe, responses
+from deploy.request_ids import RequestIds
 from deploy.streams import EventStream, Generations
 from ladder.engine.group import Group, GroupError, Health
 from ladder.engine.scheduler import RequestError, RequestFailed, add_event, new_result
@@ -102,6 +107,33 @@ class OpenAIServer:
             "residual": i.residual, "residual_plan": i.residual_plan, "adapted": i.adapted,
             "interconnect": i.interconnect, "performance": performance}]}
 
+    async def tokenize_text(self, request: Request) -> dict:
+        """vLLM's /tokenize: the ids of a prompt or of chat messages (with the template)."""
+        self.begin(request, "tok")
+        req = P.parse(P.TokenizeRequest, await self.body(request))
+        if req.model is not None:
+            self.check_model(req.model)
+        if req.prompt is not None:
+            ids = await self.tokenize("prompt", text=req.prompt)
+        else:
+            ids = await self.tokenize("messages", messages=[
+                {"role": m.role, "content": m.text()} for m in req.messages])
+        return {"count": len(ids), "max_model_len": self.limits.max_seq, "tokens": ids,
+                "token_strs": None}
+
+    async def detokenize(self, request: Request) -> dict:
+        """vLLM's /detokenize: the text of token ids."""
+        self.begin(request, "detok")
+        req = P.parse(P.DetokenizeRequest, await self.body(request))
+        if req.model is not None:
+            self.check_model(req.model)
+        try:
+            return {"prompt": await self.group.detokenize(list(req.tokens))}
+        except RequestError as e:  # an id outside the vocabulary, or no tokenizer
+            raise P.ApiError(400, str(e), param="tokens") from None
+        except GroupError as e:
+            raise self.unavailable(e) from None
+
     async def completions(self, request: Request):
         rid = self.begin(request, "cmpl")
         req = P.parse(P.CompletionRequest, await self.body(request))
@@ -127,8 +159,9 @@ class OpenAIServer:
 
     # -- checks ----------------------------------------------------------------------------
     def begin(self, request: Request, prefix: str) -> str:
-        """A request's id (in its error responses and logs) and its key check."""
-        rid = R.new_id(prefix)
+        """A request's id (its completion's id, in its error responses and logs: the
+        X-Request-Id after a prefix) and its key check."""
+        rid = f"{prefix}-{request.state.request_id}"
         request.state.rid = rid
         if not self.key_ok(request):
             raise P.ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)",
@@ -205,8 +238,8 @@ class OpenAIServer:
                              type_="server_error", code="overloaded",
                              headers={"Retry-After": str(self.cfg.retry_after_s)})
         gens = Generations(self.group, self.active, len(params))
-        try:
-            await gens.open(ids, params, rid)
+        try:  # unique in the group even when clients reuse an X-Request-Id
+            await gens.open(ids, params, f"{rid}.{uuid.uuid4().hex[:8]}")
         except (RequestError, GroupError, RequestFailed) as e:
             await gens.close()
             raise self.failure(e, rid) from None
@@ -261,7 +294,8 @@ def _too_large(limit: int) -> P.ApiError:
 def build_api(server: OpenAIServer) -> FastAPI:
     """The FastAPI app of `server`: routes, OpenAI error bodies, the OpenAPI document."""
     app = FastAPI(title="ladder-serve", docs_url="/docs", redoc_url=None)
-    describe(app, (P.CompletionRequest, P.ChatRequest))
+    app.add_middleware(RequestIds)
+    describe(app, (P.CompletionRequest, P.ChatRequest, P.TokenizeRequest, P.DetokenizeRequest))
 
     @app.exception_handler(P.ApiError)
     async def api_error(request: Request, e: P.ApiError) -> JSONResponse:
@@ -283,8 +317,10 @@ def build_api(server: OpenAIServer) -> FastAPI:
     async def bug(request: Request, e: Exception) -> JSONResponse:
         rid = getattr(request.state, "rid", "-")
         log.error("request %s failed: %s", rid, e, exc_info=e)
+        # Starlette answers this outside the middleware: the header is set here
         return JSONResponse(P.ApiError(500, f"internal error (request {rid}); it was logged",
-                                       type_="server_error").body(), status_code=500)
+                                       type_="server_error").body(), status_code=500,
+                            headers={"X-Request-Id": getattr(request.state, "request_id", "-")})
 
     app.get("/health", responses=responses(R.HealthBody))(server.health)
     app.get("/stats")(server.stats)
@@ -293,4 +329,8 @@ def build_api(server: OpenAIServer) -> FastAPI:
              responses=responses(R.Completion, stream=True))(server.completions)
     app.post("/v1/chat/completions", openapi_extra=body_of(P.ChatRequest),
              responses=responses(R.ChatCompletion, stream=True))(server.chat_completions)
+    app.post("/tokenize", openapi_extra=body_of(P.TokenizeRequest),
+             responses=responses(R.Tokenized))(server.tokenize_text)
+    app.post("/detokenize", openapi_extra=body_of(P.DetokenizeRequest),
+             responses=responses(R.Detokenized))(server.detokenize)
     return app

@@ -57,8 +57,34 @@ class Limits:
 
 # -- requests ---------------------------------------------------------------------------------
 # Numbers and booleans are strict (no "1" for 1, no true for 1.0), floats finite (no NaN or
-# Infinity); unknown fields are ignored, as OpenAI clients send fields we do not use.
+# Infinity). A request's own fields: an unknown one is a 400 naming it, as OpenAI's API answers
+# ("Unrecognized request argument supplied"); parts of it (messages, stream_options) keep what
+# they do not know, as a client replaying a conversation sends fields of OpenAI's responses.
 _STRICT = ConfigDict(extra="ignore", allow_inf_nan=False)
+_REQUEST = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+# Fields OpenAI clients send that change nothing here: accepted, with no effect.
+NO_EFFECT = ("user", "metadata", "store", "service_tier", "parallel_tool_calls",
+             "prompt_cache_key", "safety_identifier")
+# Fields of OpenAI's or vLLM's API not served yet: a 400 naming the field unless its value is
+# one that asks for nothing (the default), so that a client is never silently given something
+# other than what it asked for (JSON it asked for as free text, an unpenalized sample).
+NOT_YET: dict[str, tuple] = {
+    "logprobs": (None, False), "top_logprobs": (None,), "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0), "repetition_penalty": (None, 1), "logit_bias": (None, {}),
+    "min_p": (None, 0), "stop_token_ids": (None, []), "bad_words": (None, []),
+    "response_format": (None, {"type": "text"}), "tools": (None, []),
+    "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "best_of": (None, 1), "suffix": (None, ""), "audio": (None,), "modalities": (None, ["text"]),
+    "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,),
+}
+
+
+def _not_yet(name: str) -> Any:
+    """A NOT_YET field: any JSON value parses (so that the 400 says "not supported" rather than
+    "invalid"), while the document admits only the values that ask for nothing."""
+    return Field(None, description="not supported yet: any other value is a 400",
+                 json_schema_extra={"enum": list(NOT_YET[name])})
 
 
 def _integral(v: Any) -> Any:
@@ -71,13 +97,20 @@ Text = Annotated[str, Field(min_length=1)]
 Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
+def _same(v: Any, default: Any) -> bool:
+    """`v` is `default` (0 and 0.0 alike; a boolean is not a number here: True is not 1)."""
+    if isinstance(v, bool) or isinstance(default, bool):
+        return type(v) is type(default) and v == default
+    return v == default
+
+
 class StreamOptions(BaseModel):
     model_config = _STRICT
     include_usage: StrictBool = False
 
 
 class _Common(BaseModel):
-    model_config = _STRICT
+    model_config = _REQUEST
 
     model: str
     max_tokens: Int | None = Field(None, ge=1)
@@ -92,6 +125,33 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     min_tokens: Int = Field(0, ge=0, description="an extension: no stop before this many")
     ignore_eos: StrictBool = Field(False, description="an extension (benchmarks)")
+    # accepted, no effect (NO_EFFECT); not served yet (NOT_YET)
+    user: Any = None
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+    parallel_tool_calls: Any = None
+    prompt_cache_key: Any = None
+    safety_identifier: Any = None
+    top_logprobs: Any = _not_yet("top_logprobs")
+    presence_penalty: Any = _not_yet("presence_penalty")
+    frequency_penalty: Any = _not_yet("frequency_penalty")
+    repetition_penalty: Any = _not_yet("repetition_penalty")
+    logit_bias: Any = _not_yet("logit_bias")
+    min_p: Any = _not_yet("min_p")
+    stop_token_ids: Any = _not_yet("stop_token_ids")
+    bad_words: Any = _not_yet("bad_words")
+    response_format: Any = _not_yet("response_format")
+    best_of: Any = _not_yet("best_of")
+
+    def refuse_what_is_not_served(self) -> None:
+        """A 400 naming the first field of NOT_YET set to something other than its default."""
+        for name, defaults in NOT_YET.items():
+            if name in type(self).model_fields and not any(
+                    _same(getattr(self, name), d) for d in defaults):
+                raise ApiError(400, f"{name} is not supported by this server yet",
+                               param=name, code="unsupported_parameter")
+
 
     def sampling(self, limits: Limits, n_prompt: int, default_max: int) -> list[SamplingParams]:
         """One SamplingParams per choice for a prompt of `n_prompt` tokens; `default_max`
@@ -131,8 +191,8 @@ class CompletionRequest(_Common):
     prompt: Text | Annotated[list[Text], Field(min_length=1)] | Annotated[list[Int],
                                                                            Field(min_length=1)]
     echo: StrictBool = False
-    logprobs: Int | None = Field(None, description="not supported: only null")
-    suffix: str | None = Field(None, description="not supported: only null or empty")
+    logprobs: Any = _not_yet("logprobs")
+    suffix: Any = _not_yet("suffix")
 
     def prompt_text_or_ids(self) -> str | list[int]:
         """The one prompt: a string, or token ids. One-string lists are unwrapped."""
@@ -171,14 +231,53 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Common):
     prompt_param: ClassVar[str] = "messages"
     messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: StrictBool | None = Field(None, description="not supported: only null or false")
+    logprobs: Any = _not_yet("logprobs")
+    tools: Any = _not_yet("tools")
+    tool_choice: Any = _not_yet("tool_choice")
+    functions: Any = _not_yet("functions")
+    function_call: Any = _not_yet("function_call")
+    audio: Any = _not_yet("audio")
+    modalities: Any = _not_yet("modalities")
+    prediction: Any = _not_yet("prediction")
+    reasoning_effort: Any = _not_yet("reasoning_effort")
+    web_search_options: Any = _not_yet("web_search_options")
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages through the chat template."""
+    model_config = _REQUEST
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: StrictBool = Field(True, description="only true: the model's own")
+    add_generation_prompt: StrictBool = Field(True, description="only true (messages)")
+    return_token_strs: StrictBool = Field(False, description="only false")
+
+    def refuse_what_is_not_served(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ApiError(400, "give either prompt or messages", param="prompt")
+        for name, default in (("add_special_tokens", True), ("add_generation_prompt", True),
+                              ("return_token_strs", False)):
+            if getattr(self, name) is not default:
+                raise ApiError(400, f"{name}: {not default} is not supported by this server "
+                               "yet", param=name, code="unsupported_parameter")
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's /detokenize: token ids back to text."""
+    model_config = _REQUEST
+    model: str | None = None
+    tokens: list[Int]
+
+    def refuse_what_is_not_served(self) -> None:
+        pass
 
 
 # pydantic names the member of a union it tried ("prompt.str", "stop.list[str]"): not a field
 _UNION_TAG = re.compile(r"str|int|float|bool|list|dict|constrained-.*|.*\[.*")
 
 
-def parse(model_cls: type[_Common], raw: bytes) -> Any:
+def parse(model_cls: type[BaseModel], raw: bytes) -> Any:
     """JSON body -> request model, or an ApiError(400) that says what is wrong.
 
     pydantic's own JSON parser reads the body: it refuses NaN, integers past 4300 digits and
@@ -191,6 +290,9 @@ def parse(model_cls: type[_Common], raw: bytes) -> Any:
         # items"), not the others ("not a string")
         err = next((x for x in errors if not x["type"].endswith("_type")), errors[0])
         loc = [str(x) for x in err["loc"] if not _UNION_TAG.fullmatch(str(x))]
+        if err["type"] == "extra_forbidden" and len(loc) == 1:
+            raise ApiError(400, f"unrecognized request argument supplied: {loc[0]}",
+                           param=loc[0], code="unknown_parameter") from None
         if err["type"] == "json_invalid":
             raise ApiError(400, f"the request body is not valid JSON: {err['msg']}") from None
         if err["type"] in ("model_type", "model_attributes_type") and not loc:
@@ -198,8 +300,5 @@ def parse(model_cls: type[_Common], raw: bytes) -> Any:
         what = "is required" if err["type"] == "missing" else f"is invalid: {err['msg']}"
         raise ApiError(400, f"{'.'.join(loc) or 'body'} {what}",
                        param=loc[0] if loc else None) from None
-    if req.logprobs is not None and req.logprobs is not False:
-        raise ApiError(400, "logprobs are not supported", param="logprobs")
-    if getattr(req, "suffix", None):
-        raise ApiError(400, "suffix is not supported", param="suffix")
+    req.refuse_what_is_not_served()
     return req

@@ -23,6 +23,17 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class Tokenized(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: None = None
+
+
+class Detokenized(BaseModel):
+    prompt: str
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int

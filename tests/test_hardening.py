@@ -14,7 +14,6 @@ document through Serve's proxy, bodies past the limit through the proxy, and a r
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
@@ -22,44 +21,16 @@ import ray
 import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from local_api import AUTH, KEY, MAX_PROMPT_CHARS, SETTINGS, serving_locally
 
 from bench.hostile import probes, send
 from ladder.links.factory import free_port
 
-KEY = "sk-hardening"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-MAX_SEQ = 256
-MAX_PROMPT_CHARS = 50_000
-
-
-SETTINGS = {"model_name": "tiny-chat", "tp": 2, "residual": "standard", "n_slots": 4,
-            "max_seq": MAX_SEQ, "api_keys": [KEY], "queue_limit": 16,
-            "max_prompt_chars": MAX_PROMPT_CHARS}
-
 
 @pytest.fixture(scope="module")
 def local_api(tiny_chat):
-    """deploy.api over a LocalTPGroup, served by uvicorn on a thread of this process."""
-    import uvicorn
-
-    from deploy.api import OpenAIServer, build_api
-    from deploy.config import ServerConfig
-    from ladder.engine.local import LocalTPGroup
-    cfg = ServerConfig.from_dict({**SETTINGS, "model": str(tiny_chat)})
-    port = free_port()
-    with LocalTPGroup(cfg.group_options()) as group:
-        server = uvicorn.Server(uvicorn.Config(build_api(OpenAIServer(group, cfg)),
-                                               host="127.0.0.1", port=port, log_level="warning"))
-        t = threading.Thread(target=server.run, daemon=True)
-        t.start()
-        try:
-            deadline = time.monotonic() + 60
-            while not server.started and time.monotonic() < deadline:
-                time.sleep(0.05)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
-            t.join(timeout=30)
+    with serving_locally(tiny_chat) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

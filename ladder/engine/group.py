@@ -91,6 +91,10 @@ class Group(ABC):
         """Prompt ids of `text` (as is) or of chat `messages` (through the chat template)."""
 
     @abstractmethod
+    async def detokenize(self, ids: list[int]) -> str:
+        """The text of token `ids` (RequestError for an id outside the vocabulary)."""
+
+    @abstractmethod
     async def health(self, timeout_s: float = 10.0) -> Health:
         """A collective round trip through every rank, under `timeout_s`."""
 

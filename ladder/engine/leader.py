@@ -150,6 +150,13 @@ class Leader:
         except ValueError as e:
             raise RequestError(str(e)) from None
 
+    def decode(self, ids: list[int]) -> str:
+        n = self.engine.model.config.vocab_size
+        bad = next((i for i in ids if not 0 <= i < n), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is outside the vocabulary (0..{n - 1})")
+        return self._tokenizer().decode(ids)
+
     def _tokenizer(self):
         if self.tokenizer is None:
             raise RequestError("this checkpoint has no tokenizer: pass token ids")

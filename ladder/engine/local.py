@@ -84,6 +84,9 @@ class LocalTPGroup(Group):
             return await self._acall("encode_chat", messages)
         return await self._acall("encode", text)
 
+    async def detokenize(self, ids: list[int]) -> str:
+        return await self._acall("decode", ids)
+
     async def health(self, timeout_s: float = 10.0) -> Health:
         try:
             rtt = await asyncio.wait_for(self._acall("ping", timeout_s), timeout_s + 5)

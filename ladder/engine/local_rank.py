@@ -98,7 +98,7 @@ def _answer(leader: Leader, engine, cid: int, name: str, args: tuple, conn, lock
     """A call from the parent, answered with its value or its exception."""
     calls = {
         "info": leader.info, "stats": leader.stats, "encode": leader.encode,
-        "encode_chat": leader.encode_chat,
+        "encode_chat": leader.encode_chat, "decode": leader.decode,
         "ping": lambda timeout_s: leader.ping().result(timeout=timeout_s),
         "logits": lambda rows: leader.call(lambda e: _logits(e, rows)).result(),
         "timing": lambda: engine.timing,

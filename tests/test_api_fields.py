@@ -1,0 +1,170 @@
+"""The request fields OpenAI's and vLLM's clients send, through the official `openai` client:
+what is not served yet is a 400 naming it (never silently dropped), what changes nothing here
+is accepted, an unknown field is refused as OpenAI refuses it; X-Request-Id on every response;
+vLLM's /tokenize and /detokenize.
+
+The server: deploy.api over a local TP=2 group of the tiny chat model (test_hardening's).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import re
+
+import openai
+import pytest
+import requests
+from local_api import AUTH, KEY, serving_locally
+
+from deploy.protocol import NOT_YET
+
+MODEL = "tiny-chat"
+MESSAGES = [{"role": "user", "content": "Say hi."}]
+# a value of each field that asks for something this server does not do yet
+ASKS = {
+    "logprobs": True, "top_logprobs": 2, "presence_penalty": 0.5, "frequency_penalty": -0.3,
+    "repetition_penalty": 1.2, "logit_bias": {"42": 5}, "min_p": 0.1, "stop_token_ids": [7],
+    "bad_words": ["x"], "response_format": {"type": "json_object"},
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+    "tool_choice": "auto", "functions": [{"name": "f"}], "function_call": "auto", "best_of": 2,
+    "suffix": "end", "audio": {"voice": "x"}, "modalities": ["audio"],
+    "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "low",
+    "web_search_options": {},
+}
+COMPLETION_ONLY = {"suffix", "best_of"}  # fields of the legacy completions API alone
+CHAT_ONLY = {"tools", "tool_choice", "functions", "function_call", "audio", "modalities",
+             "prediction", "reasoning_effort", "web_search_options"}
+
+
+@pytest.fixture(scope="module")
+def local_api(tiny_chat):
+    with serving_locally(tiny_chat) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(local_api):
+    return openai.OpenAI(base_url=local_api + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_every_field_not_served_yet_is_named_in_a_400(client):
+    assert set(ASKS) == set(NOT_YET)
+    for name, value in ASKS.items():
+        for chat in (False, True):
+            if name in (CHAT_ONLY if not chat else COMPLETION_ONLY):
+                continue
+            if not chat and name == "logprobs":
+                value = 2  # the completions API's logprobs is a count
+            with pytest.raises(openai.BadRequestError) as e:
+                if chat:
+                    client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
+                                                   extra_body={name: value})
+                else:
+                    client.completions.create(model=MODEL, prompt="Hi", max_tokens=2,
+                                              extra_body={name: value})
+            err = e.value.body
+            assert err["param"] == name and err["code"] == "unsupported_parameter", (name, err)
+            assert f"{name} is not supported" in err["message"]
+
+
+def test_defaults_and_fields_without_effect_are_served(client):
+    """What asks for nothing (a penalty of 0, an empty bias, text output, no tools) and what
+    OpenAI clients send for their own bookkeeping is a 200."""
+    quiet = dict(presence_penalty=0, frequency_penalty=0.0, logit_bias={}, user="u-1", seed=1,
+                 temperature=0, max_tokens=3)
+    c = client.completions.create(model=MODEL, prompt="Hi", best_of=1, logprobs=None,
+                                  extra_body={"ignore_eos": True, "store": False,
+                                              "metadata": {"team": "infra"}}, **quiet)
+    assert c.usage.completion_tokens == 3
+    ch = client.chat.completions.create(model=MODEL, messages=MESSAGES, logprobs=False,
+                                        response_format={"type": "text"}, tool_choice="none",
+                                        parallel_tool_calls=True, store=False,
+                                        metadata={"team": "infra"}, service_tier="auto",
+                                        extra_body={"ignore_eos": True}, **quiet)
+    assert ch.usage.completion_tokens == 3
+
+
+def test_an_unknown_field_is_refused_by_name(client, local_api):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=2,
+                                  extra_body={"temprature": 0.5})
+    assert e.value.body["param"] == "temprature" and e.value.body["code"] == "unknown_parameter"
+    assert "unrecognized request argument supplied: temprature" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:  # echo is the completions API's
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={"echo": True})
+    assert e.value.body["param"] == "echo"
+    # a message keeps what it does not know: a client replays OpenAI's own responses
+    replay = [*MESSAGES, {"role": "assistant", "content": "hi", "refusal": None,
+                          "tool_calls": None}, {"role": "user", "content": "again"}]
+    r = requests.post(local_api + "/v1/chat/completions", headers=AUTH, timeout=60,
+                      json={"model": MODEL, "messages": replay, "max_tokens": 2})
+    assert r.status_code in (200, 400) and "refusal" not in r.text  # (the template may refuse)
+
+
+def test_x_request_id_is_echoed_or_made_on_every_response(local_api):
+    url = local_api + "/v1/completions"
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+    r = requests.post(url, headers={**AUTH, "X-Request-Id": "trace-17/a:b"}, json=body,
+                      timeout=60)
+    assert r.status_code == 200 and r.headers["x-request-id"] == "trace-17/a:b"
+    assert r.json()["id"] == "cmpl-trace-17/a:b"
+    made = requests.post(url, headers=AUTH, json=body, timeout=60)
+    assert re.fullmatch(r"[0-9a-f]{32}", made.headers["x-request-id"])
+    assert made.json()["id"] == "cmpl-" + made.headers["x-request-id"]
+    for r in (requests.post(url, headers={**AUTH, "X-Request-Id": "e1"}, json={}, timeout=60),
+              requests.get(local_api + "/v1/models", headers={"X-Request-Id": "e1"}, timeout=60),
+              requests.get(local_api + "/nowhere", headers={"X-Request-Id": "e1"}, timeout=60),
+              requests.post(url, headers={**AUTH, "X-Request-Id": "e1"}, timeout=60,
+                            json={**body, "stream": True})):
+        assert r.headers["x-request-id"] == "e1", (r.status_code, r.text[:200])
+    for bad in ("has space", "x" * 129, "caf\u00e9"):
+        r = requests.post(url, headers={**AUTH, "X-Request-Id": bad.encode()}, json=body,
+                          timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "X-Request-Id"
+
+
+def test_clients_reusing_a_request_id_each_get_their_own_answer(local_api):
+    """The group's ids stay unique when two requests in flight carry the same X-Request-Id."""
+    def one(prompt):
+        r = requests.post(local_api + "/v1/completions", timeout=120,
+                          headers={**AUTH, "X-Request-Id": "same"},
+                          json={"model": MODEL, "prompt": prompt, "max_tokens": 12,
+                                "temperature": 0, "ignore_eos": True})
+        return r.status_code, r.json()["choices"][0]["text"]
+
+    alone = [one(p) for p in ("Once upon", "In a galaxy")]
+    with cf.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(one, ["Once upon", "In a galaxy"] * 2))
+    assert together == alone * 2
+
+
+def test_tokenize_and_detokenize(local_api, tiny_chat):
+    """vLLM's shapes; the ids are the model's own tokenizer's and chat template's."""
+    from ladder.tokenizer import Tokenizer
+    tok = Tokenizer.from_folder(tiny_chat)
+    def post(path, **body):
+        return requests.post(local_api + path, headers=AUTH, json=body, timeout=60)
+
+    text = "Ladder residual overlaps the all-reduce."
+    r = post("/tokenize", model=MODEL, prompt=text)
+    ids = tok.encode(text)
+    assert r.status_code == 200
+    assert r.json() == {"count": len(ids), "max_model_len": 256, "tokens": ids,
+                        "token_strs": None}
+    chat = post("/tokenize", messages=MESSAGES).json()  # model may be left out, as in vLLM
+    assert chat["tokens"] == tok.apply_chat_template(MESSAGES)
+    assert post("/detokenize", model=MODEL, tokens=ids).json() == {"prompt": text}
+    for path, body, param, status in (
+            ("/tokenize", {}, "prompt", 400),
+            ("/tokenize", {"prompt": "a", "messages": MESSAGES}, "prompt", 400),
+            ("/tokenize", {"prompt": "a", "add_special_tokens": False}, "add_special_tokens",
+             400),
+            ("/tokenize", {"prompt": "a", "model": "other"}, "model", 404),
+            ("/tokenize", {"prompt": "a", "extra": 1}, "extra", 400),
+            ("/detokenize", {"tokens": [1, 49152]}, "tokens", 400),
+            ("/detokenize", {"tokens": [-1]}, "tokens", 400),
+            ("/detokenize", {"tokens": "1 2"}, "tokens", 400)):
+        r = post(path, **body)
+        assert r.status_code == status and r.json()["error"]["param"] == param, (body, r.text)
+    assert requests.post(local_api + "/tokenize", json={"prompt": "a"},
+                         timeout=60).status_code == 401
