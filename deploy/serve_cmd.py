@@ -70,11 +70,18 @@ def deploy_failure(serve, app: str) -> str | None:
     return st.message or None
 
 
-def banner(url: str, model: str, keyed: bool, ready_s: float) -> str:
-    """What `ladder serve` prints once ready: where, and a request to copy. The example names no
-    key of the config's: keys stay out of terminals and logs."""
+def banner(url: str, model: str, keyed: bool, ready_s: float, dashboard: str | None = None
+           ) -> str:
+    """What `ladder serve` prints once ready: where, a request to copy, and (for the local Ray
+    it started) where to look at metrics. The example names no key of the config's: keys stay
+    out of terminals and logs."""
     key = "$LADDER_API_KEY" if keyed else "none"
+    watch = ""
+    if dashboard:
+        watch = (f"  metrics: prometheus --config.file=dashboards/prometheus.yml (finds this "
+                 f"cluster's agents); Ray dashboard {dashboard}\n\n")
     return (f"ladder-serve: {model} on {url}/v1 (ready in {ready_s:.0f} s; Ctrl-C stops)\n\n"
+            f"{watch}"
             f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
             f"       -H \"Authorization: Bearer {key}\" \\\n"
             f"       -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
@@ -83,6 +90,19 @@ def banner(url: str, model: str, keyed: bool, ready_s: float) -> str:
             f"api_key='{key}'); print(c.chat.completions.create(model='{model}', "
             f"messages=[{{'role': 'user', 'content': 'Hello!'}}], max_tokens=32)"
             ".choices[0].message.content)\"\n")
+
+
+def dashboard_port() -> int:
+    """Ray's usual dashboard port, 8265, when it is free; else any free one."""
+    import socket
+
+    from ladder.links.factory import free_port
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", 8265))
+            return 8265
+        except OSError:
+            return free_port()
 
 
 def run(a: argparse.Namespace) -> int:
@@ -109,9 +129,14 @@ def run(a: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     t0 = time.perf_counter()
-    if local:
+    dashboard = None
+    if local:  # with its dashboard: the head writes the Prometheus service-discovery file that
+        # dashboards/prometheus.yml reads (without it, Prometheus finds no target)
+        dash_port = dashboard_port()
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed(args)),
-                 include_dashboard=False, log_to_driver=False)
+                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash_port,
+                 log_to_driver=False)
+        dashboard = f"http://127.0.0.1:{dash_port}"
     else:
         ray.init(address=a.address, log_to_driver=False)
     try:
@@ -124,7 +149,7 @@ def run(a: argparse.Namespace) -> int:
                   f"{deploy_failure(serve, name) or e}", file=sys.stderr, flush=True)
             return 1
         print(banner(f"http://{host}:{port}", args.get("model_name", "smollm2"), keyed,
-                     time.perf_counter() - t0), flush=True)
+                     time.perf_counter() - t0, dashboard), flush=True)
         while not stop.wait(1.0):
             pass
         print("ladder-serve: shutting down", file=sys.stderr, flush=True)
