@@ -12,19 +12,9 @@ from __future__ import annotations
 
 from ray.util import metrics as m
 
-LABELS = ("model", "residual", "tp", "interconnect")
+from ladder.metric_buckets import E2E, RATIO, STEP, TPOT, TTFT, WAIT
 
-# vLLM's buckets, extended downwards for CPU steps
-TTFT = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-        7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
-TPOT = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
-        1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
-E2E = [0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
-       50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
-STEP = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
-        0.25, 0.5, 1.0, 2.5, 5.0]
-WAIT = [1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
-RATIO = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]
+LABELS = ("model", "residual", "tp", "interconnect")
 
 # name -> (kind, description, buckets, extra label)
 SPEC = {

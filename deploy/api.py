@@ -1,12 +1,13 @@
 """The OpenAI-compatible HTTP API over a TP group: a thin layer over the serving contract
 (`ladder.engine.group.Group`), so the same app serves a Ray group in a Serve replica
-(`deploy.server`) and a local group in a test.
+(`deploy.server`) and a local group in a test. `deploy.app` makes the FastAPI app of it.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with `stream`), GET /v1/models,
 POST /tokenize and /detokenize (vLLM's), GET /health (liveness from the last collective check;
-details with a valid key), GET /stats. Every response carries X-Request-Id: the client's own
-(1-128 printable ASCII characters) or one made here; it names the request in the logs and in
-its completion's id (`cmpl-<X-Request-Id>`).
+details with a valid key), GET /stats, GET /metrics (the replica's own series:
+deploy.replica_metrics). Every response carries X-Request-Id: the client's own (1-128
+printable ASCII characters) or one made here; it names the request in the logs and in its
+completion's id (`cmpl-<X-Request-Id>`).
 Every error is an OpenAI-style body: a 4xx for what the client sent (413 past the body limit,
 checked before parsing), 503 with Retry-After while the group is down or full, 500 only for a
 fault of ours, logged with the request id. Validation ends before the first byte of a 200: a
@@ -21,16 +22,13 @@ import logging
 import time
 import uuid
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
 
 from deploy import protocol as P
 from deploy import responses as R
 from deploy.config import ServerConfig
-from deploy.openapi import body_of, describe, responses
-from deploy.request_ids import RequestIds
+from deploy.replica_metrics import CONTENT_TYPE, ReplicaMetrics
 from deploy.streams import EventStream, Generations
 from ladder.engine.group import Group, GroupError, Health
 from ladder.engine.scheduler import RequestError, RequestFailed, add_event, new_result
@@ -57,6 +55,7 @@ class OpenAIServer:
         self.created = R.now()
         self.active = [0]  # generations of ours in the group (running or waiting)
         self.last_health = (Health(True, "started"), time.monotonic())
+        self.own = ReplicaMetrics(cfg.model_name, info.residual, info.tp, info.interconnect)
         self.prediction = Prediction(info.config, info.tp, info.residual_plan, info.interconnect,
                                      cfg.dtype, cfg.head_split, cfg.device)
         log.info("%s: %s", info.name, self.prediction.describe())
@@ -80,6 +79,14 @@ class OpenAIServer:
                         interconnect=self.info.interconnect, residual=self.info.residual,
                         **self.details)
         return JSONResponse(body, status_code=200 if h.healthy else 503)
+
+    async def metrics_text(self, request: Request) -> Response:
+        """This replica's own series (deploy.replica_metrics); no key needed, as /health."""
+        try:
+            return Response(self.own.text(await self.group.stats(since=float("inf"))),
+                            media_type=CONTENT_TYPE)
+        except GroupError:  # a broken group: the API's own series still tell it
+            return Response(self.own.text({}), media_type=CONTENT_TYPE)
 
     async def stats(self, request: Request) -> dict:
         """The group's slots in use, queue and totals (per-step records left out)."""
@@ -246,24 +253,27 @@ class OpenAIServer:
         except BaseException:
             await gens.close()
             raise
+        obs = self.own.request(len(ids))
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventStream(self.sse(rid, len(ids), gens, chat, include_usage, echo), gens)
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return EventStream(self.sse(rid, len(ids), gens, chat, usage, echo, obs), gens)
         try:
             outs = [new_result() for _ in params]
             async for i, ev in gens.merged():
                 if isinstance(ev, Exception):
                     raise self.failure(ev, rid)
+                obs.event(ev)
                 add_event(outs[i], ev)
         finally:
             await gens.close()
+        obs.done()
         for o in outs:
             o["text"] = echo + o["text"]
         use = R.usage(len(ids), sum(len(o["tokens"]) for o in outs))
         return R.completion_body(rid, self.cfg.model_name, R.now(), outs, use, chat)
 
     async def sse(self, rid: str, n_prompt: int, gens: Generations, chat: bool,
-                  include_usage: bool, echo: str):
+                  include_usage: bool, echo: str, obs):
         """SSE chunks of every choice as they come, then usage (if asked) and [DONE]. An error
         after the stream has started is sent as an error event before [DONE]: never silence."""
         model, created = self.cfg.model_name, R.now()
@@ -276,11 +286,13 @@ class OpenAIServer:
                 yield R.sse(self.failure(ev, rid).body())
                 continue
             generated += ev.token_id is not None
+            obs.event(ev)
             first = chat and i not in started
             started.add(i)
             if ev.text or ev.finish_reason or first:
                 yield R.sse(R.chunk(rid, model, created, i, ev.text, ev.finish_reason, chat,
                                     first=first))
+        obs.done()
         if include_usage:
             yield R.sse(R.usage_chunk(rid, model, created, R.usage(n_prompt, generated), chat))
         yield R.sse("[DONE]")
@@ -289,48 +301,3 @@ class OpenAIServer:
 def _too_large(limit: int) -> P.ApiError:
     return P.ApiError(413, f"the request body is larger than {limit} bytes",
                       code="request_too_large")
-
-
-def build_api(server: OpenAIServer) -> FastAPI:
-    """The FastAPI app of `server`: routes, OpenAI error bodies, the OpenAPI document."""
-    app = FastAPI(title="ladder-serve", docs_url="/docs", redoc_url=None)
-    app.add_middleware(RequestIds)
-    describe(app, (P.CompletionRequest, P.ChatRequest, P.TokenizeRequest, P.DetokenizeRequest))
-
-    @app.exception_handler(P.ApiError)
-    async def api_error(request: Request, e: P.ApiError) -> JSONResponse:
-        if server.metrics is not None:
-            server.metrics.on_error(f"http_{e.status}")
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-        """Starlette's own (an unknown route, a wrong method) in OpenAI's error body."""
-        return await api_error(request, P.ApiError(e.status_code, str(e.detail),
-                                                   headers=dict(e.headers or {})))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        return await api_error(request, P.ApiError(400, f"invalid request: {e.errors()[0]}"))
-
-    @app.exception_handler(Exception)
-    async def bug(request: Request, e: Exception) -> JSONResponse:
-        rid = getattr(request.state, "rid", "-")
-        log.error("request %s failed: %s", rid, e, exc_info=e)
-        # Starlette answers this outside the middleware: the header is set here
-        return JSONResponse(P.ApiError(500, f"internal error (request {rid}); it was logged",
-                                       type_="server_error").body(), status_code=500,
-                            headers={"X-Request-Id": getattr(request.state, "request_id", "-")})
-
-    app.get("/health", responses=responses(R.HealthBody))(server.health)
-    app.get("/stats")(server.stats)
-    app.get("/v1/models", responses=responses(R.ModelList))(server.models)
-    app.post("/v1/completions", openapi_extra=body_of(P.CompletionRequest),
-             responses=responses(R.Completion, stream=True))(server.completions)
-    app.post("/v1/chat/completions", openapi_extra=body_of(P.ChatRequest),
-             responses=responses(R.ChatCompletion, stream=True))(server.chat_completions)
-    app.post("/tokenize", openapi_extra=body_of(P.TokenizeRequest),
-             responses=responses(R.Tokenized))(server.tokenize_text)
-    app.post("/detokenize", openapi_extra=body_of(P.DetokenizeRequest),
-             responses=responses(R.Detokenized))(server.detokenize)
-    return app

@@ -12,7 +12,8 @@ from dataclasses import asdict
 
 from ray import serve
 
-from deploy.api import OpenAIServer, build_api
+from deploy.api import OpenAIServer
+from deploy.app import build_api
 from deploy.config import ServerConfig, deployment_options, split_args
 
 

@@ -21,7 +21,8 @@ def serving_locally(model_path):
     """The API's base URL while it serves `model_path`; the group and server end after."""
     import uvicorn
 
-    from deploy.api import OpenAIServer, build_api
+    from deploy.api import OpenAIServer
+    from deploy.app import build_api
     from deploy.config import ServerConfig
     from ladder.engine.local import LocalTPGroup
     from ladder.links.factory import free_port

@@ -168,3 +168,35 @@ def test_tokenize_and_detokenize(local_api, tiny_chat):
         assert r.status_code == status and r.json()["error"]["param"] == param, (body, r.text)
     assert requests.post(local_api + "/tokenize", json={"prompt": "a"},
                          timeout=60).status_code == 401
+
+
+def test_metrics_on_the_api_port(local_api, client):
+    """The replica's own series in Prometheus text: what the API measured and the group's."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
+        r = requests.get(local_api + "/metrics", timeout=60)  # no key, as /health
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        return {(s.name, s.labels.get("finish_reason") or s.labels.get("kind") or ""): s.value
+                for f in text_string_to_metric_families(r.text) for s in f.samples}
+
+    before = scrape()
+    client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, n=2,
+                              extra_body={"ignore_eos": True})
+    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3,
+                                            stream=True, extra_body={"ignore_eos": True})
+    assert len([c for c in stream]) >= 3
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="Hi", extra_body={"nope": 1})
+    after = scrape()
+
+    def grew(key) -> float:
+        return after.get(key, 0) - before.get(key, 0)
+    assert grew(("ladder_generation_tokens_total", "")) == 2 * 4 + 3
+    assert grew(("ladder_requests_finished_total", "length")) == 3
+    assert grew(("ladder_ttft_seconds_count", "")) == 2  # one first token a request
+    assert grew(("ladder_e2e_latency_seconds_count", "")) == 2
+    assert grew(("ladder_request_errors_total", "http_400")) == 1
+    assert grew(("ladder_decode_tokens_total", "")) >= 2 * 3 + 2
+    assert after[("ladder_kv_slots", "")] == 4 and after[("ladder_requests_running", "")] == 0
+    assert after[("ladder_link_rtt_seconds", "")] > 0
