@@ -29,6 +29,7 @@ from ladder.engine.sampling import SEED_SPACE, SamplingParams
 MAX_N = 8  # choices per request: each is a full generation on the group
 MAX_STOPS = 4  # stop sequences per request (OpenAI's limit)
 MAX_STOP_CHARS = 256
+MAX_STOP_IDS = 64  # stop_token_ids per request
 
 
 class ApiError(Exception):
@@ -72,7 +73,7 @@ NO_EFFECT = ("user", "metadata", "store", "service_tier", "parallel_tool_calls",
 NOT_YET: dict[str, tuple] = {
     "logprobs": (None, False), "top_logprobs": (None,), "presence_penalty": (None, 0),
     "frequency_penalty": (None, 0), "repetition_penalty": (None, 1), "logit_bias": (None, {}),
-    "min_p": (None, 0), "stop_token_ids": (None, []), "bad_words": (None, []),
+    "min_p": (None, 0), "bad_words": (None, []),
     "response_format": (None, {"type": "text"}), "tools": (None, []),
     "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "best_of": (None, 1), "suffix": (None, ""), "audio": (None,), "modalities": (None, ["text"]),
@@ -139,7 +140,8 @@ class _Common(BaseModel):
     repetition_penalty: Any = _not_yet("repetition_penalty")
     logit_bias: Any = _not_yet("logit_bias")
     min_p: Any = _not_yet("min_p")
-    stop_token_ids: Any = _not_yet("stop_token_ids")
+    stop_token_ids: Annotated[list[Int], Field(max_length=MAX_STOP_IDS)] | None = Field(
+        None, description="an extension (vLLM's): stop at any of these token ids")
     bad_words: Any = _not_yet("bad_words")
     response_format: Any = _not_yet("response_format")
     best_of: Any = _not_yet("best_of")
@@ -176,12 +178,17 @@ class _Common(BaseModel):
                            f"room for {room} new tokens", param="max_tokens",
                            code="context_length_exceeded")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        stop_ids = tuple(self.stop_token_ids or ())
+        if any(not 0 <= t < limits.vocab_size for t in stop_ids):
+            raise ApiError(400, f"stop_token_ids must be token ids in 0..{limits.vocab_size - 1}",
+                           param="stop_token_ids")
         out = []
         for i in range(self.n):  # each choice its own seed, so choices differ when sampling
             seed = None if self.seed is None else (self.seed + i) % SEED_SPACE
             out.append(SamplingParams(
                 max_tokens=mt, temperature=self.temperature, top_k=max(self.top_k, 0),
-                top_p=self.top_p, seed=seed, stop=stop, ignore_eos=self.ignore_eos,
+                top_p=self.top_p, seed=seed, stop=stop, stop_token_ids=stop_ids,
+                ignore_eos=self.ignore_eos,
                 min_tokens=min(self.min_tokens, mt)))
         return out
 

@@ -23,7 +23,7 @@ MESSAGES = [{"role": "user", "content": "Say hi."}]
 # a value of each field that asks for something this server does not do yet
 ASKS = {
     "logprobs": True, "top_logprobs": 2, "presence_penalty": 0.5, "frequency_penalty": -0.3,
-    "repetition_penalty": 1.2, "logit_bias": {"42": 5}, "min_p": 0.1, "stop_token_ids": [7],
+    "repetition_penalty": 1.2, "logit_bias": {"42": 5}, "min_p": 0.1,
     "bad_words": ["x"], "response_format": {"type": "json_object"},
     "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
     "tool_choice": "auto", "functions": [{"name": "f"}], "function_call": "auto", "best_of": 2,
@@ -200,3 +200,16 @@ def test_metrics_on_the_api_port(local_api, client):
     assert grew(("ladder_decode_tokens_total", "")) >= 2 * 3 + 2
     assert after[("ladder_kv_slots", "")] == 4 and after[("ladder_requests_running", "")] == 0
     assert after[("ladder_link_rtt_seconds", "")] > 0
+
+
+def test_stop_token_ids(client):
+    """vLLM's extension: ids in the vocabulary are passed to the engine (whose stop on them
+    test_engine_parts checks), others refused by name."""
+    r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=3,
+                                  extra_body={"stop_token_ids": [0, 5, 49151]})
+    assert r.choices[0].finish_reason in ("stop", "length")
+    for bad in ([49152], [-1], list(range(65))):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=3,
+                                      extra_body={"stop_token_ids": bad})
+        assert e.value.body["param"] == "stop_token_ids"

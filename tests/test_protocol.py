@@ -42,6 +42,8 @@ fields = {
     "stream": st.booleans() | numbers, "ignore_eos": st.booleans(),
     "stream_options": st.none() | st.fixed_dictionaries({"include_usage": st.booleans()}),
     "logprobs": st.none() | st.booleans() | numbers, "echo": st.booleans(),
+    "stop_token_ids": st.none() | st.lists(st.integers(min_value=-3, max_value=50_000),
+                                           max_size=70),
 }
 prompts = (st.text(max_size=30) | st.lists(st.text(max_size=5), max_size=3)
            | st.lists(st.integers(min_value=-5, max_value=60_000), max_size=5))
@@ -86,6 +88,9 @@ def check(out, body: dict | None = None) -> None:
         assert sp.seed is None or 0 <= sp.seed < SEED_SPACE
         assert len(sp.stop) <= P.MAX_STOPS and all(0 < len(s) <= P.MAX_STOP_CHARS
                                                    for s in sp.stop)
+    if body and body.get("stop_token_ids") is not None:  # every id in the vocabulary, passed on
+        assert all(sp.stop_token_ids == tuple(body["stop_token_ids"]) for sp in out)
+    assert all(0 <= t < LIMITS.vocab_size for sp in out for t in sp.stop_token_ids)
     if body and body.get("seed") is not None:  # any integer, reduced modulo 2**64 per choice
         assert [sp.seed for sp in out] == [(int(body["seed"]) + i) % SEED_SPACE
                                            for i in range(n)]
