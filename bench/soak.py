@@ -247,6 +247,34 @@ def shm() -> set[str]:
     return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
 
 
+def orphaned(names: set[str]) -> list[str]:
+    """Of /dev/shm's `names`, those no live process maps or holds open: what a dead process
+    left. One still in use belongs to a live process (the machine's others too: a test run
+    beside this one makes semaphores of its own), and ours among those are in processes_left.
+    Matched by inode: glibc's sem_open maps a temporary name, then links the real one to it."""
+    mapped: set[int] = set()  # inodes of /dev/shm files (one file system)
+    opened: set[tuple[int, int]] = set()  # (device, inode) of every open file
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                mapped |= {int(ln.split()[4]) for ln in f if "/dev/shm/" in ln}
+            fds = f"/proc/{pid}/fd"
+            for fd in os.listdir(fds):
+                st = os.stat(os.path.join(fds, fd))
+                opened.add((st.st_dev, st.st_ino))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    left = []
+    for n in sorted(names):
+        try:
+            st = os.stat(f"/dev/shm/{n}")
+            if st.st_ino not in mapped and (st.st_dev, st.st_ino) not in opened:
+                left.append(n)
+        except OSError:  # removed meanwhile
+            pass
+    return left
+
+
 def run(a: argparse.Namespace) -> int:
     from ladder.links.factory import free_port
     key, port = "sk-soak-" + secrets.token_hex(8), free_port()
@@ -273,7 +301,7 @@ def run(a: argparse.Namespace) -> int:
             except Exception:  # noqa: BLE001 - reported, then ended by ladder_serve
                 code = None
             left = stragglers(proc.pid, started, grace_s=20)
-    shm_left = sorted(shm() - before)
+    shm_left = orphaned(shm() - before)
     counts = {o: sum(v.get(o, 0) for v in soak.outcomes.values())
               for o in ("completed", "refused", "busy", "failed", "cancelled", "lost")}
     result = {"bench": "soak", "url": url, "clients": a.clients, "minutes": a.minutes,
