@@ -258,7 +258,7 @@ class OpenAIServer:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventStream(self.sse(rid, len(ids), gens, chat, usage, echo, obs), gens)
         try:
-            outs = [new_result() for _ in params]
+            outs = [new_result(logprobs=params[0].logprobs is not None) for _ in params]
             async for i, ev in gens.merged():
                 if isinstance(ev, Exception):
                     raise self.failure(ev, rid)
@@ -270,7 +270,8 @@ class OpenAIServer:
         for o in outs:
             o["text"] = echo + o["text"]
         use = R.usage(len(ids), sum(len(o["tokens"]) for o in outs))
-        return R.completion_body(rid, self.cfg.model_name, R.now(), outs, use, chat)
+        return R.completion_body(rid, self.cfg.model_name, R.now(), outs, use, chat,
+                                 echoed=len(echo))
 
     async def sse(self, rid: str, n_prompt: int, gens: Generations, chat: bool,
                   include_usage: bool, echo: str, obs):
@@ -278,6 +279,7 @@ class OpenAIServer:
         after the stream has started is sent as an error event before [DONE]: never silence."""
         model, created = self.cfg.model_name, R.now()
         generated, started = 0, set()
+        offset = [len(echo)] * len(gens.streams)  # characters streamed per choice (logprobs)
         if echo:
             for i in range(len(gens.streams)):
                 yield R.sse(R.chunk(rid, model, created, i, echo, None, chat))
@@ -289,9 +291,13 @@ class OpenAIServer:
             obs.event(ev)
             first = chat and i not in started
             started.add(i)
-            if ev.text or ev.finish_reason or first:
+            lps = None
+            if ev.logprob is not None:
+                lps = R.logprobs_body([(ev.logprob, ev.top_logprobs)], chat, offset[i])
+                offset[i] += len(ev.logprob.text)
+            if ev.text or ev.finish_reason or first or lps:
                 yield R.sse(R.chunk(rid, model, created, i, ev.text, ev.finish_reason, chat,
-                                    first=first))
+                                    first=first, logprobs=lps))
         obs.done()
         if include_usage:
             yield R.sse(R.usage_chunk(rid, model, created, R.usage(n_prompt, generated), chat))

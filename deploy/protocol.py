@@ -71,7 +71,7 @@ NO_EFFECT = ("user", "metadata", "store", "service_tier", "parallel_tool_calls",
 # one that asks for nothing (the default), so that a client is never silently given something
 # other than what it asked for (JSON it asked for as free text, an unpenalized sample).
 NOT_YET: dict[str, tuple] = {
-    "logprobs": (None, False), "top_logprobs": (None,), "presence_penalty": (None, 0),
+    "presence_penalty": (None, 0),
     "frequency_penalty": (None, 0), "repetition_penalty": (None, 1), "logit_bias": (None, {}),
     "min_p": (None, 0), "bad_words": (None, []),
     "response_format": (None, {"type": "text"}), "tools": (None, []),
@@ -134,7 +134,6 @@ class _Common(BaseModel):
     parallel_tool_calls: Any = None
     prompt_cache_key: Any = None
     safety_identifier: Any = None
-    top_logprobs: Any = _not_yet("top_logprobs")
     presence_penalty: Any = _not_yet("presence_penalty")
     frequency_penalty: Any = _not_yet("frequency_penalty")
     repetition_penalty: Any = _not_yet("repetition_penalty")
@@ -188,7 +187,7 @@ class _Common(BaseModel):
             out.append(SamplingParams(
                 max_tokens=mt, temperature=self.temperature, top_k=max(self.top_k, 0),
                 top_p=self.top_p, seed=seed, stop=stop, stop_token_ids=stop_ids,
-                ignore_eos=self.ignore_eos,
+                ignore_eos=self.ignore_eos, logprobs=self.asked_logprobs(),
                 min_tokens=min(self.min_tokens, mt)))
         return out
 
@@ -198,8 +197,18 @@ class CompletionRequest(_Common):
     prompt: Text | Annotated[list[Text], Field(min_length=1)] | Annotated[list[Int],
                                                                            Field(min_length=1)]
     echo: StrictBool = False
-    logprobs: Any = _not_yet("logprobs")
+    logprobs: Int | None = Field(None, ge=0, le=20, description="each token's log-prob and "
+                                 "this many most likely alternatives")
     suffix: Any = _not_yet("suffix")
+
+    def asked_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def refuse_what_is_not_served(self) -> None:
+        super().refuse_what_is_not_served()
+        if self.echo and self.logprobs is not None:
+            raise ApiError(400, "echo with logprobs (the prompt's log-probs) is not supported "
+                           "by this server yet", param="echo", code="unsupported_parameter")
 
     def prompt_text_or_ids(self) -> str | list[int]:
         """The one prompt: a string, or token ids. One-string lists are unwrapped."""
@@ -238,7 +247,9 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Common):
     prompt_param: ClassVar[str] = "messages"
     messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: Any = _not_yet("logprobs")
+    logprobs: StrictBool | None = Field(None, description="each token's log-prob")
+    top_logprobs: Int | None = Field(None, ge=0, le=20, description="with logprobs: this many "
+                                     "most likely alternatives of each token")
     tools: Any = _not_yet("tools")
     tool_choice: Any = _not_yet("tool_choice")
     functions: Any = _not_yet("functions")
@@ -248,6 +259,14 @@ class ChatRequest(_Common):
     prediction: Any = _not_yet("prediction")
     reasoning_effort: Any = _not_yet("reasoning_effort")
     web_search_options: Any = _not_yet("web_search_options")
+
+    def asked_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def refuse_what_is_not_served(self) -> None:
+        super().refuse_what_is_not_served()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
 
 
 class TokenizeRequest(BaseModel):

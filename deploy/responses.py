@@ -43,10 +43,32 @@ class Usage(BaseModel):
 Finish = Literal["stop", "length"] | None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: Finish
 
 
@@ -67,7 +89,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: Finish
 
 
@@ -135,33 +157,62 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _lp(v: float) -> float:
+    return max(v, -9999.0)  # JSON has no -Infinity (a token the model gives no chance)
+
+
+def _top(s) -> dict:
+    return {"token": s.text, "logprob": _lp(s.logprob), "bytes": list(s.text.encode())}
+
+
+def logprobs_body(items: list | None, chat: bool, offset: int = 0) -> dict | None:
+    """OpenAI's logprobs of a choice (or a chunk) from its tokens' (Scored, alternatives):
+    chat's `content` list, or the completions API's parallel lists, `text_offset` counted from
+    `offset` characters (the echoed prompt's, or the text streamed before)."""
+    if items is None:
+        return None
+    if chat:
+        return {"content": [{**_top(s), "top_logprobs": [_top(t) for t in top]}
+                            for s, top in items], "refusal": None}
+    out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for s, top in items:
+        out["tokens"].append(s.text)
+        out["token_logprobs"].append(_lp(s.logprob))
+        out["top_logprobs"].append({t.text: _lp(t.logprob) for t in (*top, s)})
+        out["text_offset"].append(offset)
+        offset += len(s.text)
+    return out
+
+
 def completion_body(rid: str, model: str, created: int, choices: list[dict], use: dict,
-                    chat: bool) -> dict:
+                    chat: bool, echoed: int = 0) -> dict:
     if chat:
         items = [{"index": i, "message": {"role": "assistant", "content": c["text"]},
-                  "logprobs": None, "finish_reason": FINISH[c["finish_reason"]]}
-                 for i, c in enumerate(choices)]
+                  "logprobs": logprobs_body(c.get("logprobs"), True),
+                  "finish_reason": FINISH[c["finish_reason"]]} for i, c in enumerate(choices)]
         return {"id": rid, "object": "chat.completion", "created": created, "model": model,
                 "choices": items, "usage": use}
-    items = [{"index": i, "text": c["text"], "logprobs": None,
+    items = [{"index": i, "text": c["text"],
+              "logprobs": logprobs_body(c.get("logprobs"), False, echoed),
               "finish_reason": FINISH[c["finish_reason"]]} for i, c in enumerate(choices)]
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": items, "usage": use}
 
 
 def chunk(rid: str, model: str, created: int, index: int, text: str | None,
-          finish_reason: str | None, chat: bool, first: bool = False) -> dict:
+          finish_reason: str | None, chat: bool, first: bool = False,
+          logprobs: dict | None = None) -> dict:
     if chat:
         delta: dict = {}
         if first:
             delta["role"] = "assistant"
         if text:
             delta["content"] = text
-        choice = {"index": index, "delta": delta, "logprobs": None,
+        choice = {"index": index, "delta": delta, "logprobs": logprobs,
                   "finish_reason": FINISH.get(finish_reason) if finish_reason else None}
         return {"id": rid, "object": "chat.completion.chunk", "created": created,
                 "model": model, "choices": [choice]}
-    choice = {"index": index, "text": text or "", "logprobs": None,
+    choice = {"index": index, "text": text or "", "logprobs": logprobs,
               "finish_reason": FINISH.get(finish_reason) if finish_reason else None}
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": [choice]}

@@ -130,7 +130,7 @@ class Group(ABC):
         streams = await self.open_many(prompts, params)
 
         async def one(i: int, events: EventStream) -> dict:
-            out = new_result()
+            out = new_result(logprobs=params[i].logprobs is not None)
             try:
                 async for ev in events:
                     add_event(out, ev)

@@ -66,7 +66,8 @@ class Leader:
         self.engine, self.tokenizer = engine, tokenizer
         self.scheduler = Scheduler(
             engine, eos_token_ids=eos_token_ids,
-            decoder_factory=tokenizer.incremental_decoder if tokenizer else None)
+            decoder_factory=tokenizer.incremental_decoder if tokenizer else None,
+            token_text=(lambda i: tokenizer.decode([i])) if tokenizer else None)
         self.name, self.adapted = name, adapted
         self.metrics, self.after_step, self.heartbeat_s = metrics, after_step, heartbeat_s
         self.steps: deque[StepRecord] = deque(maxlen=keep_steps)

@@ -23,6 +23,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings; the text is cut before the match
     ignore_eos: bool = False
     min_tokens: int = 0  # no stop (eos, ids or strings) before this many tokens
+    logprobs: int | None = None  # each token's log-prob and this many alternatives (0-20)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -41,6 +42,8 @@ class SamplingParams:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
 

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from ladder.engine.logprobs import Scored, scored
 from ladder.engine.sampling import Sampler, SamplingParams, SamplingRows
 from ladder.engine.step import ShardEngine, StepBatch
 
@@ -76,6 +77,9 @@ class TokenEvent:
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
     stats: RequestStats | None = None  # on the final event
     error: str | None = None  # what failed, with finish_reason "error" (RequestFailed)
+    # with SamplingParams.logprobs: the token's log-prob and its alternatives, most likely first
+    logprob: Scored | None = None
+    top_logprobs: tuple[Scored, ...] = ()
 
 
 @dataclass(slots=True)
@@ -88,15 +92,18 @@ class Scheduled:
     events: list[TokenEvent]
 
 
-def new_result() -> dict:
-    """A request's outcome as `add_event` builds it: tokens, text, finish_reason, stats, and
-    the error of a request that failed."""
-    return {"tokens": [], "text": "", "finish_reason": None, "stats": None, "error": None}
+def new_result(logprobs: bool = False) -> dict:
+    """A request's outcome as `add_event` builds it: tokens, text, finish_reason, stats, the
+    error of a request that failed, and (with `logprobs`) each token's (Scored, alternatives)."""
+    return {"tokens": [], "text": "", "finish_reason": None, "stats": None, "error": None,
+            "logprobs": [] if logprobs else None}
 
 
 def add_event(result: dict, ev: TokenEvent) -> None:
     if ev.token_id is not None:
         result["tokens"].append(ev.token_id)
+    if ev.logprob is not None and result.get("logprobs") is not None:
+        result["logprobs"].append((ev.logprob, ev.top_logprobs))
     result["text"] += ev.text
     if ev.finish_reason:
         result["finish_reason"], result["stats"] = ev.finish_reason, ev.stats
@@ -105,10 +112,12 @@ def add_event(result: dict, ev: TokenEvent) -> None:
 
 class Scheduler:
     def __init__(self, engine: ShardEngine, *, eos_token_ids: tuple[int, ...] = (),
-                 decoder_factory=None, max_prefill_rows: int = 4) -> None:
+                 decoder_factory=None, token_text=None, max_prefill_rows: int = 4) -> None:
         self.engine = engine
         self.eos = tuple(eos_token_ids)
         self.decoder_factory = decoder_factory  # -> object with .feed(token_id) -> str
+        # a token's text alone (for log-probs); without a tokenizer, vLLM's "token_id:<id>"
+        self.token_text = token_text or (lambda i: f"token_id:{i}")
         self.max_prefill_rows = max_prefill_rows
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
@@ -209,18 +218,24 @@ class Scheduler:
             kept_starts.append(start)
         if not kept:
             return Scheduled(kind, 0, 0, failed)
+        asks = [-1 if r.params.logprobs is None else r.params.logprobs for r in kept]
         out = self.engine.step(StepBatch(
             tokens=toks, slots=[r.slot for r in kept], starts=kept_starts, greedy=greedy,
-            sampling=None if greedy else SamplingRows.of(table)))
+            sampling=None if greedy else SamplingRows.of(table),
+            logprobs=asks if max(asks) >= 0 else None))
+        lps = self.engine.last_logprobs if max(asks) >= 0 else [None] * len(kept)
         return Scheduled(kind, len(kept), sum(map(len, toks)),
-                         failed + self._emit(kept, out.tolist()))
+                         failed + self._emit(kept, out.tolist(), lps))
 
-    def _emit(self, rows: list[Request], toks: list[int]) -> list[TokenEvent]:
+    def _emit(self, rows: list[Request], toks: list[int], lps: list) -> list[TokenEvent]:
         now = time.perf_counter()
         events = []
-        for r, tok in zip(rows, toks):
+        for r, tok, lp in zip(rows, toks, lps):
             try:
-                events.append(self._advance(r, tok, now))
+                ev = self._advance(r, tok, now)
+                if lp is not None:
+                    ev.logprob, ev.top_logprobs = scored(lp, tok, self.token_text)
+                events.append(ev)
             except Exception as e:  # noqa: BLE001 - e.g. a token the detokenizer refuses
                 events.append(self._fail(r, e))
         return events

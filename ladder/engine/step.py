@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ladder.engine import vocab
+from ladder.engine.logprobs import token_logprobs
 from ladder.engine.sampling import SamplingRows
 from ladder.links.base import Communicator
 from ladder.model.layers import KVCache, StepContext
@@ -38,20 +39,24 @@ class StepBatch:
     greedy: bool = False  # every row takes its most likely token: the step returns token ids
     # each row's sampling: the step returns token ids (sampled on the ranks, ladder.engine.vocab)
     sampling: SamplingRows | None = None
+    # per row: the most likely alternatives to report with its token's log-prob (-1: none);
+    # the engine leaves them in `last_logprobs` (ladder.engine.logprobs)
+    logprobs: list[int] | None = None
 
     def body_len(self) -> int:
         return self.body_size(len(self.tokens), max(len(r) for r in self.tokens),
-                              self.sampling is not None)
+                              self.sampling is not None, self.logprobs is not None)
 
     @staticmethod
-    def body_size(b: int, t: int, sampled: bool) -> int:
-        return b * (t + 3) + (4 * b if sampled else 0)
+    def body_size(b: int, t: int, sampled: bool, logprobs: bool = False) -> int:
+        return b * (t + 3) + (4 * b if sampled else 0) + (b if logprobs else 0)
 
     def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
         t = max(len(r) for r in self.tokens)
         head = torch.tensor([OP_STEP, len(self.tokens), t,
                              int(self.all_logits) | int(self.greedy) << 1
-                             | int(self.sampling is not None) << 2])
+                             | int(self.sampling is not None) << 2
+                             | int(self.logprobs is not None) << 3])
         body = torch.zeros(self.body_len(), dtype=torch.int64)
         b = len(self.tokens)
         for i, row in enumerate(self.tokens):
@@ -61,7 +66,9 @@ class StepBatch:
         body[base + b:base + 2 * b] = torch.tensor(self.starts)
         body[base + 2 * b:base + 3 * b] = torch.tensor([len(r) for r in self.tokens])
         if self.sampling is not None:
-            body[base + 3 * b:] = self.sampling.encode().reshape(-1)
+            body[base + 3 * b:base + 7 * b] = self.sampling.encode().reshape(-1)
+        if self.logprobs is not None:
+            body[-b:] = torch.tensor(self.logprobs)
         return head, body
 
     @classmethod
@@ -73,8 +80,9 @@ class StepBatch:
         return cls(tokens=[toks[i, :lens[i]].tolist() for i in range(b)],
                    slots=body[base:base + b].tolist(), starts=body[base + b:base + 2 * b].tolist(),
                    all_logits=bool(flags & 1), greedy=bool(flags & 2),
-                   sampling=SamplingRows.decode(body[base + 3 * b:].view(b, 4))
-                   if flags & 4 else None)
+                   sampling=SamplingRows.decode(body[base + 3 * b:base + 7 * b].view(b, 4))
+                   if flags & 4 else None,
+                   logprobs=body[-b:].tolist() if flags & 8 else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +124,7 @@ class ShardEngine:
         self.shard = vocab.Shard.of(model)
         self.timing = StepTiming()
         self.last = StepComm()
+        self.last_logprobs: list = []  # the last step's, per row (leader; see StepBatch)
 
     # -- SPMD ----------------------------------------------------------------------------------
     def step(self, batch: StepBatch) -> torch.Tensor | None:
@@ -162,7 +171,8 @@ class ShardEngine:
             if op == OP_PING:
                 self._ping_reduce()
                 continue
-            body = torch.zeros(StepBatch.body_size(b, t, bool(flags & 4)), dtype=torch.int64)
+            body = torch.zeros(StepBatch.body_size(b, t, bool(flags & 4), bool(flags & 8)),
+                               dtype=torch.int64)
             self.comm.broadcast(body)
             self._run(StepBatch.decode(head, body))
 
@@ -184,6 +194,9 @@ class ShardEngine:
                 out = vocab.greedy(local, self.shard)
             else:
                 out = vocab.gather(local, self.shard)
+            if batch.logprobs is not None and not batch.all_logits:
+                self.last_logprobs = token_logprobs(
+                    local, self._on_every_rank(out, batch), batch.logprobs, self.shard)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         stats.collect()
@@ -202,6 +215,17 @@ class ShardEngine:
         else:
             tm.prefill_s += dt
         return out if self.is_leader else None
+
+    def _on_every_rank(self, tokens: torch.Tensor | None, batch: StepBatch) -> torch.Tensor:
+        """The step's chosen tokens on every rank: a greedy step has them already; a sampled
+        step's are the leader's, sent in the exchange accounted as "gather"."""
+        if batch.sampling is None or self.shard.world == 1:
+            return tokens
+        # float32, as vocab's tables: token ids are exact below 2**24
+        table = torch.zeros(len(batch.tokens), dtype=torch.float32, device=self.device)
+        if self.is_leader:
+            table[:] = tokens.to(table)
+        return self.shard.gather(table).long()
 
     def _context(self, batch: StepBatch):
         b = len(batch.tokens)

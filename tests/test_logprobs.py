@@ -1,0 +1,138 @@
+"""Log-probabilities computed on the vocabulary slices (ladder.engine.logprobs): each generated
+token's log-prob and its most likely alternatives equal transformers' log_softmax of the same
+model at TP 1, 2 and 3 (standard plan), and TP=1's for a ladder plan; greedy and sampled rows
+alike; and through the HTTP API in OpenAI's shapes (completions, chat, streaming)."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+import requests
+import torch
+from local_api import AUTH, KEY, serving_locally
+
+from ladder.engine.local import LocalTPGroup
+from ladder.engine.logprobs import token_logprobs
+from ladder.engine.sampling import SamplingParams
+from ladder.engine.vocab import Shard
+from ladder.links.base import NoComm
+from ladder.options import GroupOptions
+
+PROMPTS = [[5, 70, 71, 72, 33, 90], [1, 2, 3, 80]]
+K = 5
+
+
+def test_one_slice_equals_log_softmax():
+    x = torch.randn(4, 300)
+    tok = torch.tensor([3, 250, 7, 99])
+    got = token_logprobs(x, tok, [K, -1, 0, 20], Shard(0, 1, 0, 300, 300, NoComm()))
+    ref = torch.log_softmax(x.double(), -1)
+    assert got[1] is None and got[2].top == ()
+    for i in (0, 2, 3):
+        assert got[i].logprob == pytest.approx(ref[i, tok[i]].item(), abs=1e-5)
+    top = ref[3].topk(20)
+    assert [t for t, _ in got[3].top] == top.indices.tolist()
+    assert [v for _, v in got[3].top] == pytest.approx(top.values.tolist(), abs=1e-5)
+
+
+def _reference(model_path, prompt, tokens) -> torch.Tensor:
+    """transformers' log_softmax at each generated position: [len(tokens), V]."""
+    from transformers import LlamaForCausalLM
+    hf = LlamaForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + tokens])).logits[0].double()
+    return torch.log_softmax(logits, -1)[len(prompt) - 1:len(prompt) + len(tokens) - 1]
+
+
+def _generate(model, tp, residual, params):
+    with LocalTPGroup(GroupOptions(model=str(model), tp=tp, residual=residual, n_slots=4,
+                                   max_seq=64)) as g:
+        return g.generate(PROMPTS, params)
+
+
+SAMPLED = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=K),
+           SamplingParams(max_tokens=6, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True,
+                          logprobs=K)]
+
+
+@pytest.mark.parametrize("tp", [1, 2, 3])
+def test_logprobs_equal_transformers(tiny_llama, tp):
+    """A greedy row and a sampled one in the same steps, at tp; K alternatives each."""
+    outs = _generate(tiny_llama, tp, "standard", SAMPLED)
+    for prompt, out in zip(PROMPTS, outs):
+        ref = _reference(tiny_llama, prompt, out["tokens"])
+        assert len(out["logprobs"]) == len(out["tokens"]) == 6
+        for pos, (tok, (chosen, top)) in enumerate(zip(out["tokens"], out["logprobs"])):
+            assert chosen.id == tok and chosen.text == f"token_id:{tok}"  # no tokenizer
+            assert chosen.logprob == pytest.approx(ref[pos, tok].item(), abs=1e-4)
+            want = ref[pos].topk(K)
+            assert [t.logprob for t in top] == pytest.approx(want.values.tolist(), abs=1e-4)
+            assert {t.id for t in top} == set(want.indices.tolist())
+
+
+def test_ladder_logprobs_equal_tp1(tiny_llama):
+    ref = _generate(tiny_llama, 1, "ladder", SAMPLED)
+    for tp in (2, 3):
+        for a, b in zip(_generate(tiny_llama, tp, "ladder", SAMPLED), ref):
+            assert a["tokens"] == b["tokens"]
+            for (ca, ta), (cb, tb) in zip(a["logprobs"], b["logprobs"]):
+                assert ca.logprob == pytest.approx(cb.logprob, abs=1e-4)
+                assert [t.logprob for t in ta] == pytest.approx([t.logprob for t in tb],
+                                                                abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def api(tiny_chat):
+    with serving_locally(tiny_chat) as url:
+        yield url
+
+
+def test_the_api_returns_openai_shapes(api):
+    client = openai.OpenAI(base_url=api + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    c = client.completions.create(model="tiny-chat", prompt="Hello", max_tokens=4, logprobs=3,
+                                  temperature=0, extra_body={"ignore_eos": True})
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert "".join(lp.tokens) == c.choices[0].text and lp.text_offset[0] == 0
+    assert all(v <= 0 for v in lp.token_logprobs)
+    assert all(3 <= len(d) <= 4 and tok in d for d, tok in zip(lp.top_logprobs, lp.tokens))
+    # greedy: the chosen token is the most likely one
+    assert all(d[tok] == max(d.values()) for d, tok in zip(lp.top_logprobs, lp.tokens))
+    ch = client.chat.completions.create(model="tiny-chat", max_tokens=3, logprobs=True,
+                                        top_logprobs=2, extra_body={"ignore_eos": True},
+                                        messages=[{"role": "user", "content": "Hi"}])
+    content = ch.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
+    assert all(bytes(t.bytes).decode() == t.token for t in content)
+    plain = client.chat.completions.create(model="tiny-chat", max_tokens=2,
+                                           messages=[{"role": "user", "content": "Hi"}])
+    assert plain.choices[0].logprobs is None
+    stream = client.chat.completions.create(model="tiny-chat", max_tokens=3, logprobs=True,
+                                            top_logprobs=1, stream=True,
+                                            extra_body={"ignore_eos": True},
+                                            messages=[{"role": "user", "content": "Hi"}])
+    streamed = [t for chunk in stream for ch in chunk.choices if ch.logprobs
+                for t in ch.logprobs.content]
+    assert len(streamed) == 3 and all(len(t.top_logprobs) == 1 for t in streamed)
+    r = requests.post(api + "/v1/completions", headers=AUTH, stream=True, timeout=60,
+                      json={"model": "tiny-chat", "prompt": "Hello", "max_tokens": 3,
+                            "logprobs": 0, "stream": True, "ignore_eos": True})
+    chunks = [json.loads(x[6:]) for x in r.iter_lines() if x and x != b"data: [DONE]"]
+    offsets = [o for c in chunks if c["choices"][0]["logprobs"]
+               for o in c["choices"][0]["logprobs"]["text_offset"]]
+    assert len(offsets) == 3 and offsets == sorted(offsets)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"prompt": "x", "logprobs": 2, "echo": True}, "echo"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 30},
+     "top_logprobs"),
+])
+def test_bad_logprobs_requests_name_the_field(api, body, param):
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    r = requests.post(api + path, headers=AUTH, json={"model": "tiny-chat", **body}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
