@@ -293,8 +293,11 @@ class OpenAIServer:
             started.add(i)
             lps = None
             if ev.logprob is not None:
-                lps = R.logprobs_body([(ev.logprob, ev.top_logprobs)], chat, offset[i])
-                offset[i] += len(ev.logprob.text)
+                items = [(ev.logprob, ev.top_logprobs)]
+                if ev.prompt_logprobs:  # echo: the prompt's tokens first, counted from 0
+                    items[:0], offset[i] = ev.prompt_logprobs, 0
+                lps = R.logprobs_body(items, chat, offset[i])
+                offset[i] += sum(len(s.text) for s, _ in items)
             if ev.text or ev.finish_reason or first or lps:
                 yield R.sse(R.chunk(rid, model, created, i, ev.text, ev.finish_reason, chat,
                                     first=first, logprobs=lps))

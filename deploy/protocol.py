@@ -145,6 +145,9 @@ class _Common(BaseModel):
     response_format: Any = _not_yet("response_format")
     best_of: Any = _not_yet("best_of")
 
+    def asked_prompt_logprobs(self) -> int | None:
+        return None
+
     def refuse_what_is_not_served(self) -> None:
         """A 400 naming the first field of NOT_YET set to something other than its default."""
         for name, defaults in NOT_YET.items():
@@ -188,6 +191,7 @@ class _Common(BaseModel):
                 max_tokens=mt, temperature=self.temperature, top_k=max(self.top_k, 0),
                 top_p=self.top_p, seed=seed, stop=stop, stop_token_ids=stop_ids,
                 ignore_eos=self.ignore_eos, logprobs=self.asked_logprobs(),
+                prompt_logprobs=self.asked_prompt_logprobs(),
                 min_tokens=min(self.min_tokens, mt)))
         return out
 
@@ -195,7 +199,8 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     prompt_param: ClassVar[str] = "prompt"  # where a prompt past the context is said to be
     prompt: Text | Annotated[list[Text], Field(min_length=1)] | Annotated[list[Int],
-                                                                           Field(min_length=1)]
+        Field(min_length=1)] | Annotated[list[Annotated[list[Int], Field(min_length=1)]],
+                                         Field(min_length=1)]
     echo: StrictBool = False
     logprobs: Int | None = Field(None, ge=0, le=20, description="each token's log-prob and "
                                  "this many most likely alternatives")
@@ -204,16 +209,15 @@ class CompletionRequest(_Common):
     def asked_logprobs(self) -> int | None:
         return self.logprobs
 
-    def refuse_what_is_not_served(self) -> None:
-        super().refuse_what_is_not_served()
-        if self.echo and self.logprobs is not None:
-            raise ApiError(400, "echo with logprobs (the prompt's log-probs) is not supported "
-                           "by this server yet", param="echo", code="unsupported_parameter")
+    def asked_prompt_logprobs(self) -> int | None:
+        """echo with logprobs: the prompt's tokens' log-probs too (evaluation harnesses)."""
+        return self.logprobs if self.echo else None
 
     def prompt_text_or_ids(self) -> str | list[int]:
-        """The one prompt: a string, or token ids. One-string lists are unwrapped."""
+        """The one prompt: a string, or token ids. One-string lists and one-list lists of ids
+        (evaluation harnesses batch their prompts so) are unwrapped."""
         prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
                 raise ApiError(400, "one prompt per request (send a list of one string, a "
                                "string, or token ids)", param="prompt")

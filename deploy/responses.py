@@ -175,10 +175,11 @@ def logprobs_body(items: list | None, chat: bool, offset: int = 0) -> dict | Non
         return {"content": [{**_top(s), "top_logprobs": [_top(t) for t in top]}
                             for s, top in items], "refusal": None}
     out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for s, top in items:
+    for s, top in items:  # (a prompt's first token has no log-prob: null, as OpenAI's)
         out["tokens"].append(s.text)
-        out["token_logprobs"].append(_lp(s.logprob))
-        out["top_logprobs"].append({t.text: _lp(t.logprob) for t in (*top, s)})
+        out["token_logprobs"].append(None if s.logprob is None else _lp(s.logprob))
+        out["top_logprobs"].append(None if top is None else
+                                   {t.text: _lp(t.logprob) for t in (*top, s)})
         out["text_offset"].append(offset)
         offset += len(s.text)
     return out
@@ -192,8 +193,9 @@ def completion_body(rid: str, model: str, created: int, choices: list[dict], use
                   "finish_reason": FINISH[c["finish_reason"]]} for i, c in enumerate(choices)]
         return {"id": rid, "object": "chat.completion", "created": created, "model": model,
                 "choices": items, "usage": use}
-    items = [{"index": i, "text": c["text"],
-              "logprobs": logprobs_body(c.get("logprobs"), False, echoed),
+    items = [{"index": i, "text": c["text"], "logprobs": logprobs_body(
+                  None if c.get("logprobs") is None else (c.get("prompt_logprobs") or [])
+                  + c["logprobs"], False, 0 if c.get("prompt_logprobs") else echoed),
               "finish_reason": FINISH[c["finish_reason"]]} for i, c in enumerate(choices)]
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": items, "usage": use}

@@ -83,6 +83,26 @@ def test_ladder_logprobs_equal_tp1(tiny_llama):
                                                                 abs=1e-4)
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_prompt_logprobs_equal_transformers(tiny_llama, tp):
+    """Each prompt token after the first, from the position before it (echo with logprobs)."""
+    params = [SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, logprobs=2,
+                             prompt_logprobs=3), SamplingParams(max_tokens=2, temperature=0)]
+    outs = _generate(tiny_llama, tp, "standard", params)
+    assert outs[1]["prompt_logprobs"] is None and outs[1]["logprobs"] is None
+    prompt = PROMPTS[0]
+    got = outs[0]["prompt_logprobs"]
+    from transformers import LlamaForCausalLM
+    hf = LlamaForCausalLM.from_pretrained(tiny_llama, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].double(), -1)
+    assert [s.id for s, _ in got] == prompt and got[0][0].logprob is None and got[0][1] is None
+    for pos, (s, top) in enumerate(got[1:]):
+        assert s.logprob == pytest.approx(ref[pos, prompt[pos + 1]].item(), abs=1e-4)
+        assert [t.logprob for t in top] == pytest.approx(ref[pos].topk(3).values.tolist(),
+                                                         abs=1e-4)
+
+
 @pytest.fixture(scope="module")
 def api(tiny_chat):
     with serving_locally(tiny_chat) as url:
@@ -125,9 +145,28 @@ def test_the_api_returns_openai_shapes(api):
     assert len(offsets) == 3 and offsets == sorted(offsets)
 
 
+def test_echo_with_logprobs_scores_the_prompt(api):
+    """What lm-evaluation-harness's local-completions sends for a loglikelihood request: token
+    ids batched as a list of one list, echo, logprobs 1, max_tokens 1."""
+    ids = requests.post(api + "/tokenize", headers=AUTH, timeout=60,
+                        json={"prompt": "The sky is blue"}).json()["tokens"]
+    r = requests.post(api + "/v1/completions", headers=AUTH, timeout=60, json={
+        "model": "tiny-chat", "prompt": [ids], "echo": True, "logprobs": 1, "max_tokens": 1,
+        "temperature": 0, "seed": 1234})
+    lp = r.json()["choices"][0]["logprobs"]
+    assert r.status_code == 200 and len(lp["tokens"]) == len(ids) + 1
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(v <= 0 for v in lp["token_logprobs"][1:])
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+    text = requests.post(api + "/v1/completions", headers=AUTH, timeout=60, json={
+        "model": "tiny-chat", "prompt": "The sky is blue", "echo": True, "logprobs": 1,
+        "max_tokens": 1, "temperature": 0}).json()["choices"][0]
+    assert text["text"].startswith("The sky is blue")
+    assert text["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"], abs=1e-5)
+
+
 @pytest.mark.parametrize("body, param", [
     ({"prompt": "x", "logprobs": 21}, "logprobs"),
-    ({"prompt": "x", "logprobs": 2, "echo": True}, "echo"),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 30},
      "top_logprobs"),

@@ -36,7 +36,7 @@ class Scored:
 
     id: int
     text: str
-    logprob: float
+    logprob: float | None  # None: a prompt's first token (nothing precedes it)
 
 
 def scored(lp: TokenLogprobs, token: int, text_of) -> tuple[Scored, tuple[Scored, ...]]:

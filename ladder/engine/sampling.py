@@ -24,6 +24,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0  # no stop (eos, ids or strings) before this many tokens
     logprobs: int | None = None  # each token's log-prob and this many alternatives (0-20)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (after the first)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -42,8 +43,10 @@ class SamplingParams:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= 20:
+                raise ValueError(f"{name} must be in [0, 20], got {k}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
 

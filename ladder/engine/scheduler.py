@@ -80,6 +80,9 @@ class TokenEvent:
     # with SamplingParams.logprobs: the token's log-prob and its alternatives, most likely first
     logprob: Scored | None = None
     top_logprobs: tuple[Scored, ...] = ()
+    # with SamplingParams.prompt_logprobs, on a request's first event: each prompt token's
+    # after the first, (Scored, alternatives)
+    prompt_logprobs: list | None = None
 
 
 @dataclass(slots=True)
@@ -96,7 +99,7 @@ def new_result(logprobs: bool = False) -> dict:
     """A request's outcome as `add_event` builds it: tokens, text, finish_reason, stats, the
     error of a request that failed, and (with `logprobs`) each token's (Scored, alternatives)."""
     return {"tokens": [], "text": "", "finish_reason": None, "stats": None, "error": None,
-            "logprobs": [] if logprobs else None}
+            "logprobs": [] if logprobs else None, "prompt_logprobs": None}
 
 
 def add_event(result: dict, ev: TokenEvent) -> None:
@@ -104,6 +107,8 @@ def add_event(result: dict, ev: TokenEvent) -> None:
         result["tokens"].append(ev.token_id)
     if ev.logprob is not None and result.get("logprobs") is not None:
         result["logprobs"].append((ev.logprob, ev.top_logprobs))
+    if ev.prompt_logprobs is not None:
+        result["prompt_logprobs"] = ev.prompt_logprobs
     result["text"] += ev.text
     if ev.finish_reason:
         result["finish_reason"], result["stats"] = ev.finish_reason, ev.stats
@@ -219,13 +224,22 @@ class Scheduler:
         if not kept:
             return Scheduled(kind, 0, 0, failed)
         asks = [-1 if r.params.logprobs is None else r.params.logprobs for r in kept]
+        prompt_asks = [-1 if r.params.prompt_logprobs is None or kind != "prefill"
+                       else r.params.prompt_logprobs for r in kept]
         out = self.engine.step(StepBatch(
             tokens=toks, slots=[r.slot for r in kept], starts=kept_starts, greedy=greedy,
             sampling=None if greedy else SamplingRows.of(table),
-            logprobs=asks if max(asks) >= 0 else None))
+            logprobs=asks if max(asks) >= 0 else None,
+            prompt_logprobs=prompt_asks if max(prompt_asks) >= 0 else None))
         lps = self.engine.last_logprobs if max(asks) >= 0 else [None] * len(kept)
-        return Scheduled(kind, len(kept), sum(map(len, toks)),
-                         failed + self._emit(kept, out.tolist(), lps))
+        events = self._emit(kept, out.tolist(), lps)
+        if max(prompt_asks) >= 0:
+            for r, ev, plp in zip(kept, events, self.engine.last_prompt_logprobs):
+                if plp is not None:  # the first token has no log-prob: nothing precedes it
+                    first = Scored(r.prompt[0], self.token_text(r.prompt[0]), None)
+                    ev.prompt_logprobs = [(first, None)] + [
+                        scored(lp, t, self.token_text) for lp, t in zip(plp, r.prompt[1:])]
+        return Scheduled(kind, len(kept), sum(map(len, toks)), failed + events)
 
     def _emit(self, rows: list[Request], toks: list[int], lps: list) -> list[TokenEvent]:
         now = time.perf_counter()

@@ -42,21 +42,28 @@ class StepBatch:
     # per row: the most likely alternatives to report with its token's log-prob (-1: none);
     # the engine leaves them in `last_logprobs` (ladder.engine.logprobs)
     logprobs: list[int] | None = None
+    # per row of a prefill: the same for each prompt token after the first (-1: none), left in
+    # `last_prompt_logprobs`
+    prompt_logprobs: list[int] | None = None
 
     def body_len(self) -> int:
         return self.body_size(len(self.tokens), max(len(r) for r in self.tokens),
-                              self.sampling is not None, self.logprobs is not None)
+                              self.sampling is not None, self.asks_logprobs)
+
+    @property
+    def asks_logprobs(self) -> bool:
+        return self.logprobs is not None or self.prompt_logprobs is not None
 
     @staticmethod
     def body_size(b: int, t: int, sampled: bool, logprobs: bool = False) -> int:
-        return b * (t + 3) + (4 * b if sampled else 0) + (b if logprobs else 0)
+        return b * (t + 3) + (4 * b if sampled else 0) + (2 * b if logprobs else 0)
 
     def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
         t = max(len(r) for r in self.tokens)
         head = torch.tensor([OP_STEP, len(self.tokens), t,
                              int(self.all_logits) | int(self.greedy) << 1
                              | int(self.sampling is not None) << 2
-                             | int(self.logprobs is not None) << 3])
+                             | int(self.asks_logprobs) << 3])
         body = torch.zeros(self.body_len(), dtype=torch.int64)
         b = len(self.tokens)
         for i, row in enumerate(self.tokens):
@@ -67,8 +74,9 @@ class StepBatch:
         body[base + 2 * b:base + 3 * b] = torch.tensor([len(r) for r in self.tokens])
         if self.sampling is not None:
             body[base + 3 * b:base + 7 * b] = self.sampling.encode().reshape(-1)
-        if self.logprobs is not None:
-            body[-b:] = torch.tensor(self.logprobs)
+        if self.asks_logprobs:
+            body[-2 * b:-b] = torch.tensor(self.logprobs or [-1] * b)
+            body[-b:] = torch.tensor(self.prompt_logprobs or [-1] * b)
         return head, body
 
     @classmethod
@@ -82,7 +90,8 @@ class StepBatch:
                    all_logits=bool(flags & 1), greedy=bool(flags & 2),
                    sampling=SamplingRows.decode(body[base + 3 * b:base + 7 * b].view(b, 4))
                    if flags & 4 else None,
-                   logprobs=body[-b:].tolist() if flags & 8 else None)
+                   logprobs=body[-2 * b:-b].tolist() if flags & 8 else None,
+                   prompt_logprobs=body[-b:].tolist() if flags & 8 else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +134,7 @@ class ShardEngine:
         self.timing = StepTiming()
         self.last = StepComm()
         self.last_logprobs: list = []  # the last step's, per row (leader; see StepBatch)
+        self.last_prompt_logprobs: list = []
 
     # -- SPMD ----------------------------------------------------------------------------------
     def step(self, batch: StepBatch) -> torch.Tensor | None:
@@ -184,6 +194,8 @@ class ShardEngine:
         ctx, tokens, lens = self._context(batch)
         with torch.inference_mode():
             h = self.model.hidden(tokens, ctx)
+            if batch.prompt_logprobs is not None and max(batch.prompt_logprobs) >= 0:
+                self.last_prompt_logprobs = self._prompt_logprobs(h, tokens, lens, batch)
             if not batch.all_logits:
                 h = h[torch.arange(h.shape[0]), torch.tensor(lens, device=h.device) - 1]
             # every rank: the LM head is vocabulary-parallel, and so are the decisions
@@ -194,7 +206,9 @@ class ShardEngine:
                 out = vocab.greedy(local, self.shard)
             else:
                 out = vocab.gather(local, self.shard)
-            if batch.logprobs is not None and not batch.all_logits:
+            # the same test on every rank (a follower's -1s stand for the leader's None)
+            asked = batch.logprobs is not None and max(batch.logprobs) >= 0
+            if asked and not batch.all_logits:
                 self.last_logprobs = token_logprobs(
                     local, self._on_every_rank(out, batch), batch.logprobs, self.shard)
         if self.device.type == "cuda":
@@ -215,6 +229,20 @@ class ShardEngine:
         else:
             tm.prefill_s += dt
         return out if self.is_leader else None
+
+    def _prompt_logprobs(self, h: torch.Tensor, tokens: torch.Tensor, lens: list[int],
+                         batch: StepBatch) -> list:
+        """Per row: None, or the log-probs of its prompt tokens after the first (each from the
+        position before it), every row in batch order on every rank."""
+        out: list = []
+        for b, k in enumerate(batch.prompt_logprobs):
+            if k < 0 or lens[b] < 2:
+                out.append(None if k < 0 else [])
+                continue
+            local = self.model.logits(h[b, :lens[b] - 1])
+            out.append(token_logprobs(local, tokens[b, 1:lens[b]], [k] * (lens[b] - 1),
+                                      self.shard))
+        return out
 
     def _on_every_rank(self, tokens: torch.Tensor | None, batch: StepBatch) -> torch.Tensor:
         """The step's chosen tokens on every rank: a greedy step has them already; a sampled
