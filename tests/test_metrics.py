@@ -217,38 +217,3 @@ def test_report_names_an_unreachable_prometheus():
     with pytest.raises(ReportError, match="cannot query Prometheus"):
         from_prometheus(f"http://127.0.0.1:{free_port()}")
 
-
-def test_the_readme_monitoring_path_on_ladder_serve(tiny_chat, tmp_path):
-    """What the README tells a user: `ladder serve` (its own local Ray), then Prometheus with
-    dashboards/prometheus.yml as shipped; a serving panel's query returns the server's series."""
-    import openai
-
-    from bench.serve_proc import ladder_serve, wait_ready, write_config
-    port = free_port()
-    cfg = write_config(tmp_path, port, model=str(tiny_chat), model_name="tiny-readme",
-                       residual="standard", max_seq=256, n_slots=4)
-    shipped = Path(__file__).resolve().parents[1] / "dashboards" / "prometheus.yml"
-    panel = next(q.expr for p in DASHBOARDS["serving"][2] for q in p.queries
-                 if "ladder_generation_tokens_total" in q.expr)
-    expr = panel.replace("$model", "tiny-readme").replace("$tp", ".*").replace(
-        "$interconnect", ".*").replace("$__rate_interval", "2m")
-    import yaml
-    sd = Path(yaml.safe_load(shipped.read_text())["scrape_configs"][0]["file_sd_configs"][0]
-              ["files"][0])
-    started = time.time()
-    with ladder_serve(cfg) as proc:
-        wait_ready(proc, 300)
-        assert sd.stat().st_mtime >= started - 1, f"{sd} is not this server's"
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
-        with running_prometheus(shipped, tmp_path / "data") as prom:
-            result, deadline = [], time.monotonic() + 120
-            while not result and time.monotonic() < deadline:
-                client.completions.create(model="tiny-readme", prompt="Hi", max_tokens=8,
-                                          extra_body={"ignore_eos": True})
-                time.sleep(3)
-                result = [r for r in query(prom, expr) if float(r["value"][1]) > 0]
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=120)
-    assert result, f"no data for the panel query {expr} through {shipped}"
-    assert {r["metric"].get("model") for r in result} == {"tiny-readme"}
-    assert proc.returncode == 0
