@@ -30,6 +30,7 @@ MAX_N = 8  # choices per request: each is a full generation on the group
 MAX_STOPS = 4  # stop sequences per request (OpenAI's limit)
 MAX_STOP_CHARS = 256
 MAX_STOP_IDS = 64  # stop_token_ids per request
+MAX_BIASES = 300  # logit_bias entries per request
 
 
 class ApiError(Exception):
@@ -71,8 +72,6 @@ NO_EFFECT = ("user", "metadata", "store", "service_tier", "parallel_tool_calls",
 # one that asks for nothing (the default), so that a client is never silently given something
 # other than what it asked for (JSON it asked for as free text, an unpenalized sample).
 NOT_YET: dict[str, tuple] = {
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0), "repetition_penalty": (None, 1), "logit_bias": (None, {}),
     "min_p": (None, 0), "bad_words": (None, []),
     "response_format": (None, {"type": "text"}), "tools": (None, []),
     "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
@@ -134,10 +133,13 @@ class _Common(BaseModel):
     parallel_tool_calls: Any = None
     prompt_cache_key: Any = None
     safety_identifier: Any = None
-    presence_penalty: Any = _not_yet("presence_penalty")
-    frequency_penalty: Any = _not_yet("frequency_penalty")
-    repetition_penalty: Any = _not_yet("repetition_penalty")
-    logit_bias: Any = _not_yet("logit_bias")
+    presence_penalty: StrictFloat | None = Field(None, ge=-2, le=2)
+    frequency_penalty: StrictFloat | None = Field(None, ge=-2, le=2)
+    repetition_penalty: StrictFloat | None = Field(None, gt=0, le=10, description="an extension "
+                                                   "(vLLM's): 1 = off")
+    logit_bias: Annotated[dict[str, Annotated[StrictFloat, Field(ge=-100, le=100)]],
+                          Field(max_length=MAX_BIASES)] | None = Field(
+        None, description="token id (as a string) -> added to its logit, -100..100")
     min_p: Any = _not_yet("min_p")
     stop_token_ids: Annotated[list[Int], Field(max_length=MAX_STOP_IDS)] | None = Field(
         None, description="an extension (vLLM's): stop at any of these token ids")
@@ -147,6 +149,15 @@ class _Common(BaseModel):
 
     def asked_prompt_logprobs(self) -> int | None:
         return None
+
+    def biases(self, limits: Limits) -> tuple[tuple[int, float], ...]:
+        out = []
+        for key, b in (self.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= limits.vocab_size:
+                raise ApiError(400, f"logit_bias: {key!r} is not a token id in "
+                               f"0..{limits.vocab_size - 1}", param="logit_bias")
+            out.append((int(key), float(b)))
+        return tuple(out)
 
     def refuse_what_is_not_served(self) -> None:
         """A 400 naming the first field of NOT_YET set to something other than its default."""
@@ -184,6 +195,7 @@ class _Common(BaseModel):
         if any(not 0 <= t < limits.vocab_size for t in stop_ids):
             raise ApiError(400, f"stop_token_ids must be token ids in 0..{limits.vocab_size - 1}",
                            param="stop_token_ids")
+        bias = self.biases(limits)
         out = []
         for i in range(self.n):  # each choice its own seed, so choices differ when sampling
             seed = None if self.seed is None else (self.seed + i) % SEED_SPACE
@@ -192,6 +204,9 @@ class _Common(BaseModel):
                 top_p=self.top_p, seed=seed, stop=stop, stop_token_ids=stop_ids,
                 ignore_eos=self.ignore_eos, logprobs=self.asked_logprobs(),
                 prompt_logprobs=self.asked_prompt_logprobs(),
+                presence_penalty=self.presence_penalty or 0.0,
+                frequency_penalty=self.frequency_penalty or 0.0,
+                repetition_penalty=self.repetition_penalty or 1.0, logit_bias=bias,
                 min_tokens=min(self.min_tokens, mt)))
         return out
 

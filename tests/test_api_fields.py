@@ -22,8 +22,7 @@ MODEL = "tiny-chat"
 MESSAGES = [{"role": "user", "content": "Say hi."}]
 # a value of each field that asks for something this server does not do yet
 ASKS = {
-    "presence_penalty": 0.5, "frequency_penalty": -0.3,
-    "repetition_penalty": 1.2, "logit_bias": {"42": 5}, "min_p": 0.1,
+    "min_p": 0.1,
     "bad_words": ["x"], "response_format": {"type": "json_object"},
     "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
     "tool_choice": "auto", "functions": [{"name": "f"}], "function_call": "auto", "best_of": 2,
@@ -211,3 +210,20 @@ def test_stop_token_ids(client):
             client.completions.create(model=MODEL, prompt="Hi", max_tokens=3,
                                       extra_body={"stop_token_ids": bad})
         assert e.value.body["param"] == "stop_token_ids"
+
+
+def test_penalties_and_biases_through_the_api(client, local_api):
+    """A bias of +100 decides every greedy token; penalties are taken (their effect on the
+    tokens: test_penalties); a bias key that is no token id is refused by name."""
+    r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, temperature=0,
+                                  logit_bias={"42": 100}, presence_penalty=1.0,
+                                  frequency_penalty=0.5, extra_body={"ignore_eos": True,
+                                                                     "repetition_penalty": 1.3})
+    text = requests.post(local_api + "/detokenize", headers=AUTH, timeout=60,
+                         json={"tokens": [42] * 4}).json()["prompt"]
+    assert r.choices[0].text == text
+    for bad in ({"logit_bias": {"49152": 1}}, {"logit_bias": {"x": 1}},
+                {"presence_penalty": 3}, {"repetition_penalty": 0}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body=bad)
+        assert e.value.body["param"] == next(iter(bad)), bad

@@ -25,6 +25,10 @@ class SamplingParams:
     min_tokens: int = 0  # no stop (eos, ids or strings) before this many tokens
     logprobs: int | None = None  # each token's log-prob and this many alternatives (0-20)
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (after the first)
+    presence_penalty: float = 0.0  # subtracted from a generated token's logit (OpenAI's)
+    frequency_penalty: float = 0.0  # ... times the times it was generated (OpenAI's)
+    repetition_penalty: float = 1.0  # divides a seen token's positive logit (vLLM's)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -47,12 +51,23 @@ class SamplingParams:
             k = getattr(self, name)
             if k is not None and not 0 <= k <= 20:
                 raise ValueError(f"{name} must be in [0, 20], got {k}")
+        if not (math.isfinite(self.presence_penalty) and math.isfinite(self.frequency_penalty)
+                and math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError("penalties must be finite, repetition_penalty above 0")
+        self.logit_bias = tuple((int(t), float(b)) for t, b in self.logit_bias)
+        if any(not math.isfinite(b) for _, b in self.logit_bias):
+            raise ValueError("a logit bias must be finite")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
 
     @property
     def greedy(self) -> bool:
         return is_greedy(self.temperature)
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1 or self.logit_bias)
 
 
 def is_greedy(temperature: float) -> bool:

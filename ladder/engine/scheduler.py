@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ladder.engine.logprobs import Scored, scored
+from ladder.engine.penalties import Penalties
 from ladder.engine.sampling import Sampler, SamplingParams, SamplingRows
 from ladder.engine.step import ShardEngine, StepBatch
 
@@ -208,7 +209,8 @@ class Scheduler:
         Each row's part of the step (its tokens and sampling row as int64s) is built before
         anything is broadcast, under its own guard: a row that cannot be built fails alone and
         the step runs without it."""
-        greedy = all(r.params.greedy for r in rows)
+        penalized = any(r.params.penalized for r in rows)
+        greedy = all(r.params.greedy for r in rows) and not penalized
         kept, toks, kept_starts, table, failed = [], [], [], [], []
         for r, t, start in zip(rows, tokens, starts):
             try:
@@ -230,7 +232,8 @@ class Scheduler:
             tokens=toks, slots=[r.slot for r in kept], starts=kept_starts, greedy=greedy,
             sampling=None if greedy else SamplingRows.of(table),
             logprobs=asks if max(asks) >= 0 else None,
-            prompt_logprobs=prompt_asks if max(prompt_asks) >= 0 else None))
+            prompt_logprobs=prompt_asks if max(prompt_asks) >= 0 else None,
+            penalties=_penalties(kept) if penalized else None))
         lps = self.engine.last_logprobs if max(asks) >= 0 else [None] * len(kept)
         events = self._emit(kept, out.tolist(), lps)
         if max(prompt_asks) >= 0:
@@ -298,6 +301,13 @@ class Scheduler:
             heapq.heappush(self.free, r.slot)
         self.sampler.remove(r.id)
         return TokenEvent(r.id, tok, delta, reason, r.stats)
+
+
+def _penalties(rows: list[Request]) -> Penalties:
+    ps = [r.params for r in rows]
+    return Penalties([p.presence_penalty for p in ps], [p.frequency_penalty for p in ps],
+                     [p.repetition_penalty for p in ps],
+                     [(i, t, b) for i, p in enumerate(ps) for t, b in p.logit_bias])
 
 
 def _int64s(tokens: list[int]) -> list[int]:

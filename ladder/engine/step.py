@@ -19,6 +19,7 @@ import torch
 
 from ladder.engine import vocab
 from ladder.engine.logprobs import token_logprobs
+from ladder.engine.penalties import History, Penalties
 from ladder.engine.sampling import SamplingRows
 from ladder.links.base import Communicator
 from ladder.model.layers import KVCache, StepContext
@@ -45,6 +46,9 @@ class StepBatch:
     # per row of a prefill: the same for each prompt token after the first (-1: none), left in
     # `last_prompt_logprobs`
     prompt_logprobs: list[int] | None = None
+    # penalties and biases (ladder.engine.penalties): sent in two more broadcasts, as their
+    # length varies with the biases
+    penalties: Penalties | None = None
 
     def body_len(self) -> int:
         return self.body_size(len(self.tokens), max(len(r) for r in self.tokens),
@@ -63,7 +67,8 @@ class StepBatch:
         head = torch.tensor([OP_STEP, len(self.tokens), t,
                              int(self.all_logits) | int(self.greedy) << 1
                              | int(self.sampling is not None) << 2
-                             | int(self.asks_logprobs) << 3])
+                             | int(self.asks_logprobs) << 3
+                             | int(self.penalties is not None) << 4])
         body = torch.zeros(self.body_len(), dtype=torch.int64)
         b = len(self.tokens)
         for i, row in enumerate(self.tokens):
@@ -135,6 +140,7 @@ class ShardEngine:
         self.last = StepComm()
         self.last_logprobs: list = []  # the last step's, per row (leader; see StepBatch)
         self.last_prompt_logprobs: list = []
+        self.history: History | None = None  # penalties' per-slot history, on first use
 
     # -- SPMD ----------------------------------------------------------------------------------
     def step(self, batch: StepBatch) -> torch.Tensor | None:
@@ -146,6 +152,10 @@ class ShardEngine:
             head, body = batch.encode()
             self.comm.broadcast(head)
             self.comm.broadcast(body)
+            if batch.penalties is not None:
+                flat = batch.penalties.encode()
+                self.comm.broadcast(torch.tensor([flat.numel()]))
+                self.comm.broadcast(flat)
         return self._run(batch)
 
     def ping(self) -> float:
@@ -184,7 +194,14 @@ class ShardEngine:
             body = torch.zeros(StepBatch.body_size(b, t, bool(flags & 4), bool(flags & 8)),
                                dtype=torch.int64)
             self.comm.broadcast(body)
-            self._run(StepBatch.decode(head, body))
+            batch = StepBatch.decode(head, body)
+            if flags & 16:
+                n = torch.zeros(1, dtype=torch.int64)
+                self.comm.broadcast(n)
+                flat = torch.zeros(int(n[0]), dtype=torch.int64)
+                self.comm.broadcast(flat)
+                batch.penalties = Penalties.decode(flat, b)
+            self._run(batch)
 
     # -- one forward ---------------------------------------------------------------------------
     def _run(self, batch: StepBatch) -> torch.Tensor | None:
@@ -200,10 +217,12 @@ class ShardEngine:
                 h = h[torch.arange(h.shape[0]), torch.tensor(lens, device=h.device) - 1]
             # every rank: the LM head is vocabulary-parallel, and so are the decisions
             local = self.model.logits(h)
+            chosen_from = (local if batch.penalties is None or batch.all_logits
+                           else self._penalized(local, batch))
             if batch.sampling is not None and not batch.all_logits:
-                out = vocab.sample(local, batch.sampling, self.shard)
+                out = vocab.sample(chosen_from, batch.sampling, self.shard)
             elif batch.greedy and not batch.all_logits:
-                out = vocab.greedy(local, self.shard)
+                out = vocab.greedy(chosen_from, self.shard)
             else:
                 out = vocab.gather(local, self.shard)
             # the same test on every rank (a follower's -1s stand for the leader's None)
@@ -229,6 +248,14 @@ class ShardEngine:
         else:
             tm.prefill_s += dt
         return out if self.is_leader else None
+
+    def _penalized(self, local: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """A float copy of the last positions' logits with the rows' penalties and biases
+        (log-probs stay the model's own: they read `local`)."""
+        if self.history is None:
+            self.history = History(self.n_slots, self.shard, self.device)
+        self.history.update(batch.tokens, batch.slots, batch.starts)
+        return self.history.apply(local.float().clone(), batch.slots, batch.penalties)
 
     def _prompt_logprobs(self, h: torch.Tensor, tokens: torch.Tensor, lens: list[int],
                          batch: StepBatch) -> list:

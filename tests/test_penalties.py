@@ -1,0 +1,83 @@
+"""Penalties and biases on the vocabulary slices (ladder.engine.penalties): greedy tokens equal
+a reference that applies them to transformers' full logits (vLLM's definitions) at TP 1, 2 and
+3, and a seed draws the same tokens at every TP size with them on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ladder.engine.local import LocalTPGroup
+from ladder.engine.sampling import SamplingParams
+from ladder.options import GroupOptions
+
+PROMPTS = [[5, 70, 71, 72, 33, 90, 70, 71], [1, 2, 3, 80, 81]]
+N = 10
+SETTINGS = [dict(presence_penalty=1.5), dict(frequency_penalty=0.8),
+            dict(repetition_penalty=1.8), dict(presence_penalty=-0.5, frequency_penalty=0.4,
+                                               repetition_penalty=1.3,
+                                               logit_bias=((17, 3.0), (70, -2.5)))]
+
+
+def reference(hf, prompt: list[int], s: dict) -> list[int]:
+    """Greedy decoding with the penalties applied to the full logits, one token at a time."""
+    out: list[int] = []
+    for _ in range(N):
+        with torch.no_grad():
+            x = hf(torch.tensor([prompt + out])).logits[0, -1].float()
+        counts = torch.bincount(torch.tensor(out, dtype=torch.int64),
+                                minlength=x.numel()).float()
+        rep = s.get("repetition_penalty", 1.0)
+        seen = torch.zeros_like(x, dtype=torch.bool)
+        seen[torch.tensor(prompt)] = True
+        seen |= counts > 0
+        x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+        x = x - s.get("presence_penalty", 0.0) * (counts > 0) \
+            - s.get("frequency_penalty", 0.0) * counts
+        for t, b in s.get("logit_bias", ()):
+            x[t] += b
+        out.append(int(x.argmax()))
+    return out
+
+
+def run(model, tp: int, params: list[SamplingParams]) -> list[list[int]]:
+    with LocalTPGroup(GroupOptions(model=str(model), tp=tp, n_slots=4, max_seq=64)) as g:
+        return [o["tokens"] for o in g.generate(PROMPTS, params)]
+
+
+@pytest.mark.parametrize("tp", [1, 2, 3])
+def test_greedy_with_penalties_equals_the_reference(tiny_llama, tp):
+    from transformers import LlamaForCausalLM
+    hf = LlamaForCausalLM.from_pretrained(tiny_llama, torch_dtype=torch.float32).eval()
+    for s in SETTINGS:
+        params = [SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, **s),
+                  SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)]  # none: as is
+        got = run(tiny_llama, tp, params)
+        assert got[0] == reference(hf, PROMPTS[0], s), s
+        assert got[1] == reference(hf, PROMPTS[1], {})
+
+
+def test_a_seed_draws_the_same_tokens_at_every_tp(tiny_llama):
+    params = [SamplingParams(max_tokens=N, temperature=1.0, seed=11, ignore_eos=True,
+                             frequency_penalty=0.7, repetition_penalty=1.2,
+                             logit_bias=((33, 2.0),)),
+              SamplingParams(max_tokens=N, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True,
+                             presence_penalty=1.0)]
+    ref = run(tiny_llama, 1, params)
+    assert run(tiny_llama, 2, params) == ref and run(tiny_llama, 3, params) == ref
+
+
+def test_a_large_bias_decides():
+    """+100 on a token makes every greedy step take it; the unbiased row is untouched."""
+    from ladder.engine.penalties import History, Penalties
+    from ladder.engine.vocab import Shard
+    from ladder.links.base import NoComm
+    h = History(2, Shard(0, 1, 0, 50, 50, NoComm()), torch.device("cpu"))
+    h.update([[1, 2, 3], [4]], [0, 1], [0, 0])
+    x = torch.randn(2, 50)
+    got = h.apply(x.clone(), [0, 1], Penalties([0.0, 0.0], [0.0, 0.0], [1.0, 1.0],
+                                               [(0, 7, 100.0)]))
+    assert got[0].argmax() == 7 and torch.equal(got[1], x[1])
+    assert Penalties.decode(Penalties([1.5, 0.0], [0.0, 2.0], [1.0, 1.1],
+                                      [(1, 9, -3.25)]).encode(), 2) == \
+        Penalties([1.5, 0.0], [0.0, 2.0], [1.0, 1.1], [(1, 9, -3.25)])
