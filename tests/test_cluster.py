@@ -363,10 +363,11 @@ def test_bench_sampling_short_run(tmp_path):
     assert [(r["link"], r["batch"]) for r in result["rows"]] == [("loopback", 2), ("cheap", 2)]
     assert result["skipped"] == {}
     for r in result["rows"]:
-        assert set(r["ms_per_step"]) == {"greedy", "sampled", "top-p"}
+        assert set(r["ms_per_step"]) == {"greedy", "sampled", "top-p", "penalized"}
         extra = r["extra_bytes_per_step"]
         # 2 rows of logits would be 2 x 49152 x 4 = 384 KiB a step
         assert extra["greedy"] == 0 and 0 < extra["sampled"] < extra["top-p"] < 8 * 1024
+        assert 0 < extra["penalized"] < 8 * 1024 and r["penalized_over_sampled"] > 0
     assert "over greedy" in p.stdout and list(tmp_path.glob("sampling-*.json"))
     assert not [n for n in network._netns_list() if n.startswith("lsc-sa")]
 

@@ -65,28 +65,44 @@ class History:
         return t.to(self.counts.device)
 
     def update(self, tokens: list[list[int]], slots: list[int], starts: list[int]) -> None:
+        decoded_slots, decoded = [], []
         for row, slot, start in zip(tokens, slots, starts):
             if start == 0:  # a new request: its prompt
                 self.counts[slot] = 0
                 self.prompt[slot] = False
                 self.prompt[slot, self._mine(row)] = True
             else:  # its last generated token(s)
-                self.counts[slot].index_add_(0, self._mine(row),
-                                             torch.ones(len(self._mine(row)),
-                                                        device=self.counts.device))
+                decoded_slots += [slot] * len(row)
+                decoded += row
+        if decoded:  # one scatter for the step's decode rows
+            t = torch.tensor(decoded, dtype=torch.int64)
+            s = torch.tensor(decoded_slots, dtype=torch.int64)
+            keep = (t >= self.shard.lo) & (t < self.shard.hi)
+            idx = (s[keep].to(self.counts.device), (t[keep] - self.shard.lo).to(self.counts.device))
+            self.counts.index_put_(idx, torch.ones(len(idx[0]), device=self.counts.device),
+                                   accumulate=True)
 
     def apply(self, local: torch.Tensor, slots: list[int], p: Penalties) -> torch.Tensor:
-        """local [B, V_local] (float) with each row's penalties and biases applied."""
-        for i, slot in enumerate(slots):
-            rep, pres, freq = p.repetition[i], p.presence[i], p.frequency[i]
-            if rep == 1 and pres == 0 and freq == 0:
-                continue
-            x, c = local[i], self.counts[slot]
-            if rep != 1:
-                seen = self.prompt[slot] | (c > 0)
-                x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
-            local[i] = x - pres * (c > 0) - freq * c
-        for row, tok, bias in p.bias:
-            if self.shard.lo <= tok < self.shard.hi:
-                local[row, tok - self.shard.lo] += bias
+        """local [B, V_local] (float) with each row's penalties and biases applied, the rows
+        that have any at once."""
+        rows = [i for i in range(len(slots))
+                if p.repetition[i] != 1 or p.presence[i] or p.frequency[i]]
+        if rows:
+            dev = local.device
+            idx = torch.tensor([slots[i] for i in rows], device=dev)
+            col = torch.tensor([[p.repetition[i], p.presence[i], p.frequency[i]] for i in rows],
+                               device=dev)
+            rep, pres, freq = col[:, :1], col[:, 1:2], col[:, 2:]
+            x, c = local[rows], self.counts[idx]
+            seen = self.prompt[idx] | (c > 0)
+            x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+            local[rows] = x - pres * (c > 0) - freq * c
+        mine = [(r, t - self.shard.lo, b) for r, t, b in p.bias
+                if self.shard.lo <= t < self.shard.hi]
+        if mine:
+            r, t, b = zip(*mine)
+            local.index_put_((torch.tensor(r, device=local.device),
+                              torch.tensor(t, device=local.device)),
+                             torch.tensor(b, dtype=local.dtype, device=local.device),
+                             accumulate=True)
         return local
