@@ -1,10 +1,10 @@
 """Penalties and biases on the vocabulary slices (ladder.engine.penalties): greedy tokens equal
 a reference that applies them to transformers' full logits (vLLM's definitions) at TP 1, 2 and
-3, and a seed draws the same tokens at every TP size with them on."""
+3 (greedy and penalized rows in one batch with rows without them), and a seed draws the same
+tokens at every TP size with them on."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from ladder.engine.local import LocalTPGroup
@@ -40,31 +40,34 @@ def reference(hf, prompt: list[int], s: dict) -> list[int]:
     return out
 
 
-def run(model, tp: int, params: list[SamplingParams]) -> list[list[int]]:
-    with LocalTPGroup(GroupOptions(model=str(model), tp=tp, n_slots=4, max_seq=64)) as g:
-        return [o["tokens"] for o in g.generate(PROMPTS, params)]
+def run(model, tp: int, prompts: list[list[int]], params: list[SamplingParams]
+        ) -> list[list[int]]:
+    with LocalTPGroup(GroupOptions(model=str(model), tp=tp, n_slots=8, max_seq=64)) as g:
+        return [o["tokens"] for o in g.generate(prompts, params)]
 
 
-@pytest.mark.parametrize("tp", [1, 2, 3])
-def test_greedy_with_penalties_equals_the_reference(tiny_llama, tp):
+SAMPLED = [SamplingParams(max_tokens=N, temperature=1.0, seed=11, ignore_eos=True,
+                          frequency_penalty=0.7, repetition_penalty=1.2, logit_bias=((33, 2.0),)),
+           SamplingParams(max_tokens=N, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True,
+                          presence_penalty=1.0)]
+
+
+def test_penalties_at_every_tp(tiny_llama):
+    """One batch a TP size: a greedy row per setting, one without any (as is), and two sampled
+    rows with penalties. Greedy rows equal the reference; the sampled rows' tokens are the same
+    at every TP size."""
     from transformers import LlamaForCausalLM
     hf = LlamaForCausalLM.from_pretrained(tiny_llama, torch_dtype=torch.float32).eval()
-    for s in SETTINGS:
-        params = [SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, **s),
-                  SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)]  # none: as is
-        got = run(tiny_llama, tp, params)
-        assert got[0] == reference(hf, PROMPTS[0], s), s
-        assert got[1] == reference(hf, PROMPTS[1], {})
-
-
-def test_a_seed_draws_the_same_tokens_at_every_tp(tiny_llama):
-    params = [SamplingParams(max_tokens=N, temperature=1.0, seed=11, ignore_eos=True,
-                             frequency_penalty=0.7, repetition_penalty=1.2,
-                             logit_bias=((33, 2.0),)),
-              SamplingParams(max_tokens=N, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True,
-                             presence_penalty=1.0)]
-    ref = run(tiny_llama, 1, params)
-    assert run(tiny_llama, 2, params) == ref and run(tiny_llama, 3, params) == ref
+    greedy = [SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, **s)
+              for s in SETTINGS] + [SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)]
+    prompts = [PROMPTS[0]] * len(SETTINGS) + [PROMPTS[1]] * 3
+    want = [reference(hf, PROMPTS[0], s) for s in SETTINGS] + [reference(hf, PROMPTS[1], {})]
+    sampled = {}
+    for tp in (1, 2, 3):
+        got = run(tiny_llama, tp, prompts, greedy + SAMPLED)
+        assert got[:len(want)] == want, tp
+        sampled[tp] = got[len(want):]
+    assert sampled[2] == sampled[1] and sampled[3] == sampled[1]
 
 
 def test_a_large_bias_decides():
