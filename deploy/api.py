@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 
 from deploy import protocol as P
 from deploy import responses as R
+from deploy import structured as S
 from deploy.config import ServerConfig
 from deploy.replica_metrics import CONTENT_TYPE, ReplicaMetrics
 from deploy.streams import EventStream, Generations
@@ -256,7 +257,10 @@ class OpenAIServer:
         obs = self.own.request(len(ids))
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventStream(self.sse(rid, len(ids), gens, chat, usage, echo, obs), gens)
+            calls = [S.CallStream(req.forced_call) for _ in params] \
+                if getattr(req, "forced_call", None) else None
+            return EventStream(self.sse(rid, len(ids), gens, chat, usage, echo, obs, calls),
+                               gens)
         try:
             outs = [new_result(logprobs=params[0].logprobs is not None) for _ in params]
             async for i, ev in gens.merged():
@@ -271,10 +275,10 @@ class OpenAIServer:
             o["text"] = echo + o["text"]
         use = R.usage(len(ids), sum(len(o["tokens"]) for o in outs))
         return R.completion_body(rid, self.cfg.model_name, R.now(), outs, use, chat,
-                                 echoed=len(echo))
+                                 echoed=len(echo), call=getattr(req, "forced_call", None))
 
     async def sse(self, rid: str, n_prompt: int, gens: Generations, chat: bool,
-                  include_usage: bool, echo: str, obs):
+                  include_usage: bool, echo: str, obs, calls: list | None = None):
         """SSE chunks of every choice as they come, then usage (if asked) and [DONE]. An error
         after the stream has started is sent as an error event before [DONE]: never silence."""
         model, created = self.cfg.model_name, R.now()
@@ -298,9 +302,12 @@ class OpenAIServer:
                     items[:0], offset[i] = ev.prompt_logprobs, 0
                 lps = R.logprobs_body(items, chat, offset[i])
                 offset[i] += sum(len(s.text) for s, _ in items)
-            if ev.text or ev.finish_reason or first or lps:
-                yield R.sse(R.chunk(rid, model, created, i, ev.text, ev.finish_reason, chat,
-                                    first=first, logprobs=lps))
+            text, call = ev.text, None
+            if calls is not None:  # a forced tool call: its arguments, not content
+                text, call = calls[i].delta(text, first, ev.finish_reason)
+            if text or ev.finish_reason or first or lps or call:
+                yield R.sse(R.chunk(rid, model, created, i, text, ev.finish_reason, chat,
+                                    first=first, logprobs=lps, tool_call=call))
         obs.done()
         if include_usage:
             yield R.sse(R.usage_chunk(rid, model, created, R.usage(n_prompt, generated), chat))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -24,6 +25,8 @@ from pydantic import (
     ValidationError,
 )
 
+from deploy import structured as S
+from deploy.errors import ApiError
 from ladder.engine.sampling import SEED_SPACE, SamplingParams
 
 MAX_N = 8  # choices per request: each is a full generation on the group
@@ -31,20 +34,6 @@ MAX_STOPS = 4  # stop sequences per request (OpenAI's limit)
 MAX_STOP_CHARS = 256
 MAX_STOP_IDS = 64  # stop_token_ids per request
 MAX_BIASES = 300  # logit_bias entries per request
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (status, message, type_,
-                                                                       param, code)
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +62,7 @@ NO_EFFECT = ("user", "metadata", "store", "service_tier", "parallel_tool_calls",
 # other than what it asked for (JSON it asked for as free text, an unpenalized sample).
 NOT_YET: dict[str, tuple] = {
     "min_p": (None, 0), "bad_words": (None, []),
-    "response_format": (None, {"type": "text"}), "tools": (None, []),
-    "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"),
     "best_of": (None, 1), "suffix": (None, ""), "audio": (None,), "modalities": (None, ["text"]),
     "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,),
 }
@@ -144,8 +132,13 @@ class _Common(BaseModel):
     stop_token_ids: Annotated[list[Int], Field(max_length=MAX_STOP_IDS)] | None = Field(
         None, description="an extension (vLLM's): stop at any of these token ids")
     bad_words: Any = _not_yet("bad_words")
-    response_format: Any = _not_yet("response_format")
+    response_format: S.ResponseFormat | None = Field(
+        None, description="json_object or json_schema: the output follows it (deploy.structured)")
     best_of: Any = _not_yet("best_of")
+
+    def grammar(self) -> str | None:
+        """The grammar the output follows (llguidance's text), or None."""
+        return S.format_grammar(self.response_format)
 
     def asked_prompt_logprobs(self) -> int | None:
         return None
@@ -196,6 +189,7 @@ class _Common(BaseModel):
             raise ApiError(400, f"stop_token_ids must be token ids in 0..{limits.vocab_size - 1}",
                            param="stop_token_ids")
         bias = self.biases(limits)
+        grammar = self.grammar()
         out = []
         for i in range(self.n):  # each choice its own seed, so choices differ when sampling
             seed = None if self.seed is None else (self.seed + i) % SEED_SPACE
@@ -207,7 +201,7 @@ class _Common(BaseModel):
                 presence_penalty=self.presence_penalty or 0.0,
                 frequency_penalty=self.frequency_penalty or 0.0,
                 repetition_penalty=self.repetition_penalty or 1.0, logit_bias=bias,
-                min_tokens=min(self.min_tokens, mt)))
+                min_tokens=min(self.min_tokens, mt), grammar=grammar))
         return out
 
 
@@ -269,8 +263,10 @@ class ChatRequest(_Common):
     logprobs: StrictBool | None = Field(None, description="each token's log-prob")
     top_logprobs: Int | None = Field(None, ge=0, le=20, description="with logprobs: this many "
                                      "most likely alternatives of each token")
-    tools: Any = _not_yet("tools")
-    tool_choice: Any = _not_yet("tool_choice")
+    tools: Annotated[list[S.Tool], Field(max_length=S.MAX_TOOLS)] | None = None
+    tool_choice: S.ToolChoice | None = Field(
+        None, description='a named function or "required" (the call follows its schema), '
+        'or "none"; "auto" with tools is a 400 (free-form calls are not parsed)')
     functions: Any = _not_yet("functions")
     function_call: Any = _not_yet("function_call")
     audio: Any = _not_yet("audio")
@@ -281,6 +277,20 @@ class ChatRequest(_Common):
 
     def asked_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @cached_property
+    def forced_call(self) -> S.ForcedCall | None:
+        """The tool call `tools` and `tool_choice` force (compiled once), or None."""
+        return S.forced_call(self.tools, self.tool_choice)
+
+    def grammar(self) -> str | None:
+        call = self.forced_call
+        if call is None:
+            return super().grammar()
+        if self.response_format is not None and self.response_format.type != "text":
+            raise ApiError(400, "response_format and a forced tool call both shape the output: "
+                           "give one", param="response_format")
+        return call.grammar
 
     def refuse_what_is_not_served(self) -> None:
         super().refuse_what_is_not_served()

@@ -81,9 +81,21 @@ class Completion(BaseModel):
     usage: Usage | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="JSON of the function's parameters")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None = Field(description="null when the message is a tool call")
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -186,9 +198,12 @@ def logprobs_body(items: list | None, chat: bool, offset: int = 0) -> dict | Non
 
 
 def completion_body(rid: str, model: str, created: int, choices: list[dict], use: dict,
-                    chat: bool, echoed: int = 0) -> dict:
+                    chat: bool, echoed: int = 0, call=None) -> dict:
+    """`call`: a chat's forced tool call (deploy.structured.ForcedCall), whose output is the
+    call's arguments."""
     if chat:
-        items = [{"index": i, "message": {"role": "assistant", "content": c["text"]},
+        items = [{"index": i, "message": {"role": "assistant", "content": c["text"]}
+                  if call is None else call.message(c["text"], c["finish_reason"] == "stop"),
                   "logprobs": logprobs_body(c.get("logprobs"), True),
                   "finish_reason": FINISH[c["finish_reason"]]} for i, c in enumerate(choices)]
         return {"id": rid, "object": "chat.completion", "created": created, "model": model,
@@ -203,13 +218,15 @@ def completion_body(rid: str, model: str, created: int, choices: list[dict], use
 
 def chunk(rid: str, model: str, created: int, index: int, text: str | None,
           finish_reason: str | None, chat: bool, first: bool = False,
-          logprobs: dict | None = None) -> dict:
+          logprobs: dict | None = None, tool_call: dict | None = None) -> dict:
     if chat:
         delta: dict = {}
         if first:
             delta["role"] = "assistant"
         if text:
             delta["content"] = text
+        if tool_call is not None:
+            delta["tool_calls"] = [tool_call]
         choice = {"index": index, "delta": delta, "logprobs": logprobs,
                   "finish_reason": FINISH.get(finish_reason) if finish_reason else None}
         return {"id": rid, "object": "chat.completion.chunk", "created": created,

@@ -101,6 +101,16 @@ class Tokenizer:
         text = self.chat_text(messages, add_generation_prompt)
         return self.encode(text, add_special_tokens=False)
 
+    def grammar_tokenizer(self, n_vocab: int, eos_token_ids: Sequence[int]):
+        """This tokenizer as llguidance's (ladder.engine.guided), over the model's `n_vocab`
+        rows (ids past the tokenizer's own are never allowed), ending at `eos_token_ids`."""
+        import llguidance.hf
+        if n_vocab < self.vocab_size:
+            raise TokenizerError(f"{self.source}: the tokenizer has {self.vocab_size} tokens, "
+                                 f"more than the model's {n_vocab}")
+        return llguidance.hf.from_tokenizer(self._hf, n_vocab=n_vocab,
+                                            eos_token=list(eos_token_ids))
+
     def save(self, folder: str | Path) -> None:
         """Write `tokenizer.json` and `tokenizer_config.json` (with the chat template), e.g. to
         give a converted model folder the tokenizer of the GGUF it came from."""

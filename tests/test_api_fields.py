@@ -23,15 +23,13 @@ MESSAGES = [{"role": "user", "content": "Say hi."}]
 # a value of each field that asks for something this server does not do yet
 ASKS = {
     "min_p": 0.1,
-    "bad_words": ["x"], "response_format": {"type": "json_object"},
-    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-    "tool_choice": "auto", "functions": [{"name": "f"}], "function_call": "auto", "best_of": 2,
+    "bad_words": ["x"], "functions": [{"name": "f"}], "function_call": "auto", "best_of": 2,
     "suffix": "end", "audio": {"voice": "x"}, "modalities": ["audio"],
     "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "low",
     "web_search_options": {},
 }
 COMPLETION_ONLY = {"suffix", "best_of"}  # fields of the legacy completions API alone
-CHAT_ONLY = {"tools", "tool_choice", "functions", "function_call", "audio", "modalities",
+CHAT_ONLY = {"functions", "function_call", "audio", "modalities",
              "prediction", "reasoning_effort", "web_search_options"}
 
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from ladder.engine.group import GroupError, GroupInfo
+from ladder.engine.guided import Guide
 from ladder.engine.scheduler import (
     Request,
     RequestError,
@@ -67,7 +68,9 @@ class Leader:
         self.scheduler = Scheduler(
             engine, eos_token_ids=eos_token_ids,
             decoder_factory=tokenizer.incremental_decoder if tokenizer else None,
-            token_text=(lambda i: tokenizer.decode([i])) if tokenizer else None)
+            token_text=(lambda i: tokenizer.decode([i])) if tokenizer else None,
+            guide=Guide(tokenizer, engine.model.config.vocab_size, eos_token_ids)
+            if tokenizer else None)
         self.name, self.adapted = name, adapted
         self.metrics, self.after_step, self.heartbeat_s = metrics, after_step, heartbeat_s
         self.steps: deque[StepRecord] = deque(maxlen=keep_steps)
@@ -113,7 +116,7 @@ class Leader:
             raise GroupError(self.error)
         try:
             for r in reqs:
-                self.scheduler.check(r)
+                self.scheduler.prepare(r)
         except RequestError:
             if self.metrics:
                 self.metrics.on_error("bad_request")

@@ -29,6 +29,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # ... times the times it was generated (OpenAI's)
     repetition_penalty: float = 1.0  # divides a seen token's positive logit (vLLM's)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    grammar: str | None = None  # llguidance's grammar text: the output follows it (guided.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

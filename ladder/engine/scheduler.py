@@ -68,6 +68,7 @@ class Request:
     text: str = ""
     held: str = ""  # decoded text not yet emitted: it may be the start of a stop string
     decoder: object = None
+    matcher: object = None  # with params.grammar: its matcher (ladder.engine.guided)
 
 
 @dataclass(slots=True)
@@ -118,8 +119,10 @@ def add_event(result: dict, ev: TokenEvent) -> None:
 
 class Scheduler:
     def __init__(self, engine: ShardEngine, *, eos_token_ids: tuple[int, ...] = (),
-                 decoder_factory=None, token_text=None, max_prefill_rows: int = 4) -> None:
+                 decoder_factory=None, token_text=None, max_prefill_rows: int = 4,
+                 guide=None) -> None:
         self.engine = engine
+        self.guide = guide  # ladder.engine.guided.Guide: structured output (needs a tokenizer)
         self.eos = tuple(eos_token_ids)
         self.decoder_factory = decoder_factory  # -> object with .feed(token_id) -> str
         # a token's text alone (for log-probs); without a tokenizer, vLLM's "token_id:<id>"
@@ -145,6 +148,20 @@ class Scheduler:
         bad = [t for t in req.prompt if not 0 <= t < vocab]
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        if req.params.grammar is not None and self.guide is None:
+            raise RequestError("structured output needs the model's tokenizer, and this "
+                               "checkpoint has none")
+
+    def prepare(self, req: Request) -> None:
+        """Build what a request needs before it joins (its grammar's matcher), in the caller's
+        thread, not the loop's: RequestError if its grammar cannot be used."""
+        self.check(req)
+        if req.params.grammar is not None and req.matcher is None:
+            from ladder.engine.guided import GrammarError
+            try:
+                req.matcher = self.guide.matcher(req.params.grammar)
+            except GrammarError as e:
+                raise RequestError(str(e)) from None
 
     def add(self, req: Request) -> Request:
         self.check(req)
@@ -225,6 +242,9 @@ class Scheduler:
             kept_starts.append(start)
         if not kept:
             return Scheduled(kind, 0, 0, failed)
+        guided = [r.matcher for r in kept]
+        # the masks are computed in their own thread while the step runs (ladder.engine.guided)
+        masks = self.guide.masks(guided) if any(m is not None for m in guided) else None
         asks = [-1 if r.params.logprobs is None else r.params.logprobs for r in kept]
         prompt_asks = [-1 if r.params.prompt_logprobs is None or kind != "prefill"
                        else r.params.prompt_logprobs for r in kept]
@@ -233,7 +253,7 @@ class Scheduler:
             sampling=None if greedy else SamplingRows.of(table),
             logprobs=asks if max(asks) >= 0 else None,
             prompt_logprobs=prompt_asks if max(prompt_asks) >= 0 else None,
-            penalties=_penalties(kept) if penalized else None))
+            penalties=_penalties(kept) if penalized else None, masks=masks))
         lps = self.engine.last_logprobs if max(asks) >= 0 else [None] * len(kept)
         events = self._emit(kept, out.tolist(), lps)
         if max(prompt_asks) >= 0:
@@ -278,6 +298,9 @@ class Scheduler:
             else:  # hold back a tail that may grow into a stop string
                 keep = _stop_prefix_len(buf, p.stop)
                 delta, r.held = buf[:len(buf) - keep], buf[len(buf) - keep:]
+        if reason is None and r.matcher is not None and self._grammar_ends(r, tok):
+            tail = r.decoder.flush() if r.decoder else ""
+            reason, delta, r.held = "stop", delta + r.held + tail, ""
         if reason is None and (n >= p.max_tokens or len(r.prompt) + n >= self.engine.max_seq):
             tail = r.decoder.flush() if r.decoder else ""
             reason, delta, r.held = "length", delta + r.held + tail, ""
@@ -285,6 +308,14 @@ class Scheduler:
         if reason:
             return self._finish(r, tok, reason, delta)
         return TokenEvent(r.id, tok, delta)
+
+    @staticmethod
+    def _grammar_ends(r: Request, tok: int) -> bool:
+        """Advance `r`'s matcher by `tok`: whether the grammar is complete (nothing but the end
+        may follow). A token the mask forbade is a fault of ours: RequestFailed."""
+        if not r.matcher.consume_token(tok):
+            raise RequestFailed(f"token {tok} broke the grammar: {r.matcher.get_error()}")
+        return r.matcher.is_stopped()
 
     def _fail(self, r: Request, e: BaseException) -> TokenEvent:
         """End `r` alone with an error event (finish_reason "error"), its slot freed."""

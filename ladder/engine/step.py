@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ladder.engine import vocab
+from ladder.engine import guided, vocab
 from ladder.engine.logprobs import token_logprobs
 from ladder.engine.penalties import History, Penalties
 from ladder.engine.sampling import SamplingRows
@@ -49,6 +49,9 @@ class StepBatch:
     # penalties and biases (ladder.engine.penalties): sent in two more broadcasts, as their
     # length varies with the biases
     penalties: Penalties | None = None
+    # grammar masks (ladder.engine.guided): on the leader, a Future of int32 [B, words] being
+    # computed while the step runs, broadcast after the forward; on a follower, True
+    masks: object = None
 
     def body_len(self) -> int:
         return self.body_size(len(self.tokens), max(len(r) for r in self.tokens),
@@ -68,7 +71,8 @@ class StepBatch:
                              int(self.all_logits) | int(self.greedy) << 1
                              | int(self.sampling is not None) << 2
                              | int(self.asks_logprobs) << 3
-                             | int(self.penalties is not None) << 4])
+                             | int(self.penalties is not None) << 4
+                             | int(self.masks is not None) << 5])
         body = torch.zeros(self.body_len(), dtype=torch.int64)
         b = len(self.tokens)
         for i, row in enumerate(self.tokens):
@@ -96,7 +100,8 @@ class StepBatch:
                    sampling=SamplingRows.decode(body[base + 3 * b:base + 7 * b].view(b, 4))
                    if flags & 4 else None,
                    logprobs=body[-2 * b:-b].tolist() if flags & 8 else None,
-                   prompt_logprobs=body[-b:].tolist() if flags & 8 else None)
+                   prompt_logprobs=body[-b:].tolist() if flags & 8 else None,
+                   masks=True if flags & 32 else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +224,8 @@ class ShardEngine:
             local = self.model.logits(h)
             chosen_from = (local if batch.penalties is None or batch.all_logits
                            else self._penalized(local, batch))
+            if batch.masks is not None and not batch.all_logits:
+                chosen_from = self._masked(local, chosen_from, batch)
             if batch.sampling is not None and not batch.all_logits:
                 out = vocab.sample(chosen_from, batch.sampling, self.shard)
             elif batch.greedy and not batch.all_logits:
@@ -256,6 +263,20 @@ class ShardEngine:
             self.history = History(self.n_slots, self.shard, self.device)
         self.history.update(batch.tokens, batch.slots, batch.starts)
         return self.history.apply(local.float().clone(), batch.slots, batch.penalties)
+
+    def _masked(self, local: torch.Tensor, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """`x` with each constrained row's forbidden tokens at -inf: the leader's masks (its
+        Future resolved now, after the forward it ran beside) broadcast to every rank
+        (log-probs stay the model's own)."""
+        if self.is_leader:
+            masks = batch.masks.result() if hasattr(batch.masks, "result") else batch.masks
+        else:
+            masks = torch.zeros(len(batch.tokens), guided.words(self.model.config.vocab_size),
+                                dtype=torch.int32)
+        if self.comm.world_size > 1:
+            self.comm.broadcast(masks)
+        x = x.float().clone() if x is local else x
+        return guided.apply(x, masks, self.shard)
 
     def _prompt_logprobs(self, h: torch.Tensor, tokens: torch.Tensor, lens: list[int],
                          batch: StepBatch) -> list:

@@ -140,7 +140,9 @@ def _scaled(local: torch.Tensor, rows: SamplingRows, greedy_rows: set[int],
     cut = [j for j in range(len(index)) if ks[j] or ps[j] < 1]
     c = max(1, *(k for k in ks if k <= TOPK_IN_TABLE),
             CANDIDATES if min(ps) < 1 else 0) if cut else 1
-    e = (x - x.max(-1).values[:, None]).exp_()
+    peak = x.max(-1).values
+    # a slice a grammar forbids whole (ladder.engine.guided) weighs nothing, not NaN
+    e = (x - peak.masked_fill(peak == float("-inf"), 0.0)[:, None]).exp_()
     return _Sampled(index, x, e, ks, ps, [uniform(rows.seed[i]) for i in index], cut, c)
 
 
