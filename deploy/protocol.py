@@ -61,7 +61,7 @@ NO_EFFECT = ("user", "metadata", "store", "service_tier", "parallel_tool_calls",
 # one that asks for nothing (the default), so that a client is never silently given something
 # other than what it asked for (JSON it asked for as free text, an unpenalized sample).
 NOT_YET: dict[str, tuple] = {
-    "min_p": (None, 0), "bad_words": (None, []),
+    "bad_words": (None, []),
     "functions": (None, []), "function_call": (None, "none"),
     "best_of": (None, 1), "suffix": (None, ""), "audio": (None,), "modalities": (None, ["text"]),
     "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,),
@@ -128,7 +128,9 @@ class _Common(BaseModel):
     logit_bias: Annotated[dict[str, Annotated[StrictFloat, Field(ge=-100, le=100)]],
                           Field(max_length=MAX_BIASES)] | None = Field(
         None, description="token id (as a string) -> added to its logit, -100..100")
-    min_p: Any = _not_yet("min_p")
+    min_p: StrictFloat | None = Field(None, ge=0, le=1, description="an extension (vLLM's): "
+                                      "keep tokens at least this times as likely as the "
+                                      "likeliest; 0 = off")
     stop_token_ids: Annotated[list[Int], Field(max_length=MAX_STOP_IDS)] | None = Field(
         None, description="an extension (vLLM's): stop at any of these token ids")
     bad_words: Any = _not_yet("bad_words")
@@ -195,7 +197,7 @@ class _Common(BaseModel):
             seed = None if self.seed is None else (self.seed + i) % SEED_SPACE
             out.append(SamplingParams(
                 max_tokens=mt, temperature=self.temperature, top_k=max(self.top_k, 0),
-                top_p=self.top_p, seed=seed, stop=stop, stop_token_ids=stop_ids,
+                top_p=self.top_p, min_p=self.min_p or 0.0, seed=seed, stop=stop, stop_token_ids=stop_ids,
                 ignore_eos=self.ignore_eos, logprobs=self.asked_logprobs(),
                 prompt_logprobs=self.asked_prompt_logprobs(),
                 presence_penalty=self.presence_penalty or 0.0,

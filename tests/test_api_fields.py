@@ -22,7 +22,6 @@ MODEL = "tiny-chat"
 MESSAGES = [{"role": "user", "content": "Say hi."}]
 # a value of each field that asks for something this server does not do yet
 ASKS = {
-    "min_p": 0.1,
     "bad_words": ["x"], "functions": [{"name": "f"}], "function_call": "auto", "best_of": 2,
     "suffix": "end", "audio": {"voice": "x"}, "modalities": ["audio"],
     "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "low",
@@ -220,8 +219,13 @@ def test_penalties_and_biases_through_the_api(client, local_api):
     text = requests.post(local_api + "/detokenize", headers=AUTH, timeout=60,
                          json={"tokens": [42] * 4}).json()["prompt"]
     assert r.choices[0].text == text
+    # min_p 1 keeps only the likeliest token: a sampled answer is the greedy one
+    greedy, kept = (client.completions.create(model=MODEL, prompt="Hi", max_tokens=6, seed=4,
+                                              extra_body={"ignore_eos": True, **kw})
+                    for kw in ({"temperature": 0}, {"temperature": 1.0, "min_p": 1.0}))
+    assert kept.choices[0].text == greedy.choices[0].text
     for bad in ({"logit_bias": {"49152": 1}}, {"logit_bias": {"x": 1}},
-                {"presence_penalty": 3}, {"repetition_penalty": 0}):
+                {"presence_penalty": 3}, {"repetition_penalty": 0}, {"min_p": 1.5}):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body=bad)
         assert e.value.body["param"] == next(iter(bad)), bad

@@ -175,6 +175,32 @@ def test_vocab_sample_equals_the_full_row_draw():
             assert got == want, (got, want)
 
 
+def test_min_p_keeps_what_the_full_row_keeps():
+    """min_p (vLLM's: before top-k and top-p) on one rank's slice, the likeliest value from the
+    ranks' maxima: `vocab.sample` draws what `pick` draws from the full row after the textbook
+    cut (p >= min_p x the row's largest p), alone and with top-k / top-p; min_p 1 is greedy."""
+    from ladder.engine import vocab
+    from ladder.links.base import NoComm
+    torch.manual_seed(2)
+    logits = torch.randn(4, 600) * 3
+    kinds = [(1.0, 0, 1.0, 0.05), (0.7, 0, 1.0, 0.3), (1.0, 20, 0.8, 0.02), (1.5, 0, 1.0, 1.0)]
+    shard = vocab.Shard(0, 1, 0, 600, 600, NoComm())
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(30):
+        seeds = torch.randint(0, 2**62, (len(kinds),), generator=gen).tolist()
+        rows = SamplingRows.of([(t, k, p, seed, m) for (t, k, p, m), seed in zip(kinds, seeds)])
+        got = vocab.sample(logits, rows, shard).tolist()
+        want = []
+        for i, (temp, k, p, m) in enumerate(kinds):
+            x = logits[i] / torch.tensor(temp, dtype=torch.float32)
+            probs = x.double().softmax(-1)
+            x = x.masked_fill(probs < m * probs.max(), float("-inf"))
+            keep = _softmax_reference(x, k, p) > 0
+            want.append(pick(x[keep], torch.arange(600)[keep], uniform(seeds[i])))
+        assert got == want, (got, want)
+        assert got[3] == int(logits[3].argmax())
+
+
 def test_draws_never_land_on_a_weightless_token():
     """At the edges of [0, 1) (rounding between the ranks' masses) a draw takes the first or
     last token that weighs anything, never one whose weight underflowed to 0."""

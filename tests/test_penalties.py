@@ -1,7 +1,8 @@
 """Penalties and biases on the vocabulary slices (ladder.engine.penalties): greedy tokens equal
 a reference that applies them to transformers' full logits (vLLM's definitions) at TP 1, 2 and
 3 (greedy and penalized rows in one batch with rows without them), and a seed draws the same
-tokens at every TP size with them on."""
+tokens at every TP size with them on (and with min_p, whose likeliest token is found across the
+slices)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def run(model, tp: int, prompts: list[list[int]], params: list[SamplingParams]
 SAMPLED = [SamplingParams(max_tokens=N, temperature=1.0, seed=11, ignore_eos=True,
                           frequency_penalty=0.7, repetition_penalty=1.2, logit_bias=((33, 2.0),)),
            SamplingParams(max_tokens=N, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True,
-                          presence_penalty=1.0)]
+                          presence_penalty=1.0),
+           SamplingParams(max_tokens=N, temperature=1.2, min_p=0.1, seed=7, ignore_eos=True)]
 
 
 def test_penalties_at_every_tp(tiny_llama):

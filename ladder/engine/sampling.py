@@ -18,6 +18,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0
+    min_p: float = 0.0  # keep tokens at least this times as likely as the likeliest (0: off)
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # stop strings; the text is cut before the match
@@ -42,6 +43,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:  # NaN fails this too
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not 0 <= self.top_k <= INT64_MAX:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < SEED_SPACE:
@@ -99,14 +102,15 @@ class Sampler:
     def remove(self, key: object) -> None:
         self._gens.pop(key, None)
 
-    def row(self, key: object, params: SamplingParams) -> tuple[float, int, float, int]:
+    def row(self, key: object, params: SamplingParams
+            ) -> tuple[float, int, float, int, float]:
         """One request's row of a step's `SamplingRows`, with this step's seed. Raises
         ValueError for a value the step's int64 wire format cannot hold."""
         seed = 0 if params.greedy else int(torch.randint(0, 2**62, (),
                                                          generator=self._gens[key]))
-        row = (params.temperature, params.top_k, params.top_p, seed)
+        row = (params.temperature, params.top_k, params.top_p, seed, params.min_p)
         try:
-            struct.pack("<dqdq", *row)
+            struct.pack("<dqdqd", *row)
         except struct.error as e:
             raise ValueError(f"a sampling parameter does not fit its 64 bits: {row}: {e}") \
                 from None
@@ -115,16 +119,18 @@ class Sampler:
 
 @dataclass(slots=True)
 class SamplingRows:
-    """A step's sampling, one entry a row: temperature, top_k, top_p and the step's seed (the
-    vocabulary-parallel draw's input, `ladder.engine.vocab.sample`)."""
+    """A step's sampling, one entry a row: temperature, top_k, top_p, the step's seed and min_p
+    (the vocabulary-parallel draw's input, `ladder.engine.vocab.sample`)."""
 
     temperature: list[float]
     top_k: list[int]
     top_p: list[float]
     seed: list[int]
+    min_p: list[float] | None = None  # None: 0 for every row
 
     @classmethod
-    def of(cls, rows: list[tuple[float, int, float, int]]) -> "SamplingRows":
+    def of(cls, rows: list[tuple]) -> "SamplingRows":
+        """From (temperature, top_k, top_p, seed[, min_p]) rows."""
         return cls(*(list(col) for col in zip(*rows)))
 
     def __len__(self) -> int:
@@ -134,13 +140,18 @@ class SamplingRows:
         return [i for i, t in enumerate(self.temperature) if is_greedy(t)]
 
     def encode(self) -> torch.Tensor:
-        """int64 [B, 4] for the step's int64 broadcast: floats as their float64 bits."""
+        """int64 [B, COLUMNS] for the step's int64 broadcast: floats as their float64 bits."""
         t = torch.tensor(self.temperature, dtype=torch.float64).view(torch.int64)
         p = torch.tensor(self.top_p, dtype=torch.float64).view(torch.int64)
-        return torch.stack([t, torch.tensor(self.top_k), p, torch.tensor(self.seed)], 1)
+        m = torch.tensor(self.min_p or [0.0] * len(self), dtype=torch.float64).view(torch.int64)
+        return torch.stack([t, torch.tensor(self.top_k), p, torch.tensor(self.seed), m], 1)
 
     @classmethod
     def decode(cls, table: torch.Tensor) -> "SamplingRows":
         r = table.t().contiguous()
         return cls(r[0].view(torch.float64).tolist(), r[1].tolist(),
-                   r[2].view(torch.float64).tolist(), r[3].tolist())
+                   r[2].view(torch.float64).tolist(), r[3].tolist(),
+                   r[4].view(torch.float64).tolist())
+
+
+COLUMNS = 5  # int64s a row of SamplingRows takes in a step's body

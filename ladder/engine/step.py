@@ -20,7 +20,7 @@ import torch
 from ladder.engine import guided, vocab
 from ladder.engine.logprobs import token_logprobs
 from ladder.engine.penalties import History, Penalties
-from ladder.engine.sampling import SamplingRows
+from ladder.engine.sampling import COLUMNS, SamplingRows
 from ladder.links.base import Communicator
 from ladder.model.layers import KVCache, StepContext
 from ladder.model.transformer import Transformer
@@ -63,7 +63,7 @@ class StepBatch:
 
     @staticmethod
     def body_size(b: int, t: int, sampled: bool, logprobs: bool = False) -> int:
-        return b * (t + 3) + (4 * b if sampled else 0) + (2 * b if logprobs else 0)
+        return b * (t + 3) + (COLUMNS * b if sampled else 0) + (2 * b if logprobs else 0)
 
     def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
         t = max(len(r) for r in self.tokens)
@@ -82,7 +82,7 @@ class StepBatch:
         body[base + b:base + 2 * b] = torch.tensor(self.starts)
         body[base + 2 * b:base + 3 * b] = torch.tensor([len(r) for r in self.tokens])
         if self.sampling is not None:
-            body[base + 3 * b:base + 7 * b] = self.sampling.encode().reshape(-1)
+            body[base + 3 * b:base + (3 + COLUMNS) * b] = self.sampling.encode().reshape(-1)
         if self.asks_logprobs:
             body[-2 * b:-b] = torch.tensor(self.logprobs or [-1] * b)
             body[-b:] = torch.tensor(self.prompt_logprobs or [-1] * b)
@@ -97,7 +97,8 @@ class StepBatch:
         return cls(tokens=[toks[i, :lens[i]].tolist() for i in range(b)],
                    slots=body[base:base + b].tolist(), starts=body[base + b:base + 2 * b].tolist(),
                    all_logits=bool(flags & 1), greedy=bool(flags & 2),
-                   sampling=SamplingRows.decode(body[base + 3 * b:base + 7 * b].view(b, 4))
+                   sampling=SamplingRows.decode(
+                       body[base + 3 * b:base + (3 + COLUMNS) * b].view(b, COLUMNS))
                    if flags & 4 else None,
                    logprobs=body[-2 * b:-b].tolist() if flags & 8 else None,
                    prompt_logprobs=body[-b:].tolist() if flags & 8 else None,

@@ -135,6 +135,9 @@ def _scaled(local: torch.Tensor, rows: SamplingRows, greedy_rows: set[int],
     temp = torch.tensor([rows.temperature[i] for i in index], dtype=torch.float32,
                         device=local.device)
     x = local[index] / temp[:, None]
+    mins = [rows.min_p[i] if rows.min_p else 0.0 for i in index]
+    if max(mins, default=0.0) > 0:
+        x = _min_p(x, mins, shard)
     ks = [k if k < shard.vocab_size else 0 for k in (rows.top_k[i] for i in index)]
     ps = [rows.top_p[i] for i in index]
     cut = [j for j in range(len(index)) if ks[j] or ps[j] < 1]
@@ -144,6 +147,18 @@ def _scaled(local: torch.Tensor, rows: SamplingRows, greedy_rows: set[int],
     # a slice a grammar forbids whole (ladder.engine.guided) weighs nothing, not NaN
     e = (x - peak.masked_fill(peak == float("-inf"), 0.0)[:, None]).exp_()
     return _Sampled(index, x, e, ks, ps, [uniform(rows.seed[i]) for i in index], cut, c)
+
+
+def _min_p(x: torch.Tensor, mins: list[float], shard: Shard) -> torch.Tensor:
+    """x [n, V_local] (logit / temperature) with the tokens less likely than min_p times the
+    row's likeliest at -inf (vLLM's min_p, before top-k and top-p): the likeliest's value is
+    the largest of the ranks' maxima, one small exchange."""
+    peaks = x.new_zeros(shard.world, x.shape[0])
+    peaks[shard.rank] = x.max(-1).values
+    peak = shard.gather(peaks).max(0).values if shard.world > 1 else peaks[0]
+    m = torch.tensor(mins, dtype=torch.float32, device=x.device)
+    floor = torch.where(m > 0, peak + m.log(), torch.full_like(peak, float("-inf")))
+    return x.masked_fill(x < floor[:, None], float("-inf"))
 
 
 def _candidates(s: _Sampled, shard: Shard) -> torch.Tensor:
