@@ -22,7 +22,7 @@ from ladder.engine.logprobs import token_logprobs
 from ladder.engine.penalties import History, Penalties
 from ladder.engine.sampling import COLUMNS, SamplingRows
 from ladder.links.base import Communicator
-from ladder.model.layers import KVCache, StepContext
+from ladder.model.layers import KVCache, StepContext, attention_mask
 from ladder.model.transformer import Transformer
 
 OP_STEP, OP_STOP, OP_PING = 1, 2, 3
@@ -326,13 +326,15 @@ class ShardEngine:
             slots = slice(lo, lo + b)               # in place instead of gathering a copy
         mask = None
         causal = False
-        if b == 1 and t == 1:
+        window = self.model.config.sliding_window
+        if window is not None and kv_len > window:  # some position sees only its window
+            mask = attention_mask(positions, kv_len, window)
+        elif b == 1 and t == 1:
             pass  # the single new token sees every cached position
         elif b == 1 and batch.starts[0] == 0:
             causal = True  # fresh prefill: plain causal attention over its own tokens
         else:
-            keys = torch.arange(kv_len)
-            mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, L]
+            mask = attention_mask(positions, kv_len)  # [B, 1, T, L]
         positions = positions.to(self.device)
         cos, sin = self.model.rope(positions, self.dtype)
         ctx = StepContext(cos=cos, sin=sin, positions=positions, cache=self.cache, slots=slots,

@@ -36,6 +36,7 @@ _GLOBAL_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
 }
+ARCHS = ("llama", "qwen2")  # general.architecture values read
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 # Types stored element-wise (the reader gives them their numpy dtype, not bytes).
 _PLAIN = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16,
@@ -65,7 +66,7 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 class GGUFCheckpoint(Checkpoint):
-    """One `.gguf` file of a `llama`-architecture model."""
+    """One `.gguf` file of a `llama`- or `qwen2`-architecture model."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -98,18 +99,19 @@ class GGUFCheckpoint(Checkpoint):
 
     def _config(self) -> ModelConfig:
         arch = self._meta("general.architecture", required=True)
-        if arch != "llama":
+        if arch not in ARCHS:
             raise CheckpointError(f"{self.path}: unsupported architecture {arch!r} "
-                                  "(general.architecture must be 'llama')")
-        dim = self._meta("llama.embedding_length", required=True)
-        n_heads = self._meta("llama.attention.head_count", required=True)
-        head_dim = self._meta("llama.attention.key_length") or dim // n_heads
-        rope_dim = self._meta("llama.rope.dimension_count")
+                                  f"(general.architecture must be one of {', '.join(ARCHS)})")
+        self.arch = a = arch  # its metadata keys' prefix
+        dim = self._meta(f"{a}.embedding_length", required=True)
+        n_heads = self._meta(f"{a}.attention.head_count", required=True)
+        head_dim = self._meta(f"{a}.attention.key_length") or dim // n_heads
+        rope_dim = self._meta(f"{a}.rope.dimension_count")
         if rope_dim is not None and rope_dim != head_dim:
             raise CheckpointError(f"{self.path}: partial rotary embeddings are not supported "
-                                  f"(llama.rope.dimension_count={rope_dim}, head_dim={head_dim})")
-        theta = float(self._meta("llama.rope.freq_base", 10000.0))
-        vocab = self._meta("llama.vocab_size")
+                                  f"({a}.rope.dimension_count={rope_dim}, head_dim={head_dim})")
+        theta = float(self._meta(f"{a}.rope.freq_base", 10000.0))
+        vocab = self._meta(f"{a}.vocab_size")
         if vocab is None:
             tokens = self.reader.fields.get("tokenizer.ggml.tokens")
             vocab = (len(tokens.data) if tokens is not None
@@ -118,25 +120,27 @@ class GGUFCheckpoint(Checkpoint):
         try:
             return ModelConfig(
                 vocab_size=vocab, dim=dim,
-                n_layers=self._meta("llama.block_count", required=True),
-                n_heads=n_heads, n_kv_heads=self._meta("llama.attention.head_count_kv", n_heads),
-                intermediate_size=self._meta("llama.feed_forward_length", required=True),
+                n_layers=self._meta(f"{a}.block_count", required=True),
+                n_heads=n_heads, n_kv_heads=self._meta(f"{a}.attention.head_count_kv", n_heads),
+                intermediate_size=self._meta(f"{a}.feed_forward_length", required=True),
                 head_dim=head_dim,
-                norm_eps=float(self._meta("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+                norm_eps=float(self._meta(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
                 rope_theta=theta, rope_scaling=self._rope_scaling(theta, head_dim),
-                max_seq_len=self._meta("llama.context_length", 2048),
+                max_seq_len=self._meta(f"{a}.context_length", 2048),
                 tie_embeddings="output.weight" not in self._tensors,
                 bos_token_id=self._meta("tokenizer.ggml.bos_token_id"),
                 eos_token_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
                 name=self._meta("general.name") or self.path.stem,
+                qkv_bias=arch == "qwen2",
             )
         except ConfigError as e:
             raise CheckpointError(f"{self.path}: {e}") from None
 
     def _rope_scaling(self, theta: float, head_dim: int) -> dict[str, Any] | None:
-        kind = self._meta("llama.rope.scaling.type", "none")
+        kind = self._meta(f"{self.arch}.rope.scaling.type", "none")
         if kind not in ("none", ""):
-            raise CheckpointError(f"{self.path}: unsupported llama.rope.scaling.type {kind!r}")
+            raise CheckpointError(f"{self.path}: unsupported {self.arch}.rope.scaling.type "
+                                  f"{kind!r}")
         t = self._tensors.get("rope_freqs.weight")
         if t is None:
             return None
@@ -167,7 +171,10 @@ class GGUFCheckpoint(Checkpoint):
         return tuple(int(d) for d in reversed(self._tensor(name).shape.tolist()))
 
     def _heads(self, name: str) -> int | None:
-        """Heads to un-permute for q/k weights, else None."""
+        """Heads to un-permute for q/k weights (llama's: llama.cpp's converter permutes them for
+        its interleaved rotary embedding; qwen2's keep Hugging Face's rows), else None."""
+        if self.config.family == "qwen2":
+            return None
         if name.endswith("self_attn.q_proj.weight"):
             return self.config.n_heads
         if name.endswith("self_attn.k_proj.weight"):

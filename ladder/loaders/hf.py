@@ -168,7 +168,11 @@ def write_folder(dest: str | Path, config: ModelConfig, tensors: dict[str, torch
         eos_token_id=eos[0] if len(eos) == 1 else (eos or None), hidden_act="silu",
         attention_bias=False, mlp_bias=False, architectures=["LlamaForCausalLM"],
     ).to_dict()
-    hf.update({"torch_dtype": "float32", "rope_theta": config.rope_theta, **(extra or {})})
+    family = config.family  # the same fields, read back as the family the weights are
+    hf.update({"torch_dtype": "float32", "rope_theta": config.rope_theta, "model_type": family,
+               "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                  "mistral": "MistralForCausalLM"}[family]],
+               "sliding_window": config.sliding_window, **(extra or {})})
     (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     save_file({k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()},
               str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -32,6 +32,9 @@ def expected_shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
             p + "mlp.up_proj.weight": (c.intermediate_size, c.dim),
             p + "mlp.down_proj.weight": (c.dim, c.intermediate_size),
         })
+        if c.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
     return shapes
 
 
@@ -71,6 +74,11 @@ def load_shard(ckpt: Checkpoint, spec: ShardSpec,
             ckpt.read(p + "self_attn.k_proj.weight", rows=kv_rows),  # [nkv_r*hd, dim]
             ckpt.read(p + "self_attn.v_proj.weight", rows=kv_rows),  # [nkv_r*hd, dim]
         ]))
+        if c.qkv_bias:  # sliced with their rows
+            put(o + "attention.wqkv.bias", torch.cat([
+                ckpt.read(p + "self_attn.q_proj.bias", rows=q_rows),
+                ckpt.read(p + "self_attn.k_proj.bias", rows=kv_rows),
+                ckpt.read(p + "self_attn.v_proj.bias", rows=kv_rows)]))
         put(o + "attention.wo.weight", ckpt.read(p + "self_attn.o_proj.weight", cols=q_rows))
         put(o + "mlp.w13.weight", torch.cat([
             ckpt.read(p + "mlp.gate_proj.weight", rows=spec.ffn),  # [ffn_r, dim]
@@ -105,4 +113,8 @@ def unshard(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
             p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
             p + "mlp.down_proj.weight": state[o + "mlp.w2.weight"],
         })
+        if c.qkv_bias:
+            bq, bk, bv = state[o + "attention.wqkv.bias"].split((q, kv, kv))
+            out.update({p + "self_attn.q_proj.bias": bq, p + "self_attn.k_proj.bias": bk,
+                        p + "self_attn.v_proj.bias": bv})
     return out

@@ -1,7 +1,8 @@
 """Model configuration and the residual plan: one dataclass each, validating themselves.
 
 `ModelConfig` describes a Llama-family transformer (GQA, RoPE with optional Llama-3 scaling,
-RMSNorm, SwiGLU, tied or untied embeddings). `ResidualPlan` says which layers run the ladder
+RMSNorm, SwiGLU, tied or untied embeddings), with the two departures of its most served cousins:
+biases on q/k/v (Qwen2 / Qwen2.5) and a sliding attention window (Mistral). `ResidualPlan` says which layers run the ladder
 schedule, or whether the model is `parallel` (GPT-J style) or `desync` (no communication: the
 speed upper bound, wrong by design).
 """
@@ -37,6 +38,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = "llama"
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    # each position attends to itself and the sliding_window - 1 before it (Mistral); None: all
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         for f in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size",
@@ -64,6 +68,15 @@ class ModelConfig:
                 if k not in self.rope_scaling:
                     raise ConfigError(f"ModelConfig.rope_scaling is missing {k!r}")
         self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
+                                                or self.sliding_window <= 0):
+            raise ConfigError(f"ModelConfig.sliding_window must be a positive integer or None, "
+                              f"got {self.sliding_window!r}")
+
+    @property
+    def family(self) -> str:
+        """The Hugging Face model type these weights are: llama, qwen2 or mistral."""
+        return "qwen2" if self.qkv_bias else "mistral" if self.sliding_window else "llama"
 
     @property
     def group_size(self) -> int:
@@ -75,13 +88,18 @@ class ModelConfig:
         """From a Hugging Face `config.json` dict; `source` names the file in errors."""
         archs = cfg.get("architectures") or []
         model_type = cfg.get("model_type")
-        if model_type not in ("llama", "mistral") and not any(
-                a in ("LlamaForCausalLM", "MistralForCausalLM") for a in archs):
-            raise ConfigError(f"{source}: unsupported architecture "
-                              f"{archs or model_type!r} (Llama family only)")
+        family = model_type if model_type in FAMILIES else next(
+            (FAMILIES_BY_ARCH[a] for a in archs if a in FAMILIES_BY_ARCH), None)
+        if family is None:
+            raise ConfigError(f"{source}: unsupported architecture {archs or model_type!r} "
+                              f"(the Llama family: model_type one of {', '.join(FAMILIES)})")
         for flag in ("attention_bias", "mlp_bias"):
             if cfg.get(flag):
                 raise ConfigError(f"{source}: {flag}=true is not supported")
+        window = cfg.get("sliding_window") if family == "mistral" else None
+        if family == "qwen2" and cfg.get("use_sliding_window"):
+            raise ConfigError(f"{source}: use_sliding_window=true (Qwen2's windows on the layers "
+                              "past max_window_layers) is not supported")
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"{source}: hidden_act={act!r} is not supported (silu only)")
@@ -103,6 +121,7 @@ class ModelConfig:
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids,
                 name=cfg.get("_name_or_path") or model_type or "llama",
+                qkv_bias=family == "qwen2", sliding_window=window,
             )
         except KeyError as e:
             raise ConfigError(f"{source}: missing required key {e.args[0]!r}") from None
@@ -111,6 +130,12 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Hugging Face model types read, and the architectures that name them
+FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES_BY_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                    "Qwen2ForCausalLM": "qwen2"}
 
 
 def _hf_rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:

@@ -78,6 +78,17 @@ class StepContext:
     causal: bool = False
 
 
+def attention_mask(positions: torch.Tensor, kv_len: int,
+                   window: int | None = None) -> torch.Tensor:
+    """[B, 1, T, kv_len] bool: which cached positions each query position sees (those up to
+    itself; with a sliding `window`, only the last `window` of them, itself included)."""
+    keys = torch.arange(kv_len, device=positions.device)
+    mask = keys[None, None, :] <= positions[:, :, None]
+    if window is not None:
+        mask &= keys[None, None, :] > positions[:, :, None] - window
+    return mask[:, None]
+
+
 class KVCache:
     """Static slot-based cache: [layers, slots, K, max_seq, E] for keys and values.
 
@@ -96,9 +107,11 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, spec: ShardSpec, layer_id: int) -> None:
         super().__init__()
         self.layer_id = layer_id  # its index in the KV cache
+        self.window = config.sliding_window  # the step's mask applies it (StepContext.mask)
         self.n_heads, self.n_kv, self.head_dim = spec.n_heads, spec.n_kv_heads, config.head_dim
         e = config.head_dim
-        self.wqkv = nn.Linear(config.dim, (self.n_heads + 2 * self.n_kv) * e, bias=False)
+        self.wqkv = nn.Linear(config.dim, (self.n_heads + 2 * self.n_kv) * e,
+                              bias=config.qkv_bias)
         self.wo = nn.Linear(self.n_heads * e, config.dim, bias=False)
         # the KV head each query head reads; not j // (H / K) under the 'even' head split
         self.kv_map, self.grouped = spec.kv_map, spec.grouped

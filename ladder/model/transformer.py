@@ -23,7 +23,7 @@ from torch import nn
 
 from ladder.links.base import Communicator, NoComm, Work
 from ladder.model.config import ModelConfig, ResidualPlan
-from ladder.model.layers import Block, RMSNorm, StepContext, rope_inv_freq
+from ladder.model.layers import Block, RMSNorm, StepContext, attention_mask, rope_inv_freq
 from ladder.model.tp import ShardSpec
 
 
@@ -95,6 +95,10 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(t, device=tokens.device).expand(b, t)
         cos, sin = self.rope(positions, self.tok_embeddings.weight.dtype)
+        w = self.config.sliding_window
+        if w is not None and t > w:  # positions past the window: an explicit mask
+            return StepContext(cos=cos, sin=sin, positions=positions,
+                               mask=attention_mask(positions - positions[:, :1], t, w))
         return StepContext(cos=cos, sin=sin, positions=positions, causal=True)
 
     def hidden(self, tokens: torch.Tensor, ctx: StepContext) -> torch.Tensor:

@@ -45,8 +45,9 @@ class FastLinear(nn.Module):
 
     PACK_ROWS = 16  # the row count oneDNN blocks the weight for (see the module docstring)
 
-    def __init__(self, weight: torch.Tensor, lib=None) -> None:
+    def __init__(self, weight: torch.Tensor, lib=None, bias: torch.Tensor | None = None) -> None:
         super().__init__()
+        self.bias = bias  # added after the product (Qwen2's q/k/v)
         out_f, in_f = weight.shape
         self.in_features, self.out_features = in_f, out_f
         if weight.dtype in native.gemm_dtypes(lib):
@@ -66,6 +67,10 @@ class FastLinear(nn.Module):
             self.weight = weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._product(x)
+        return y if self.bias is None else y.add_(self.bias)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "native":
             if x.dtype != self.weight.dtype:
                 raise TypeError(f"FastLinear: input is {x.dtype}, the weight {self.weight.dtype}")
@@ -124,7 +129,7 @@ class NativeAttention(nn.Module):
         self._scratch = torch.empty(0)
         a = attention
         _plain(self, _torch=a.forward, _wqkv=a.wqkv.forward, _wo=a.wo.forward,
-               _shape=(a.n_heads, a.n_kv, a.head_dim), _layer=a.layer_id,
+               _shape=(a.n_heads, a.n_kv, a.head_dim), _layer=a.layer_id, _window=a.window,
                _kv_map=torch.tensor(a.kv_map, dtype=torch.int64))
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -132,8 +137,9 @@ class NativeAttention(nn.Module):
         b, t, _ = x.shape
         code = native.DTYPE_CODES.get(x.dtype)
         if t != 1 or cache is None or ctx.slot_ids is None or code is None \
-                or cache.k.dtype != x.dtype:
-            return self._torch(x, ctx)
+                or cache.k.dtype != x.dtype or (self._window is not None
+                                                and ctx.kv_len > self._window):
+            return self._torch(x, ctx)  # the kernel reads every position up to the row's own
         qkv = self._wqkv(x).contiguous()  # [B, 1, (H + 2K) E]
         h, k_, e = self._shape
         y = x.new_empty(b, 1, h * e)
@@ -186,7 +192,8 @@ def decode_layout(model: Transformer, fused: bool = True) -> Transformer:
                              (layer.mlp, "w13"), (layer.mlp, "w2")):
             lin = getattr(parent, name)
             if isinstance(lin, nn.Linear):
-                setattr(parent, name, FastLinear(lin.weight.detach(), lib))
+                setattr(parent, name, FastLinear(lin.weight.detach(), lib, None if lin.bias is None
+                                                 else lin.bias.detach()))
     model.output = FastLinear(model.lm_head_weight().detach(), lib)
     if lib is not None:
         for layer in model.layers:

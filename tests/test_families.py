@@ -1,0 +1,151 @@
+"""Qwen2 (biases on q/k/v) and Mistral (a sliding window shorter than the prompts) against
+transformers: logits within 1e-4 and greedy tokens equal at TP 1, 2 and 3, through the serving
+path (prefill masks, the KV cache, batched decode with the native operators where they apply);
+and the configuration errors that name what is not supported."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from ladder.engine.local import LocalTPGroup  # noqa: E402
+from ladder.engine.sampling import SamplingParams  # noqa: E402
+from ladder.loaders import open_checkpoint  # noqa: E402
+from ladder.model.config import ConfigError, ModelConfig  # noqa: E402
+from ladder.options import GroupOptions  # noqa: E402
+
+ATOL = 1e-4
+WINDOW = 6
+PROMPTS = [[5, 17, 99, 3, 42, 8, 11, 60, 61, 62, 9], [33, 2, 90, 14, 15, 16, 17, 18, 19, 4, 70,
+                                                       71, 72]]
+QWEN_THETA = 1e6
+N = 12  # new tokens: positions up to 25, four windows past the start
+
+
+def _tiny(kind: str):
+    import transformers
+    torch.manual_seed(3)
+    common = dict(vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+                  num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=128,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    if kind == "qwen2":
+        cfg = transformers.Qwen2Config(**common, rope_theta=QWEN_THETA, use_sliding_window=False)
+        hf = transformers.Qwen2ForCausalLM(cfg)
+        with torch.no_grad():  # random biases (they start at 0), so that they count
+            for layer in hf.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                             layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+        return hf.eval()
+    cfg = transformers.MistralConfig(**common, sliding_window=WINDOW)
+    return transformers.MistralForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module", params=["qwen2", "mistral"])
+def family(request, tmp_path_factory):
+    hf = _tiny(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return request.param, path, hf
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
+                      do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def test_the_config_reads_the_family(family):
+    kind, path, _ = family
+    c = open_checkpoint(path).config
+    assert c.family == kind
+    assert c.qkv_bias == (kind == "qwen2") and c.sliding_window == (WINDOW if kind == "mistral"
+                                                                     else None)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 3])
+def test_logits_and_greedy_tokens_equal_transformers(family, tp):
+    kind, path, hf = family
+    with torch.no_grad():
+        want_logits = [hf(torch.tensor([p])).logits[0] for p in PROMPTS]
+        want = [hf_greedy(hf, p, N) for p in PROMPTS]
+    with LocalTPGroup(GroupOptions(model=str(path), tp=tp, max_seq=64)) as g:
+        for a, b in zip(g.logits(PROMPTS), want_logits):
+            assert (a - b).abs().max() < ATOL, kind
+        got = g.generate(PROMPTS, [SamplingParams(max_tokens=N, temperature=0,
+                                                  ignore_eos=True)] * len(PROMPTS))
+    assert [o["tokens"] for o in got] == want, kind
+
+
+def test_the_window_matters(tmp_path):
+    """The same Mistral weights without the window give other logits past it: the tests above
+    exercise the window, not a model that never reaches it."""
+    hf = _tiny("mistral")
+    hf.save_pretrained(tmp_path)
+    doc = json.loads((tmp_path / "config.json").read_text())
+    from ladder.loaders import load_shard
+    from ladder.model.config import ResidualPlan
+    from ladder.model.tp import ShardSpec
+    from ladder.model.transformer import build_model
+    out = []
+    for window in (WINDOW, None):
+        doc["sliding_window"] = window
+        (tmp_path / "config.json").write_text(json.dumps(doc))
+        ckpt = open_checkpoint(tmp_path)
+        spec = ShardSpec.make(ckpt.config, 0, 1)
+        model = build_model(ckpt.config, spec, ResidualPlan.parse("standard", 3),
+                            load_shard(ckpt, spec))
+        with torch.no_grad():
+            out.append(model(torch.tensor([PROMPTS[0]]))[0])
+    assert (out[0][:WINDOW] - out[1][:WINDOW]).abs().max() < 1e-5  # inside it: the same
+    assert (out[0][WINDOW:] - out[1][WINDOW:]).abs().max() > 1e-3  # past it: not
+
+
+@pytest.mark.parametrize("doc, says", [
+    ({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}, "unsupported architecture"),
+    ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
+    ({"model_type": "llama", "attention_bias": True}, "attention_bias"),
+    ({"model_type": "mistral", "sliding_window": 0}, "sliding_window"),
+])
+def test_what_is_not_served_is_named(doc, says):
+    base = {"vocab_size": 128, "hidden_size": 96, "num_hidden_layers": 3,
+            "num_attention_heads": 6, "intermediate_size": 160}
+    with pytest.raises(ConfigError, match=says) as e:
+        ModelConfig.from_hf({**base, **doc}, source="x/config.json")
+    assert "x/config.json" in str(e.value)
+
+
+def test_a_qwen2_gguf_reads_as_its_folder(tmp_path):
+    """A qwen2-architecture GGUF (llama.cpp's names and metadata keys, q/k rows as Hugging Face
+    has them, the biases beside their weights): the same logits as transformers'."""
+    from gguf import GGUFWriter
+
+    from ladder.loaders import load_shard
+    from ladder.loaders.gguf_file import gguf_name
+    from ladder.model.config import ResidualPlan
+    from ladder.model.tp import ShardSpec
+    from ladder.model.transformer import build_model
+    hf = _tiny("qwen2")
+    c = hf.config
+    w = GGUFWriter(str(tmp_path / "q.gguf"), "qwen2")
+    w.add_block_count(c.num_hidden_layers), w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size), w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads), w.add_rope_freq_base(QWEN_THETA)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps), w.add_context_length(128)
+    w.add_vocab_size(c.vocab_size)
+    for name, t in hf.state_dict().items():
+        w.add_tensor(gguf_name(name), t.float().numpy())
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    ckpt = open_checkpoint(tmp_path / "q.gguf")
+    assert ckpt.config.family == "qwen2"
+    spec = ShardSpec.make(ckpt.config, 0, 1)
+    model = build_model(ckpt.config, spec, ResidualPlan.parse("standard", 3),
+                        load_shard(ckpt, spec))
+    with torch.no_grad():
+        got, want = model(torch.tensor([PROMPTS[0]]))[0], hf(torch.tensor([PROMPTS[0]])).logits[0]
+    assert (got - want).abs().max() < ATOL
