@@ -1,0 +1,378 @@
+"""`ladder plan` against our own measurements: calibrate, predict, measure, compare.
+
+Calibrates this machine (`ladder.plan.calibrate`, into `--out` or a temporary folder: this
+machine's own measured.json is left alone) or reads `--measured FILE`, predicts each cell's
+decode ms/token with `ladder plan`'s step model, then measures the same cells fresh on the
+engine: SmolLM2 at TP=2, each of `--residuals` over each of `--links`, at each batch size, a
+local group per residual and link (a link's groups up at once, as `bench.interconnects`' direct
+sweep keeps them; a shaped link is a veth pair between two namespaces, as `bench.sampling`
+makes it), their cells run in turn `--reps` times (the order reversed every other rep: a
+change in the machine's load then shifts the residuals alike), each a median engine step over
+full-batch decode steps (`bench.interconnect_cells.direct_cell`).
+Reported: per cell predicted, measured (median, with the range over reps) and the error; the
+median absolute error (the issue's target: 15% at most); per link and batch the ladder
+speedup predicted and measured (each rep's range), whether its sign matches; per batch
+whether the links' order by speedup matches. One JSON line at the end (`--out DIR` too).
+
+Links: `shm` (shared memory), `tcp-loopback`, and `tcp-<profile>` for a launcher profile
+(`high-end`: the veth as it is; `cheap`: tbf 1 Gbit/s), at the launcher's MTU. Importing this
+module gives `ladder plan --calibrate` its link timer (`time_links`): each link's all-reduce by
+message size, on the engine's own communicator, inside a chain of weight products shaped like
+a decode step's modules, timed `bench.linkcost`'s three ways (none, standard, overlapped as
+ladder overlaps). A lone reduce between two idle ranks says little: in a chain a reduce also
+costs the ranks' drift apart and the exchange's CPU, and only part of it hides (measured here,
+2026-12-03: shm 12 us alone, 45-180 us in a chain; linkcost's in-cache compute, one reduce an
+iteration, hid none of it where the engine's ladder hides a third).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import os
+import statistics
+import sys
+import tempfile
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from bench.interconnect_cells import direct_cell
+from bench.linkcost import MODES, _time_ways
+from bench.table import table
+from bench.timed import OtherLoad, bench_main, csv, csv_ints, emit, log, probe_pair
+from ladder.model.config import ConfigError, ResidualPlan
+from ladder.plan import calibrate, measured
+from ladder.plan.sweep import Setup
+
+RESIDUALS = {"standard": "standard", "ladder": "ladder", "partial": "ladder:24-29"}
+TARGET_MAE = 0.15
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--measured", help="a measured.json to predict from (default: calibrate)")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--head-split", default="even", choices=["groups", "even"],
+                   help="as deploy/smollm2.yaml serves (and bench interconnects runs)")
+    p.add_argument("--links", default="shm,tcp-high-end,tcp-cheap")
+    p.add_argument("--residuals", default="standard,ladder",
+                   help=f"among {', '.join(RESIDUALS)} (partial: {RESIDUALS['partial']})")
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=24, help="new tokens a request (forced)")
+    p.add_argument("--reps", type=int, default=3, help="interleaved runs of every cell")
+    p.add_argument("--contexts", default="",
+                   help="calibration contexts (default: the prompt length and prompt + tokens)")
+    p.add_argument("--link-iters", type=int, default=3,
+                   help="calibration: chains of 60 modules a way a round, per message size")
+    p.add_argument("--out", help="write the JSON line and the measured.json here")
+
+
+# -- links: where a group's ranks run, and the link timer --------------------------------------
+@contextmanager
+def link_place(name: str, index: int = 0):
+    """(comm, Namespaces or None, rank 0's address) for ranks talking over link `name`; a
+    shaped link's veth pair lives as long as the context."""
+    if name == "shm":
+        yield "shm", None, "127.0.0.1"
+    elif name == "tcp-loopback":
+        yield "tcp", None, "127.0.0.1"
+    elif name.startswith("tcp-"):
+        from cluster.links import DEFAULT_MTU, parse_link
+        from cluster.network import veth_pair
+        from cluster.state import ClusterError
+        from ladder.links.netns import Namespaces
+        with ExitStack() as stack:
+            try:
+                ns, hosts = stack.enter_context(veth_pair(
+                    parse_link(name.removeprefix("tcp-")),
+                    f"pk{index % 10}{os.getpid() % 1000}", DEFAULT_MTU))
+            except (ClusterError, ValueError) as e:
+                raise ConfigError(f"link {name}: {e}") from None
+            yield "tcp", Namespaces(ns, hosts), hosts[0]
+    else:
+        raise ConfigError(f"link {name!r}: not shm, tcp-loopback or tcp-<launcher profile>")
+
+
+class _Chain:
+    """A decode step's shape for `bench.linkcost`'s ways: `modules` weight products in a row
+    (each its own [3 x dim, dim] float32 weight, so that they stream from memory as a decode
+    step's do), each followed by an all-reduce of `buf`: none, standard (each waited for at
+    once) or overlapped (ladder's: each waited for after the next product)."""
+
+    def __init__(self, comm, buf, dim: int, modules: int) -> None:
+        import torch
+        self.comm, self.buf, self.modules = comm, buf, modules
+        self.x = torch.randn(max(1, buf.numel() // dim), dim)
+        self.w = [torch.randn(3 * dim, dim) for _ in range(min(modules, 30))]
+
+    def sync(self) -> None:
+        self.comm.barrier()
+
+    def one(self, mode: str) -> None:
+        import torch.nn.functional as F
+        pending = None
+        for i in range(self.modules):
+            F.linear(self.x, self.w[i % len(self.w)])
+            if mode == "none":
+                continue
+            work = self.comm.all_reduce(self.buf)
+            if mode == "standard":
+                work.wait()
+                continue
+            if pending is not None:
+                pending.wait()
+            pending = work
+        if pending is not None:
+            pending.wait()
+
+
+def _link_rank(rank: int, init: str, opts, spaces, sizes: list[int], dim: int, modules: int,
+               iters: int, out) -> None:
+    """One rank: into its namespace, the group's own communicator, each size's ways timed
+    (`bench.linkcost._time_ways`: interleaved rounds after a warm-up), then the step plan's
+    broadcasts; rank 0 reports."""
+    import torch
+
+    from ladder.links.factory import close_comm, make_comm
+    if spaces is not None:
+        opts = spaces.enter(opts, rank)
+    torch.set_num_threads(1)
+    comm = make_comm(opts, rank, init)
+    rows = []
+    for nbytes in sizes:
+        chain = _Chain(comm, torch.zeros(max(1, nbytes // 4)), dim, modules)
+        rows.append(_row(nbytes, modules, _time_ways(chain, 7, iters)))
+    plan_s = _plan_seconds(comm, 20 * iters * modules)
+    comm.barrier()
+    close_comm(comm)
+    if rank == 0:
+        out.put({"rows": rows, "step_overhead_s": round(plan_s, 9)})
+
+
+def _row(nbytes: int, n: int, ways: dict[str, list[tuple[float, float]]]) -> dict:
+    """What `ladder.plan.step` needs of one size, from each round's way times (medians over
+    the rounds of the differences within a round): the reduce's cost to a module chain r =
+    (standard - none) / n, and the share of it an overlapped reduce still costs, k: the
+    ladder schedule pays (n - 1) k r + r (the last reduce is drained whole)."""
+    def extra(mode: str) -> float:
+        return statistics.median(w - none for (w, _), (none, _) in zip(ways[mode],
+                                                                        ways["none"]))
+    r = extra("standard") / n
+    k = (extra("overlapped") / r - 1) / (n - 1) if r > 0 else 1.0
+    return {"bytes": nbytes, "seconds": round(max(r, 1e-7), 9), "overlap_cost": round(k, 4),
+            **{f"{m}_s": round(statistics.median(w for w, _ in ways[m]), 6) for m in MODES}}
+
+
+def _plan_seconds(comm, iters: int) -> float:
+    """What a step's plan costs the leader beyond a one-float all-reduce: the engine's two
+    broadcasts (`ShardEngine.step`: a header, then a batch of 32 rows' body), each
+    repetition lined up and closed by a one-float all-reduce."""
+    import time
+
+    import torch
+    one, head = torch.zeros(1), torch.zeros(4, dtype=torch.int64)
+    body = torch.zeros(32 * 4, dtype=torch.int64)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(iters):
+        comm.all_reduce(one).wait()
+        t0 = time.perf_counter()
+        if i % 2:
+            comm.broadcast(head)
+            comm.broadcast(body)
+        comm.all_reduce(one).wait()
+        times[bool(i % 2)].append(time.perf_counter() - t0)
+    return max(statistics.median(times[True]) - statistics.median(times[False]), 0.0)
+
+
+def time_links(names: list[str], tp: int, sizes: list[int], dim: int, say=log,
+               iters: int = 3, modules: int = 60) -> dict[str, dict]:
+    """`ladder plan --calibrate`'s link timer: per link, {"rows": a row per message size
+    (`_row`), from chains of `modules` products `dim` wide, `iters` a way in each of 7
+    rounds; "step_overhead_s": the step plan's broadcasts}."""
+    from ladder.options import GroupOptions
+    if tp != 2:
+        raise ConfigError(f"links are timed between two ranks, not {tp}")
+    out = {}
+    for i, name in enumerate(names):
+        say(f"link {name}: all-reduce of {', '.join(map(str, sizes))} bytes")
+        with link_place(name, i) as (comm, spaces, host):
+            opts = GroupOptions(tp=tp, comm=comm, threads=1)
+            out[name] = probe_pair(_link_rank, host, opts, spaces, sizes, dim, modules, iters,
+                                   timeout_s=1800)
+            say(f"link {name}: the step plan's broadcasts "
+                f"{out[name]['step_overhead_s'] * 1e6:.0f} us")
+    return out
+
+
+calibrate.provide_link_timer(time_links)
+
+
+# -- predicted ----------------------------------------------------------------------------------
+def predict(path: Path, config, a, links: list[str], residuals: list[str],
+            batches: list[int]) -> dict[tuple, float]:
+    """ms/token of every (link, residual, batch) at the cells' mean context."""
+    data = measured.read(path, "--measured")
+    hw = measured.hardware_from(data, path)
+    context = a.prompt_len + a.tokens // 2
+    out = {}
+    for link in links:
+        log(f"predicted as `ladder plan --model {a.model} --tp 2 --hardware {path} --link "
+            f"{path}#{link} --head-split {a.head_split} --dtype {a.dtype} --batch "
+            f"{','.join(map(str, batches))} --context {context} --plans "
+            f"{','.join(RESIDUALS[r] for r in residuals)}`")
+        setup = Setup(config=config, tp=2, hardware=hw, dtype=a.dtype, head_split=a.head_split,
+                      link=measured.link_from(data, path, link))
+        for res in residuals:
+            plan = ResidualPlan.parse(RESIDUALS[res], config.n_layers)
+            for b in batches:
+                out[(link, res, b)] = 1e3 * setup.step(plan, b, context).seconds
+    return out
+
+
+# -- measured -----------------------------------------------------------------------------------
+def measure(a, links: list[str], residuals: list[str], batches: list[int]
+            ) -> dict[tuple, list[float]]:
+    """ms/token of every (link, residual, batch), one per rep: link after link, its residuals'
+    groups up at once and their cells run in turn (reversed every other rep), after a warm-up
+    cell each. Only one link's groups at a time: an idle group's heartbeat (its ranks poll
+    for a while after each) slows the running one, the more so the more groups idle."""
+    runs: dict[tuple, list[float]] = {}
+    for i, link in enumerate(links):
+        with ExitStack() as stack:
+            comm, spaces, _ = stack.enter_context(link_place(link, i))
+            groups = {res: stack.enter_context(_group(a, link, res, comm, spaces, batches))
+                      for res in residuals}
+            for rep in range(a.reps):
+                for b in batches:
+                    log(f"measure: {link}, rep {rep + 1}/{a.reps}, batch {b}")
+                    for res in residuals if rep % 2 == 0 else residuals[::-1]:
+                        g = groups[res]
+                        c = asyncio.run(direct_cell(g, b, a.prompt_len, a.tokens,
+                                                    g.info.vocab_size))
+                        runs.setdefault((link, res, b), []).append(c["ms_per_token"])
+    return runs
+
+
+def _group(a, link: str, res: str, comm: str, spaces, batches: list[int]):
+    """A started, warmed-up local group of `res` over `link`."""
+    from ladder.engine.local import LocalTPGroup
+    from ladder.options import GroupOptions
+    log(f"measure: starting {res} over {link}")
+    opts = GroupOptions(model=a.model, tp=2, residual=RESIDUALS[res], dtype=a.dtype, comm=comm,
+                        threads=1, n_slots=max(batches), max_seq=a.prompt_len + a.tokens + 8,
+                        head_split=a.head_split, interconnect=link)
+    g = LocalTPGroup(opts, namespaces=spaces)
+    try:
+        asyncio.run(direct_cell(g, 1, a.prompt_len, 4, g.info.vocab_size))
+    except BaseException:
+        g.shutdown()
+        raise
+    return g
+
+
+# -- compared -----------------------------------------------------------------------------------
+def compare(pred: dict[tuple, float], runs: dict[tuple, list[float]], links: list[str],
+            batches: list[int]) -> dict:
+    """Cells with their errors, the median absolute error, the ladder speedups (each rep's
+    range: a measured sign inside it is noise) and the links' order by speedup per batch."""
+    cells = [{"link": k[0], "residual": k[1], "batch": k[2], "predicted_ms": round(pred[k], 3),
+              "measured_ms": round(statistics.median(v), 3),
+              "range_ms": round(max(v) - min(v), 3),
+              "error": round(pred[k] / statistics.median(v) - 1, 4)} for k, v in runs.items()]
+    out = {"cells": cells, "mae": statistics.median(abs(c["error"]) for c in cells),
+           "speedups": [], "orders": []}
+    if not all((li, r, b) in runs for li in links for r in ("standard", "ladder")
+               for b in batches):
+        return out
+    for b in batches:
+        for li in links:
+            std, lad = runs[(li, "standard", b)], runs[(li, "ladder", b)]
+            per_rep = [s / x for s, x in zip(std, lad)]
+            p, m = pred[(li, "standard", b)] / pred[(li, "ladder", b)], \
+                statistics.median(std) / statistics.median(lad)
+            out["speedups"].append({"link": li, "batch": b, "predicted": round(p, 4),
+                                    "measured": round(m, 4), "rep_min": round(min(per_rep), 4),
+                                    "rep_max": round(max(per_rep), 4),
+                                    "sign_ok": (p > 1) == (m > 1),
+                                    "noise": min(per_rep) <= 1 <= max(per_rep)})
+        rows = [s for s in out["speedups"] if s["batch"] == b]
+        by_p = [s["link"] for s in sorted(rows, key=lambda s: -s["predicted"])]
+        by_m = [s["link"] for s in sorted(rows, key=lambda s: -s["measured"])]
+        out["orders"].append({"batch": b, "predicted": by_p, "measured": by_m,
+                              "ok": by_p == by_m})
+    out["signs_ok"] = all(s["sign_ok"] for s in out["speedups"])
+    out["orders_ok"] = all(o["ok"] for o in out["orders"])
+    return out
+
+
+def report(r: dict, reps: int) -> str:
+    parts = [table(f"decode ms/token, predicted by `ladder plan` and measured (median of {reps} "
+                   "interleaved reps; range over them); error = predicted / measured - 1",
+                   ["link", "residual", "batch", "predicted", "measured", "range", "error %"],
+                   [[c["link"], c["residual"], c["batch"], c["predicted_ms"], c["measured_ms"],
+                     c["range_ms"], 100 * c["error"]] for c in r["cells"]], digits=2)]
+    if r["speedups"]:
+        parts.append(table("ladder speedup (standard / ladder), predicted and measured; reps: "
+                           "each rep's range",
+                           ["link", "batch", "predicted", "measured", "reps", "sign ok"],
+                           [[s["link"], s["batch"], s["predicted"], s["measured"],
+                             f"{s['rep_min']:.3f}-{s['rep_max']:.3f}", s["sign_ok"]]
+                            for s in r["speedups"]], digits=3))
+        parts.append(table("links by speedup, largest first", ["batch", "predicted",
+                                                               "measured", "same"],
+                           [[o["batch"], " > ".join(o["predicted"]),
+                             " > ".join(o["measured"]), o["ok"]] for o in r["orders"]]))
+    line = f"median absolute error {100 * r['mae']:.1f}% (target <= {100 * TARGET_MAE:.0f}%)"
+    if r["speedups"]:
+        line += (f"; speedup sign right in every cell: {'yes' if r['signs_ok'] else 'no'}; "
+                 f"order across links right in every batch: {'yes' if r['orders_ok'] else 'no'}")
+    return "\n\n".join(parts + [line])
+
+
+def run(a: argparse.Namespace) -> int:
+    try:
+        links, residuals = csv(a.links), csv(a.residuals)
+        batches = csv_ints("--batches", a.batches)
+        bad = sorted(set(residuals) - set(RESIDUALS))
+        if bad or not links or a.reps < 1 or a.tokens < 4:
+            raise ValueError(f"residuals {bad} unknown, or no link, --reps < 1, --tokens < 4")
+        contexts = csv_ints("--contexts", a.contexts or
+                            f"{a.prompt_len},{a.prompt_len + a.tokens}")
+    except ValueError as e:
+        print(f"bench plan_check: {e}", file=sys.stderr)
+        return 2
+    other = OtherLoad()
+    with tempfile.TemporaryDirectory(prefix="plan_check") as tmp:
+        path = Path(a.measured) if a.measured else Path(a.out or tmp) / "measured.json"
+        try:
+            if not a.measured:
+                grid = calibrate.Grid(model=a.model, tp=2, dtype=a.dtype,
+                                      splits=(a.head_split,), batches=tuple(batches),
+                                      contexts=tuple(contexts), threads=1)
+                calibrate.calibrate(grid, links, path,
+                                    functools.partial(time_links, iters=a.link_iters))
+                log(f"calibrated: {path}")
+            from ladder.loaders import open_checkpoint
+            pred = predict(path, open_checkpoint(a.model).config, a, links, residuals, batches)
+            runs = measure(a, links, residuals, batches)
+        except ConfigError as e:
+            print(f"bench plan_check: {e}", file=sys.stderr)
+            return 2
+    r = compare(pred, runs, links, batches)
+    print(report(r, a.reps))
+    emit({"bench": "plan_check", "model": a.model, "dtype": a.dtype, "tp": 2,
+          "head_split": a.head_split, "prompt_len": a.prompt_len, "tokens": a.tokens,
+          "reps": a.reps, "context": a.prompt_len + a.tokens // 2, "measured_json": str(path),
+          **r, "target_mae": TARGET_MAE, "other_load_cores": round(other.cores(), 3)},
+         a.out, "plan_check")
+    return 0
+
+
+def main() -> int:
+    return bench_main(__doc__, add_args, run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
