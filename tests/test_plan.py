@@ -441,11 +441,13 @@ def test_calibration_sections_fit_and_merge(tmp_path):
         hw_sec["row_overhead_s"] == pytest.approx(2e-5)
     rows = [{"bytes": n, "seconds": 1e-5 + n / 1e9, "overlap_cost": k}
             for n, k in ((16, 1.0), (2304, 0.3), (18432, 0.5))]
-    sizes, module = calibrate.message_sizes(576, grid)
-    assert sizes == [16, 128, 2304, 18432] and module == {2304, 18432}
-    link = calibrate.link_section("tcp-x", {"rows": rows, "step_overhead_s": 3e-4}, 2, module)
+    assert calibrate.message_sizes(576, grid) == [16, 128, 2304, 18432]
+    link = calibrate.link_section("tcp-x", {"rows": rows, "step_overhead_s": 3e-4}, 2)
     assert link["bandwidth"] == pytest.approx(1e9) and link["latency_s"] == pytest.approx(1e-5)
-    assert link["overlap_cost"] == 0.4 and link["base"] == "tcp-high-end"
+    r = [1e-5 + n / 1e9 for n in (16, 2304, 18432)]  # weighted by each size's reduce time
+    assert link["overlap_cost"] == pytest.approx((r[0] + 0.3 * r[1] + 0.5 * r[2]) / sum(r),
+                                                 abs=1e-4)
+    assert link["base"] == "tcp-high-end" and len(link["timed"]) == 3
     path = tmp_path / "m.json"
     calibrate.write(path, hw_sec, {"tcp-x": link})
     other = dict(hw_sec, compute=[dict(s, split="groups") for s in hw_sec["compute"][:3]])

@@ -1,25 +1,26 @@
 """`ladder plan --calibrate`: this machine measured into the measured.json `measured` reads.
 
-Compute. One process per rank of the TP split, all running at once with one thread each (as a
-local group's ranks run, sharing the memory bus), each builds its shard as a serving rank does
-(`ladder.engine.build.build_engine`: the checkpoint's slices, the CPU decode layouts, a KV
-cache) with no communicator (`NoComm`). At every batch x context of the grid each times, layer
-after layer, the attention and the MLP with their norms as the model calls them, so that the
-weights stream from memory as in a decode step, and the LM head's slice with the local part of
-the token pick; medians over `reps` passes, the ranks starting each point together. The cache
-is written first: pages never written read as the kernel's one zero page, from cache. What a
-step costs beyond its modules (residual adds, the scheduler, each row's text) is a real decode
-step of rank 0's scheduler (`Leader.for_checkpoint`, NoComm, the other ranks idle) less its
-modules timed alike, fitted as `step_overhead_s` + `row_overhead_s` x rows. For cases outside
-the grid, the roofline's terms are a line through the batch-1 samples, seconds against bytes
-read (`mem_bw` its slope, `module_overhead_s` its intercept, efficiency 1).
+Compute (`ladder.plan.rank_timing`). One process per rank of the TP split, all running at once
+with one thread each (as a local group's ranks run, sharing the memory bus), each builds its
+shard as a serving rank does (`ladder.engine.build.build_engine`: the checkpoint's slices, the
+CPU decode layouts, a KV cache) with no communicator (`NoComm`). At every batch x context of
+the grid each times, layer after layer, the attention and the MLP with their norms as the model
+calls them, so that the weights stream from memory as in a decode step, and the LM head's slice
+with the local part of the token pick; medians over `reps` passes, the ranks starting each
+point together. The cache is written first: pages never written read as the kernel's one zero
+page, from cache. What a step costs beyond its modules (residual adds, the scheduler, each
+row's text) is rank 0's, the other ranks idle (the scheduler's part of its real decode steps,
+and an engine step less a pass over its modules), fitted as `step_overhead_s` +
+`row_overhead_s` x rows. For cases outside the grid, the roofline's terms are a line through
+the batch-1 samples, seconds against bytes read (`mem_bw` its slope, `module_overhead_s` its
+intercept, efficiency 1).
 
 Links. The layer that can make a link times it (`provide_link_timer`): shared memory and
 loopback need nothing beyond this package, a shaped veth pair needs the cluster's network
 plumbing, so `bench.plan_check` provides the timer, and the `ladder` command, which loads every
 layer's commands, has it. A timer returns, per link, the all-reduce's seconds and overlap cost
-by message size, as they cost a chain of modules (`link_section` fits latency and bandwidth
-through them for sizes beyond).
+by message size, as they cost a chain of modules, and what the step plan's broadcasts cost
+(`link_section` fits a latency and a bandwidth through the sizes).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -40,6 +40,7 @@ from ladder.plan import costs
 from ladder.plan.hardware import DTYPE_BYTES
 from ladder.plan.links import LINKS
 from ladder.plan.measured import FORMAT
+from ladder.plan.rank_timing import Grid, time_compute
 
 # timer(link names, TP size, message sizes in bytes, model width, log) -> {name: {"rows":
 # [{"bytes", "seconds", "overlap_cost"}, ...], "step_overhead_s"}}; raises ConfigError for a
@@ -56,146 +57,8 @@ def provide_link_timer(timer: LinkTimer) -> None:
     _link_timer = timer
 
 
-@dataclass(frozen=True, kw_only=True)
-class Grid:
-    """What to measure: a checkpoint at a TP size, its modules at every batch x context."""
-
-    model: str
-    tp: int
-    dtype: str
-    splits: tuple[str, ...]
-    batches: tuple[int, ...]
-    contexts: tuple[int, ...]
-    reps: int = 5
-    threads: int = 1
-
-
 def log(msg: str) -> None:
     print(f"[calibrate] {msg}", file=sys.stderr, flush=True)
-
-
-# -- compute, in each rank's process ------------------------------------------------------------
-def _rank_main(rank: int, grid: Grid, split: str, barrier, out) -> None:
-    try:
-        out.put((rank, _measure_rank(rank, grid, split, barrier)))
-    except BaseException as e:  # noqa: BLE001 - the parent reports it and stops the others
-        barrier.abort()
-        out.put((rank, f"{type(e).__name__}: {e}"))
-
-
-def _measure_rank(rank: int, grid: Grid, split: str, barrier) -> dict:
-    import torch
-
-    from ladder.engine.build import build_engine
-    from ladder.engine.leader import Leader
-    from ladder.links.base import NoComm
-    from ladder.options import GroupOptions
-    torch.set_num_threads(grid.threads)
-    opts = GroupOptions(model=grid.model, tp=grid.tp, dtype=grid.dtype, head_split=split,
-                        n_slots=max(grid.batches), max_seq=max(*grid.contexts, 24) + 1,
-                        threads=grid.threads)
-    ckpt, engine = build_engine(opts, rank, NoComm(rank, grid.tp))
-    engine.cache.k.fill_(0.01)  # written: see the module's docstring
-    engine.cache.v.fill_(0.01)
-    times = {}
-    for b in grid.batches:
-        for c in grid.contexts:
-            barrier.wait()
-            times[(b, c)] = module_times(engine, b, c, grid.reps)
-    leader = Leader.for_checkpoint(ckpt, engine) if rank == 0 else None  # runs here
-    over = {}
-    for b in grid.batches:  # rank 0's, the others idle (its modules are timed alike)
-        barrier.wait()
-        if leader is not None:
-            over[b] = step_overhead(leader.scheduler, engine, b, grid.reps)
-    return {"times": times, "overhead": over, "config": engine.model.config}
-
-
-def module_times(engine, batch: int, context: int, reps: int) -> dict[str, float]:
-    """Median seconds of one layer's attention and MLP (each after its norm) and of the LM
-    head's slice with its row maxima, for `batch` rows at `context` cached positions."""
-    import torch
-
-    from ladder.engine.step import StepBatch
-    model = engine.model
-    ctx, _, _ = engine._context(StepBatch(tokens=[[1]] * batch, slots=list(range(batch)),
-                                          starts=[context - 1] * batch))
-    x = torch.randn(batch, 1, model.config.dim).to(engine.dtype)
-    got: dict[str, list[float]] = {"attention": [], "mlp": [], "lm_head": []}
-    clock = time.perf_counter
-    with torch.inference_mode():
-        for rep in range(reps + 1):  # the first pass warms up
-            for layer in model.layers:
-                t0 = clock()
-                layer.attention(layer.attn_norm(x), ctx)
-                t1 = clock()
-                layer.mlp(layer.mlp_norm(x))
-                t2 = clock()
-                if rep:
-                    got["attention"].append(t1 - t0)
-                    got["mlp"].append(t2 - t1)
-            t0 = clock()
-            model.logits(model.norm(x[:, 0])).float().max(-1)
-            if rep:
-                got["lm_head"].append(clock() - t0)
-    return {k: statistics.median(v) for k, v in got.items()}
-
-
-def step_overhead(scheduler, engine, batch: int, reps: int, plen: int = 16,
-                  tokens: int = 8) -> float:  # plen + tokens: within the cache (24)
-    """A full-batch decode step of the scheduler (greedy, text on) less its modules."""
-    from ladder.engine.sampling import SamplingParams
-    from ladder.engine.scheduler import Request
-    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    steps = []
-    for _ in range(max(2, reps // 2)):
-        for i in range(batch):
-            scheduler.add(Request(prompt=[3 + (i + j) % 1000 for j in range(plen)],
-                                  params=params))
-        while scheduler.has_work():
-            t0 = time.perf_counter()
-            done = scheduler.step()
-            if done is not None and done.kind == "decode" and done.rows == batch:
-                steps.append(time.perf_counter() - t0)
-    m = module_times(engine, batch, plen + tokens // 2, 2)
-    return statistics.median(steps) - engine.model.config.n_layers * (m["attention"] + m["mlp"]) \
-        - m["lm_head"]
-
-
-def time_compute(grid: Grid, split: str, timeout_s: float = 1800.0) -> list[dict]:
-    """Every rank's measurements under `split` (one dict per rank), its processes all at once."""
-    import multiprocessing as mp
-    import queue
-    ctx = mp.get_context("spawn")
-    barrier, out = ctx.Barrier(grid.tp), ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, grid, split, barrier, out), daemon=True)
-             for r in range(grid.tp)]
-    for p in procs:
-        p.start()
-    got: dict[int, dict] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(got) < grid.tp:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"calibration took over {timeout_s:.0f} s")
-            try:
-                rank, res = out.get(timeout=5)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"calibration rank {dead[0]} exited with "
-                                       f"{procs[dead[0]].exitcode}") from None
-                continue
-            if isinstance(res, str):
-                raise RuntimeError(f"calibration rank {rank}: {res}")
-            got[rank] = res
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-    return [got[r] for r in range(grid.tp)]
 
 
 # -- the file --------------------------------------------------------------------------------
@@ -238,30 +101,30 @@ def hardware_section(grid: Grid, by_split: dict[str, list[dict]]) -> dict:
     return sec
 
 
-def link_section(name: str, timed: dict, tp: int, module_bytes: set[int]) -> dict:
-    """A "links" entry from the timer's: the timings as they are, and for sizes beyond them
-    `direct`'s formula with a latency and a bandwidth through the smallest and largest;
-    `overlap_cost` the median over the module messages' sizes."""
+def link_section(name: str, timed: dict, tp: int) -> dict:
+    """A "links" entry from the timer's: `direct`'s formula, latency + (tp - 1) x bytes /
+    bandwidth, through the timed sizes by least squares (each size's time alone is noisier
+    than the line: the timings stay beside it, under "timed", unused), and `overlap_cost`
+    pooled over every size, each weighted by its reduce's time (the longer, the better
+    resolved; one size's alone is mostly noise)."""
     base = name if name in LINKS else "tcp-high-end"
     rows = sorted(timed["rows"], key=lambda r: r["bytes"])
-    lo, hi = rows[0], rows[-1]
-    slope = (hi["seconds"] - lo["seconds"]) / max(hi["bytes"] - lo["bytes"], 1)
-    bw = (tp - 1) / slope if slope > 0 else LINKS[base].bandwidth
-    overlap = [r["overlap_cost"] for r in rows if r["bytes"] in module_bytes] or \
-        [r["overlap_cost"] for r in rows]
+    fixed, per_byte = fit_line([(r["bytes"], r["seconds"]) for r in rows])
+    bw = (tp - 1) / per_byte if per_byte > 0 else LINKS[base].bandwidth
+    weight = sum(r["seconds"] for r in rows)
+    overlap = sum(r["overlap_cost"] * r["seconds"] for r in rows) / weight if weight else 1.0
     return {"name": name, "base": base, "fabric": "direct", "efficiency": 1.0,
-            "bandwidth": round(bw), "overhead_s": 0.0,
+            "bandwidth": round(bw), "latency_s": round(max(fixed, 0.0), 9), "overhead_s": 0.0,
             "step_overhead_s": timed.get("step_overhead_s", 0.0),
-            "latency_s": round(max(lo["seconds"] - (tp - 1) * lo["bytes"] / bw, 0.0), 9),
-            "overlap_cost": round(min(max(statistics.median(overlap), 0.0), 1.0), 4),
-            "allreduce": [{"ranks": tp, **{k: r[k] for k in r if k != "ranks"}} for r in rows]}
+            "overlap_cost": round(min(max(overlap, 0.0), 1.0), 4),
+            "timed": [{"ranks": tp, **r} for r in rows]}
 
 
-def message_sizes(dim: int, grid: Grid) -> tuple[list[int], set[int]]:
-    """(every size to time, the module messages' sizes): a module's [batch, dim] partial sums
-    and the token pick's [tp, 2, batch] float32 table, at every batch of the grid."""
-    module = {b * dim * DTYPE_BYTES[grid.dtype] for b in grid.batches}
-    return sorted(module | {8 * grid.tp * b for b in grid.batches}), module
+def message_sizes(dim: int, grid: Grid) -> list[int]:
+    """The sizes to time: a module's [batch, dim] partial sums and the token pick's
+    [tp, 2, batch] float32 table, at every batch of the grid."""
+    return sorted({b * dim * DTYPE_BYTES[grid.dtype] for b in grid.batches}
+                  | {8 * grid.tp * b for b in grid.batches})
 
 
 def write(path: Path, hardware: dict | None, links: dict[str, dict]) -> None:
@@ -319,11 +182,11 @@ def calibrate(grid: Grid, links: list[str], out: Path, timer: LinkTimer | None =
         by_split[split] = time_compute(grid, split)
     hardware = hardware_section(grid, by_split)
     dim = by_split[grid.splits[0]][0]["config"].dim
-    sizes, module = message_sizes(dim, grid)
+    sizes = message_sizes(dim, grid)
     sections = {}
     if links:
         timed = timer(links, grid.tp, sizes, dim, log)
-        sections = {n: link_section(n, t, grid.tp, module) for n, t in timed.items()}
+        sections = {n: link_section(n, t, grid.tp) for n, t in timed.items()}
     write(out, hardware, sections)
     return {"hardware": hardware, "links": sections}
 
@@ -342,8 +205,9 @@ def summary(result: dict) -> str:
                  f"{hw.get('mem_bw', 0) / 1e9:.1f} GB/s + "
                  f"{hw.get('module_overhead_s', 0) * 1e6:.1f} us a module")
     for name, sec in result["links"].items():
-        sizes = ", ".join(f"{r['bytes']} B {r['seconds'] * 1e6:.1f} us"
-                          for r in sec["allreduce"])
-        lines.append(f"link {name}: {sizes}; overlap cost {sec['overlap_cost']:.2f}; the "
-                     f"step plan {sec['step_overhead_s'] * 1e6:.0f} us")
+        sizes = ", ".join(f"{r['bytes']} B {r['seconds'] * 1e6:.1f} us" for r in sec["timed"])
+        lines.append(f"link {name}: {sizes} (fitted: {sec['latency_s'] * 1e6:.1f} us + "
+                     f"{sec['bandwidth'] / 1e9:.2f} GB/s); overlap cost "
+                     f"{sec['overlap_cost']:.2f}; the step plan "
+                     f"{sec['step_overhead_s'] * 1e6:.0f} us")
     return "\n".join(lines)
