@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ladder.model.config import ConfigError, ResidualPlan
-from ladder.plan import cli, costs, measured
+from ladder.plan import cli, measured
 from ladder.plan.costs import measured_module_seconds, module_seconds, shards
 from ladder.plan.hardware import HARDWARE, THIS_CPU
 from ladder.plan.links import LINKS, allreduce_seconds
@@ -382,84 +382,3 @@ def test_registered_as_a_ladder_command(tmp_path):
                         "if e.name == 'plan'])"], capture_output=True, text=True,
                        cwd=tmp_path, timeout=60)
     assert p.stdout.strip() == "['ladder.plan.cli:register']", "pip install -e . to register"
-
-
-# -- calibration's file (the measuring itself: test_plan_calibrated) ---------------------------
-def test_measured_links_by_name(tmp_path, monkeypatch):
-    timed = [{"ranks": 2, "bytes": 16, "seconds": 2e-5}, {"ranks": 2, "bytes": 73728,
-                                                          "seconds": 7e-4}]
-    path = write_measured(tmp_path / "m.json", hardware={}, links={
-        "tcp-cheap": {"base": "tcp-cheap", "allreduce": timed, "overlap_cost": 0.5},
-        "shm": {"base": "shm", "allreduce": timed[:1]}})
-    link = measured.resolve_link(f"{path}#tcp-cheap")
-    assert link.name == "tcp-cheap" and link.overlap_cost == 0.5
-    assert allreduce_seconds(link, 2, 73728) == pytest.approx(7e-4)
-    with pytest.raises(ConfigError, match="no link 'nope'.*shm, tcp-cheap"):
-        measured.resolve_link(f"{path}#nope")
-    with pytest.raises(ConfigError, match="no \"link\" section"):
-        measured.resolve_link(str(path))
-    assert measured.resolve_link("tcp-cheap") is LINKS["tcp-cheap"] or \
-        measured.measured_path().is_file()
-    monkeypatch.setenv("LADDER_MEASURED", str(path))  # this machine's file: its CPU links
-    assert measured.resolve_link("tcp-cheap").measured and \
-        measured.resolve_link("tcp-high-end") is LINKS["tcp-high-end"]
-    assert measured.resolve_link("nvlink4") is LINKS["nvlink4"]
-
-
-def test_samples_of_the_asked_head_split():
-    smol = preset_model("smollm2")
-    key = shape_key(smol)
-    hw = dataclasses.replace(THIS_CPU, measured=tuple(
-        measured._sample({"shape": key, "tp": 2, "dtype": "float32", "module": "mlp",
-                          "batch": b, "context": 64, "seconds": s, "split": split}, Path("x"))
-        for split, s in (("even", 1e-4), ("groups", 3e-4)) for b in (1, 8)))
-    for split, want in (("even", 1e-4), ("groups", 3e-4)):
-        s = Setup(config=smol, tp=2, hardware=hw, link=LINKS["shm"], dtype="float32",
-                  head_split=split)
-        assert module_seconds(smol, s.specs, "mlp", 4, 64, hw, "float32", split=split) == \
-            pytest.approx([want] * 2)
-    assert Setup(config=smol, tp=2, hardware=hw, link=LINKS["shm"], dtype="float32").split == \
-        "groups"
-
-
-def test_calibration_sections_fit_and_merge(tmp_path):
-    from ladder.plan import calibrate
-    smol = preset_model("smollm2")
-    grid = calibrate.Grid(model="smollm2", tp=2, dtype="float32", splits=("even",),
-                          batches=(1, 8), contexts=(64, 512))
-    specs = shards(smol, 2, "even")
-    bw, fixed = 12e9, 15e-6  # a machine whose modules take bytes / 12 GB/s + 15 us
-    ranks = [{"times": {(b, c): {m: fixed + costs.module_work(smol, spec, m, b, c,
-                                                              "float32").bytes / bw
-                                 for m in measured.MODULES}
-                        for b in grid.batches for c in grid.contexts},
-              "overhead": {1: 1e-3 + 2e-5, 8: 1e-3 + 16e-5}, "config": smol} for spec in specs]
-    hw_sec = calibrate.hardware_section(grid, {"even": ranks})
-    assert hw_sec["mem_bw"] == pytest.approx(bw, rel=1e-3)
-    assert hw_sec["module_overhead_s"] == pytest.approx(fixed, rel=1e-3)
-    assert hw_sec["step_overhead_s"] == pytest.approx(1e-3) and \
-        hw_sec["row_overhead_s"] == pytest.approx(2e-5)
-    rows = [{"bytes": n, "seconds": 1e-5 + n / 1e9, "overlap_cost": k}
-            for n, k in ((16, 1.0), (2304, 0.3), (18432, 0.5))]
-    assert calibrate.message_sizes(576, grid) == [16, 128, 2304, 18432]
-    link = calibrate.link_section("tcp-x", {"rows": rows, "step_overhead_s": 3e-4}, 2)
-    assert link["bandwidth"] == pytest.approx(1e9) and link["latency_s"] == pytest.approx(1e-5)
-    r = [1e-5 + n / 1e9 for n in (16, 2304, 18432)]  # weighted by each size's reduce time
-    assert link["overlap_cost"] == pytest.approx((r[0] + 0.3 * r[1] + 0.5 * r[2]) / sum(r),
-                                                 abs=1e-4)
-    assert link["base"] == "tcp-high-end" and len(link["timed"]) == 3
-    path = tmp_path / "m.json"
-    calibrate.write(path, hw_sec, {"tcp-x": link})
-    other = dict(hw_sec, compute=[dict(s, split="groups") for s in hw_sec["compute"][:3]])
-    calibrate.write(path, other, {"shm": dict(link, name="shm", base="shm")})
-    data = json.loads(path.read_text())
-    assert sorted(data["links"]) == ["shm", "tcp-x"]
-    assert len(data["hardware"]["compute"]) == len(hw_sec["compute"]) + 3  # both splits kept
-    hw = measured.hardware_from(data, path)
-    s = Setup(config=smol, tp=2, hardware=hw, link=measured.link_from(data, path, "tcp-x"),
-              dtype="float32", head_split="even")
-    one, eight = (s.step(STANDARD, b, 64).seconds for b in (1, 8))
-    assert eight > one and hw.row_overhead_s == pytest.approx(2e-5)
-    assert s.link.step_overhead_s == 3e-4 and one - dataclasses.replace(
-        s, link=dataclasses.replace(s.link, step_overhead_s=0.0)).step(STANDARD, 1, 64).seconds \
-        == pytest.approx(3e-4)

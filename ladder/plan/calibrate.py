@@ -6,20 +6,21 @@ shard as a serving rank does (`ladder.engine.build.build_engine`: the checkpoint
 CPU decode layouts, a KV cache) with no communicator (`NoComm`). At every batch x context of
 the grid each times, layer after layer, the attention and the MLP with their norms as the model
 calls them, so that the weights stream from memory as in a decode step, and the LM head's slice
-with the local part of the token pick; medians over `reps` passes, the ranks starting each
-point together. The cache is written first: pages never written read as the kernel's one zero
-page, from cache. What a step costs beyond its modules (residual adds, the scheduler, each
-row's text) is rank 0's, the other ranks idle (the scheduler's part of its real decode steps,
-and an engine step less a pass over its modules), fitted as `step_overhead_s` +
-`row_overhead_s` x rows. For cases outside the grid, the roofline's terms are a line through
-the batch-1 samples, seconds against bytes read (`mem_bw` its slope, `module_overhead_s` its
-intercept, efficiency 1).
+with the local part of the token pick; medians over `reps` passes (`rank_timing.module_times`:
+the machine, not its load), the ranks starting each point together. The cache is written
+first: pages never written read as the kernel's one zero page, from cache. What a step costs
+beyond its modules (residual adds, the scheduler, each row's text) is rank 0's, the other ranks
+idle (the scheduler's part of its real decode steps, and an engine step less a pass over its
+modules), fitted as `step_overhead_s` + `row_overhead_s` x rows. For cases outside the grid,
+the roofline's terms are a line through the batch-1 samples, seconds against bytes read
+(`mem_bw` its slope, `module_overhead_s` its intercept, efficiency 1).
 
 Links. The layer that can make a link times it (`provide_link_timer`): shared memory and
 loopback need nothing beyond this package, a shaped veth pair needs the cluster's network
-plumbing, so `bench.plan_check` provides the timer, and the `ladder` command, which loads every
-layer's commands, has it. A timer returns, per link, the all-reduce's seconds and overlap cost
-by message size, as they cost a chain of modules, and what the step plan's broadcasts cost
+plumbing, so `bench.plan_links` provides the timer, and the `ladder` command, which loads every
+layer's commands, has it; a link it cannot make (no root for a veth pair) is left out, with a
+line saying so. A timer returns, per link, the all-reduce's seconds and overlap cost by
+message size, as they cost a chain of modules, and what the step plan's broadcasts cost
 (`link_section` fits a latency and a bandwidth through the sizes).
 """
 
@@ -52,7 +53,7 @@ DEFAULT_CONTEXTS = "64,512,2048"
 
 
 def provide_link_timer(timer: LinkTimer) -> None:
-    """Register the function that times links (`bench.plan_check` does, on import)."""
+    """Register the function that times links (`bench.plan_links` does, on import)."""
     global _link_timer
     _link_timer = timer
 
@@ -127,9 +128,11 @@ def message_sizes(dim: int, grid: Grid) -> list[int]:
                   | {8 * grid.tp * b for b in grid.batches})
 
 
-def write(path: Path, hardware: dict | None, links: dict[str, dict]) -> None:
+def write(path: Path, hardware: dict | None, links: dict[str, dict],
+          calibration: dict | None = None) -> None:
     """Merge into the file at `path` (if it is one): new samples replace those of the same
-    shape, TP size, dtype and split; new links replace those of the same name."""
+    shape, TP size, dtype and split; new links replace those of the same name; `calibration`
+    (what was measured) joins the file's "calibrations", newest last."""
     old: dict = {}
     if path.is_file():
         try:
@@ -147,6 +150,9 @@ def write(path: Path, hardware: dict | None, links: dict[str, dict]) -> None:
         kept = [s for s in (old.get("hardware") or {}).get("compute", []) if key(s) not in new]
         data["hardware"] = {**hardware, "compute": kept + hardware["compute"]}
     data["links"] = {**(old.get("links") or {}), **links}
+    if calibration is not None:
+        data["calibrations"] = [*(old.get("calibrations") or []),
+                                {"created": data["created"], **calibration}]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
@@ -154,47 +160,70 @@ def write(path: Path, hardware: dict | None, links: dict[str, dict]) -> None:
 
 
 # -- the whole run ---------------------------------------------------------------------------
+def allowed_splits(grid: Grid) -> Grid:
+    """`grid` with only the head splits its TP size allows (each other one logged)."""
+    if len(grid.splits) == 1:
+        return grid
+    from ladder.loaders import open_checkpoint
+    config, ok = open_checkpoint(grid.model).config, []
+    for split in grid.splits:
+        try:
+            costs.shards(config, grid.tp, split)
+        except ConfigError as e:
+            log(f"heads split {split}: {e}; skipped")
+            continue
+        ok.append(split)
+    return dataclasses.replace(grid, splits=tuple(ok))
+
+
+def time_links(timer: LinkTimer, links: list[str], grid: Grid, dim: int) -> dict[str, dict]:
+    """A "links" section per link the timer can make (each other one logged)."""
+    sizes, sections = message_sizes(dim, grid), {}
+    for name in links:
+        try:
+            timed = timer([name], grid.tp, sizes, dim, log)[name]
+        except ConfigError as e:
+            log(f"link {name}: not timed: {e}")
+            continue
+        sections[name] = link_section(name, timed, grid.tp)
+    return sections
+
+
 def calibrate(grid: Grid, links: list[str], out: Path, timer: LinkTimer | None = None) -> dict:
     """Time the grid under each head split, then `links` (with `timer`, else the one
-    provided); merge both into `out`. Returns what was written: {"hardware": section,
-    "links": {name: section}}."""
+    provided); merge both into `out`, with what was measured ("calibrations"). Returns what
+    was written: {"hardware": section, "links": {name: section}, "calibration": {...}}."""
     timer = timer or _link_timer
     if links and timer is None:
         raise ConfigError(f"timing links ({', '.join(links)}) needs the link timer of the "
                           "bench layer, which makes shaped links: run `ladder plan "
                           "--calibrate` (the `ladder` command loads it), or pass "
                           "--calibrate-links '' for compute only")
-    if len(grid.splits) > 1:  # those the TP size allows
-        from ladder.loaders import open_checkpoint
-        config, ok = open_checkpoint(grid.model).config, []
-        for split in grid.splits:
-            try:
-                costs.shards(config, grid.tp, split)
-            except ConfigError as e:
-                log(f"heads split {split}: {e}; skipped")
-                continue
-            ok.append(split)
-        grid = dataclasses.replace(grid, splits=tuple(ok))
-    by_split = {}
+    grid, by_split = allowed_splits(grid), {}
     for split in grid.splits:
         log(f"compute: {grid.model} TP={grid.tp} {grid.dtype}, heads split {split}, batches "
             f"{list(grid.batches)} x contexts {list(grid.contexts)}, {grid.reps} passes")
         by_split[split] = time_compute(grid, split)
     hardware = hardware_section(grid, by_split)
-    dim = by_split[grid.splits[0]][0]["config"].dim
-    sizes = message_sizes(dim, grid)
-    sections = {}
-    if links:
-        timed = timer(links, grid.tp, sizes, dim, log)
-        sections = {n: link_section(n, t, grid.tp) for n, t in timed.items()}
-    write(out, hardware, sections)
-    return {"hardware": hardware, "links": sections}
+    sections = time_links(timer, links, grid, by_split[grid.splits[0]][0]["config"].dim) \
+        if links else {}
+    done = {"model": str(grid.model), "tp": grid.tp, "dtype": grid.dtype,
+            "head_splits": list(grid.splits), "batches": list(grid.batches),
+            "contexts": list(grid.contexts), "reps": grid.reps,
+            "threads_per_rank": grid.threads, "links": list(sections),
+            "links_not_timed": [n for n in links if n not in sections]}
+    write(out, hardware, sections, done)
+    return {"hardware": hardware, "links": sections, "calibration": done}
 
 
 def summary(result: dict) -> str:
     """A few lines on what was measured: module times at the smallest batch and context, the
     step overhead, each link's all-reduce by size."""
-    hw, lines = result["hardware"], []
+    hw, c = result["hardware"], result["calibration"]
+    lines = [f"calibrated {c['model']} TP={c['tp']} {c['dtype']}, heads split "
+             f"{', '.join(c['head_splits'])}, batches {c['batches']} x contexts {c['contexts']};"
+             f" links timed: {', '.join(c['links']) or 'none'}"
+             + (f" (not: {', '.join(c['links_not_timed'])})" if c["links_not_timed"] else "")]
     first = min((s["batch"], s["context"]) for s in hw["compute"])
     for s in hw["compute"]:
         if (s["batch"], s["context"]) == first:

@@ -77,7 +77,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--calibrate-links", default=calibrate.DEFAULT_LINKS,
                    help="links to time: shm, tcp-loopback, tcp-<profile> (a shaped veth pair: "
                    "high-end, cheap, a rate; needs root); '' for none")
-    c.add_argument("--reps", type=int, default=5, help="--calibrate's passes a point")
+    c.add_argument("--reps", type=int, default=7, help="--calibrate's passes a point")
 
 
 def split_plans(text: str) -> list[str]:

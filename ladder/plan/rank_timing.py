@@ -8,6 +8,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,7 +21,7 @@ class Grid:
     splits: tuple[str, ...]
     batches: tuple[int, ...]
     contexts: tuple[int, ...]
-    reps: int = 5
+    reps: int = 7
     threads: int = 1
 
 
@@ -46,11 +47,8 @@ def _measure_rank(rank: int, grid: Grid, split: str, barrier) -> dict:
     ckpt, engine = build_engine(opts, rank, NoComm(rank, grid.tp))
     engine.cache.k.fill_(0.01)  # written: see the module's docstring
     engine.cache.v.fill_(0.01)
-    times = {}
-    for b in grid.batches:
-        for c in grid.contexts:
-            barrier.wait()
-            times[(b, c)] = module_times(engine, b, c, grid.reps)
+    times = module_times(engine, [(b, c) for b in grid.batches for c in grid.contexts],
+                         grid.reps, barrier.wait)
     leader = Leader.for_checkpoint(ckpt, engine) if rank == 0 else None  # runs here
     over = {}
     for b in grid.batches:  # rank 0's, the others idle (its modules are timed alike)
@@ -90,18 +88,26 @@ def _pass(model, ctx, x) -> dict[str, list[float]]:
     return got
 
 
-def module_times(engine, batch: int, context: int, reps: int) -> dict[str, float]:
-    """Median seconds of one layer's attention and MLP and of the LM head, over `reps` passes
-    after a warm-up pass, for `batch` rows at `context` cached positions."""
+def module_times(engine, points: list[tuple[int, int]], reps: int,
+                 together: Callable[[], object]) -> dict[tuple[int, int], dict[str, float]]:
+    """Per (batch, context) point, the median seconds of one layer's attention and MLP and of
+    the LM head over `reps` passes after a warm-up pass; each round passes over every point
+    once (reversed every other round, each pass starting `together` with the other ranks), so
+    that a burst of load lands on all points alike. A median of single calls: on a shared
+    machine it leaves out the calls the rank was preempted in, and so measures the machine,
+    not its load (a pass's mean, tried on a loaded machine, scattered 3-5x between neighbouring
+    points of one grid)."""
     import torch
-    _, ctx, x = _decode_input(engine, batch, context)
-    got: dict[str, list[float]] = {"attention": [], "mlp": [], "lm_head": []}
+    inputs = {p: _decode_input(engine, *p)[1:] for p in points}
+    got = {p: {"attention": [], "mlp": [], "lm_head": []} for p in points}
     with torch.inference_mode():
         for rep in range(reps + 1):
-            one = _pass(engine.model, ctx, x)
-            for k in got if rep else ():
-                got[k] += one[k]
-    return {k: statistics.median(v) for k, v in got.items()}
+            for p in points if rep % 2 else points[::-1]:
+                together()
+                one = _pass(engine.model, *inputs[p])
+                for k in got[p] if rep else ():
+                    got[p][k] += one[k]
+    return {p: {k: statistics.median(v) for k, v in m.items()} for p, m in got.items()}
 
 
 def step_overhead(scheduler, engine, batch: int, reps: int, plen: int = 16,
