@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import os
 import statistics
 import sys
 import tempfile
@@ -55,7 +56,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", default="",
                    help="calibration contexts (default: the prompt length and prompt + tokens)")
     p.add_argument("--link-iters", type=int, default=5,
-                   help="calibration: chains of 60 modules a way a round, per message size")
+                   help="calibration: 7 x this many rounds of one 60-module chain a way, "
+                   "per message size")
     p.add_argument("--out", help="write the JSON line and the measured.json here")
 
 
@@ -83,14 +85,16 @@ def predict(path: Path, config, a, links: list[str], residuals: list[str],
 
 # -- measured -----------------------------------------------------------------------------------
 def measure(a, links: list[str], residuals: list[str], batches: list[int]
-            ) -> dict[tuple, list[float]]:
-    """ms/token of every (link, residual, batch), one per rep: link after link, its residuals'
-    groups up at once and their cells run in turn (reversed every other rep), after a warm-up
-    cell each. Only one link's groups at a time: an idle group's heartbeat (its ranks poll
-    for a while after each) slows the running one, the more so the more groups idle."""
+            ) -> tuple[dict[tuple, list[float]], dict[tuple, list[float]]]:
+    """ms/token of every (link, residual, batch), one per rep, and the cores the rest of the
+    machine used meanwhile: link after link, its residuals' groups up at once and their cells
+    run in turn (reversed every other rep), after a warm-up cell each. Only one link's groups
+    at a time: an idle group's heartbeat (its ranks poll for a while after each) slows the
+    running one, the more so the more groups idle."""
     from ladder.engine.local import LocalTPGroup
     from ladder.options import GroupOptions
     runs: dict[tuple, list[float]] = {}
+    loads: dict[tuple, list[float]] = {}
     for i, link in enumerate(links):
         with ExitStack() as stack:
             comm, spaces, _ = stack.enter_context(link_place(link, i))
@@ -106,23 +110,46 @@ def measure(a, links: list[str], residuals: list[str], batches: list[int]
                 for b in batches:
                     log(f"measure: {link}, rep {rep + 1}/{a.reps}, batch {b}")
                     for res in residuals if rep % 2 == 0 else residuals[::-1]:
-                        g = groups[res]
+                        g, other = groups[res], OtherLoad(tree=True)
                         c = asyncio.run(direct_cell(g, b, a.prompt_len, a.tokens,
                                                     g.info.vocab_size))
                         runs.setdefault((link, res, b), []).append(c["ms_per_token"])
-    return runs
+                        loads.setdefault((link, res, b), []).append(other.cores())
+    return runs, loads
 
 
 # -- compared -----------------------------------------------------------------------------------
-def compare(pred: dict[tuple, float], runs: dict[tuple, list[float]], links: list[str],
-            batches: list[int]) -> dict:
-    """Cells with their errors, the median absolute error, the ladder speedups (each rep's
-    range: a measured sign inside it is noise) and the links' order by speedup per batch."""
-    cells = [{"link": k[0], "residual": k[1], "batch": k[2], "predicted_ms": round(pred[k], 3),
-              "measured_ms": round(statistics.median(v), 3),
-              "range_ms": round(max(v) - min(v), 3),
-              "error": round(pred[k] / statistics.median(v) - 1, 4)} for k, v in runs.items()]
-    out = {"cells": cells, "mae": statistics.median(abs(c["error"]) for c in cells),
+def shared(other_cores: float, ranks: int = 2, cores: int | None = None) -> float:
+    """How much slower a group's always-runnable ranks (they poll while they wait) run while
+    the rest of the machine takes `other_cores`: they share what is left of its cores."""
+    cores = cores or os.cpu_count() or 1
+    return max(1.0, ranks / max(cores - other_cores, 0.25))
+
+
+def cells(pred: dict[tuple, float], runs: dict[tuple, list[float]],
+          loads: dict[tuple, list[float]]) -> list[dict]:
+    """Each cell: predicted, measured (median over reps, and their range), the error; the
+    other load (median) and the prediction and error on a machine shared that way."""
+    out = []
+    for k, v in runs.items():
+        ms, other = statistics.median(v), statistics.median(loads[k])
+        out.append({"link": k[0], "residual": k[1], "batch": k[2],
+                    "predicted_ms": round(pred[k], 3), "measured_ms": round(ms, 3),
+                    "range_ms": round(max(v) - min(v), 3), "error": round(pred[k] / ms - 1, 4),
+                    "other_cores": round(other, 3),
+                    "shared_ms": round(pred[k] * shared(other), 3),
+                    "shared_error": round(pred[k] * shared(other) / ms - 1, 4)})
+    return out
+
+
+def compare(pred: dict[tuple, float], runs: dict[tuple, list[float]],
+            loads: dict[tuple, list[float]], links: list[str], batches: list[int]) -> dict:
+    """The cells, the median absolute error (as predicted, and on the machine as shared), the
+    ladder speedups (each rep's range: a measured sign inside it is noise) and the links'
+    order by speedup per batch."""
+    got = cells(pred, runs, loads)
+    out = {"cells": got, "mae": statistics.median(abs(c["error"]) for c in got),
+           "mae_shared": statistics.median(abs(c["shared_error"]) for c in got),
            "speedups": [], "orders": []}
     if not all((li, r, b) in runs for li in links for r in ("standard", "ladder")
                for b in batches):
@@ -152,10 +179,14 @@ def compare(pred: dict[tuple, float], runs: dict[tuple, list[float]], links: lis
 
 def report(r: dict, reps: int) -> str:
     parts = [table(f"decode ms/token, predicted by `ladder plan` and measured (median of {reps} "
-                   "interleaved reps; range over them); error = predicted / measured - 1",
-                   ["link", "residual", "batch", "predicted", "measured", "range", "error %"],
+                   "interleaved reps; range over them); error = predicted / measured - 1; other "
+                   "cores: what the rest of the machine used meanwhile (median); shared: the "
+                   "prediction on a machine shared that way (`shared`)",
+                   ["link", "residual", "batch", "predicted", "measured", "range", "error %",
+                    "other cores", "shared", "error %"],
                    [[c["link"], c["residual"], c["batch"], c["predicted_ms"], c["measured_ms"],
-                     c["range_ms"], 100 * c["error"]] for c in r["cells"]], digits=2)]
+                     c["range_ms"], 100 * c["error"], c["other_cores"], c["shared_ms"],
+                     100 * c["shared_error"]] for c in r["cells"]], digits=2)]
     if r["speedups"]:
         parts.append(table("ladder speedup (standard / ladder), predicted and measured; reps: "
                            "each rep's range",
@@ -167,7 +198,8 @@ def report(r: dict, reps: int) -> str:
                                                                "measured", "same"],
                            [[o["batch"], " > ".join(o["predicted"]),
                              " > ".join(o["measured"]), o["ok"]] for o in r["orders"]]))
-    line = f"median absolute error {100 * r['mae']:.1f}% (target <= {100 * TARGET_MAE:.0f}%)"
+    line = (f"median absolute error {100 * r['mae']:.1f}% (target <= {100 * TARGET_MAE:.0f}%; "
+            f"on the machine as shared: {100 * r['mae_shared']:.1f}%)")
     if r["speedups"]:
         n, ok = r["signs_resolved"]
         line += (f"; speedup sign right in every cell: {'yes' if r['signs_ok'] else 'no'} "
@@ -204,12 +236,12 @@ def run(a: argparse.Namespace) -> int:
             from ladder.loaders import open_checkpoint
             pred = predict(path, open_checkpoint(a.model).config, a, links, residuals, batches)
             other = OtherLoad()
-            runs = measure(a, links, residuals, batches)
+            runs, loads = measure(a, links, residuals, batches)
             load["measure"] = round(other.cores(), 3)
         except ConfigError as e:
             print(f"bench plan_check: {e}", file=sys.stderr)
             return 2
-    r = compare(pred, runs, links, batches)
+    r = compare(pred, runs, loads, links, batches)
     print(report(r, a.reps))
     print("the rest of the machine used " + ", ".join(f"{v:.2f} cores while this run's {k} "
                                                       "phase ran" for k, v in load.items()))

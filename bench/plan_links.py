@@ -97,7 +97,7 @@ def _link_rank(rank: int, init: str, opts, spaces, sizes: list[int], dim: int, m
     rows = []
     for nbytes in sizes:
         chain = _Chain(comm, torch.zeros(max(1, nbytes // 4)), dim, modules)
-        rows.append(_row(nbytes, modules, _time_ways(chain, 7, iters)))
+        rows.append(_row(nbytes, modules, _time_ways(chain, 7 * iters, 1)))
     plan_s = _plan_seconds(comm, 20 * iters * modules)
     comm.barrier()
     close_comm(comm)
@@ -142,8 +142,9 @@ def _plan_seconds(comm, iters: int) -> float:
 def time_links(names: list[str], tp: int, sizes: list[int], dim: int, say=log,
                iters: int = 5, modules: int = 60) -> dict[str, dict]:
     """`ladder plan --calibrate`'s link timer: per link, {"rows": a row per message size
-    (`_row`), from chains of `modules` products `dim` wide, `iters` a way in each of 7
-    rounds; "step_overhead_s": the step plan's broadcasts}."""
+    (`_row`), from chains of `modules` products `dim` wide, one a way in each of 7 x `iters`
+    rounds (the finer the interleaving, the less a burst of other load lands on one way
+    alone); "step_overhead_s": the step plan's broadcasts}."""
     from ladder.options import GroupOptions
     if tp != 2:
         raise ConfigError(f"links are timed between two ranks, not {tp}")

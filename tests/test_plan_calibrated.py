@@ -122,6 +122,14 @@ def test_calibration_sections_fit_and_merge(tmp_path):
     assert one - no_plan.step(STANDARD, 1, 64).seconds == pytest.approx(3e-4)
 
 
+def test_link_line_shrugs_off_a_wild_size():
+    points = [(n, 1e-5 + n / 1e9) for n in (16, 128, 512, 2304, 18432, 73728)]
+    points[4] = (18432, 1e-3)  # timed while something else ran
+    fixed, per_byte = calibrate.fit_robust(points)
+    assert fixed == pytest.approx(1e-5, rel=0.05) and 1 / per_byte == pytest.approx(1e9, rel=0.05)
+    assert 1 / calibrate.fit_line(points)[1] < 0.7e9  # least squares: dragged off
+
+
 def test_links_it_cannot_make_are_left_out(tmp_path):
     grid = calibrate.Grid(model="smollm2", tp=2, dtype="float32", splits=("even",),
                           batches=(1,), contexts=(64,))
@@ -190,8 +198,8 @@ def test_predictions_against_the_engine(calibrated, model):
     residuals = ["standard", "ladder"]
     pred = plan_check.predict(path, open_checkpoint(args.model).config, args, [LINK],
                               residuals, BATCHES)
-    runs = plan_check.measure(args, [LINK], residuals, BATCHES)
-    r = plan_check.compare(pred, runs, [LINK], BATCHES)
+    runs, loads = plan_check.measure(args, [LINK], residuals, BATCHES)
+    r = plan_check.compare(pred, runs, loads, [LINK], BATCHES)
     print(plan_check.report(r, args.reps))
     assert len(r["cells"]) == 2 * 2
     # the bench's target is 0.15 on a quiet machine. A test shares 2 cores with whatever else

@@ -102,15 +102,25 @@ def hardware_section(grid: Grid, by_split: dict[str, list[dict]]) -> dict:
     return sec
 
 
+def fit_robust(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(intercept, slope) of the Theil-Sen line through `points`: the median of the pairwise
+    slopes, then the median intercept, which a few wild points (a size timed while the
+    machine was busy) do not drag as they drag least squares."""
+    slopes = [(y1 - y0) / (x1 - x0) for i, (x0, y0) in enumerate(points)
+              for x1, y1 in points[i + 1:] if x1 != x0]
+    slope = statistics.median(slopes) if slopes else 0.0
+    return statistics.median(y - slope * x for x, y in points), slope
+
+
 def link_section(name: str, timed: dict, tp: int) -> dict:
     """A "links" entry from the timer's: `direct`'s formula, latency + (tp - 1) x bytes /
-    bandwidth, through the timed sizes by least squares (each size's time alone is noisier
-    than the line: the timings stay beside it, under "timed", unused), and `overlap_cost`
-    pooled over every size, each weighted by its reduce's time (the longer, the better
-    resolved; one size's alone is mostly noise)."""
+    bandwidth, through the timed sizes (`fit_robust`; each size's time alone is noisier than
+    the line: the timings stay beside it, under "timed", unused), and `overlap_cost` pooled
+    over every size, each weighted by its reduce's time (the longer, the better resolved; one
+    size's alone is mostly noise)."""
     base = name if name in LINKS else "tcp-high-end"
     rows = sorted(timed["rows"], key=lambda r: r["bytes"])
-    fixed, per_byte = fit_line([(r["bytes"], r["seconds"]) for r in rows])
+    fixed, per_byte = fit_robust([(r["bytes"], r["seconds"]) for r in rows])
     bw = (tp - 1) / per_byte if per_byte > 0 else LINKS[base].bandwidth
     weight = sum(r["seconds"] for r in rows)
     overlap = sum(r["overlap_cost"] * r["seconds"] for r in rows) / weight if weight else 1.0
