@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import os
 import statistics
 import sys
 import tempfile
@@ -119,37 +118,26 @@ def measure(a, links: list[str], residuals: list[str], batches: list[int]
 
 
 # -- compared -----------------------------------------------------------------------------------
-def shared(other_cores: float, ranks: int = 2, cores: int | None = None) -> float:
-    """How much slower a group's always-runnable ranks (they poll while they wait) run while
-    the rest of the machine takes `other_cores`: they share what is left of its cores."""
-    cores = cores or os.cpu_count() or 1
-    return max(1.0, ranks / max(cores - other_cores, 0.25))
-
-
 def cells(pred: dict[tuple, float], runs: dict[tuple, list[float]],
           loads: dict[tuple, list[float]]) -> list[dict]:
-    """Each cell: predicted, measured (median over reps, and their range), the error; the
-    other load (median) and the prediction and error on a machine shared that way."""
+    """Each cell: predicted, measured (median over reps, and their range), the error, and the
+    cores the rest of the machine used meanwhile (median over reps)."""
     out = []
     for k, v in runs.items():
-        ms, other = statistics.median(v), statistics.median(loads[k])
+        ms = statistics.median(v)
         out.append({"link": k[0], "residual": k[1], "batch": k[2],
                     "predicted_ms": round(pred[k], 3), "measured_ms": round(ms, 3),
                     "range_ms": round(max(v) - min(v), 3), "error": round(pred[k] / ms - 1, 4),
-                    "other_cores": round(other, 3),
-                    "shared_ms": round(pred[k] * shared(other), 3),
-                    "shared_error": round(pred[k] * shared(other) / ms - 1, 4)})
+                    "other_cores": round(statistics.median(loads[k]), 3)})
     return out
 
 
 def compare(pred: dict[tuple, float], runs: dict[tuple, list[float]],
             loads: dict[tuple, list[float]], links: list[str], batches: list[int]) -> dict:
-    """The cells, the median absolute error (as predicted, and on the machine as shared), the
-    ladder speedups (each rep's range: a measured sign inside it is noise) and the links'
-    order by speedup per batch."""
+    """The cells, the median absolute error, the ladder speedups (each rep's range: a measured
+    sign inside it is noise) and the links' order by speedup per batch."""
     got = cells(pred, runs, loads)
     out = {"cells": got, "mae": statistics.median(abs(c["error"]) for c in got),
-           "mae_shared": statistics.median(abs(c["shared_error"]) for c in got),
            "speedups": [], "orders": []}
     if not all((li, r, b) in runs for li in links for r in ("standard", "ladder")
                for b in batches):
@@ -180,13 +168,12 @@ def compare(pred: dict[tuple, float], runs: dict[tuple, list[float]],
 def report(r: dict, reps: int) -> str:
     parts = [table(f"decode ms/token, predicted by `ladder plan` and measured (median of {reps} "
                    "interleaved reps; range over them); error = predicted / measured - 1; other "
-                   "cores: what the rest of the machine used meanwhile (median); shared: the "
-                   "prediction on a machine shared that way (`shared`)",
+                   "cores: what the rest of the machine used meanwhile (median over reps)",
                    ["link", "residual", "batch", "predicted", "measured", "range", "error %",
-                    "other cores", "shared", "error %"],
+                    "other cores"],
                    [[c["link"], c["residual"], c["batch"], c["predicted_ms"], c["measured_ms"],
-                     c["range_ms"], 100 * c["error"], c["other_cores"], c["shared_ms"],
-                     100 * c["shared_error"]] for c in r["cells"]], digits=2)]
+                     c["range_ms"], 100 * c["error"], c["other_cores"]] for c in r["cells"]],
+                   digits=2)]
     if r["speedups"]:
         parts.append(table("ladder speedup (standard / ladder), predicted and measured; reps: "
                            "each rep's range",
@@ -198,8 +185,7 @@ def report(r: dict, reps: int) -> str:
                                                                "measured", "same"],
                            [[o["batch"], " > ".join(o["predicted"]),
                              " > ".join(o["measured"]), o["ok"]] for o in r["orders"]]))
-    line = (f"median absolute error {100 * r['mae']:.1f}% (target <= {100 * TARGET_MAE:.0f}%; "
-            f"on the machine as shared: {100 * r['mae_shared']:.1f}%)")
+    line = f"median absolute error {100 * r['mae']:.1f}% (target <= {100 * TARGET_MAE:.0f}%)"
     if r["speedups"]:
         n, ok = r["signs_resolved"]
         line += (f"; speedup sign right in every cell: {'yes' if r['signs_ok'] else 'no'} "
