@@ -63,7 +63,14 @@ def probes(model: str, *, max_body_bytes: int = 4 * 2**20, max_prompt_chars: int
         Probe("a stop string of 10,000", body(prompt="x", stop=["s" * 10_000])),
         Probe("logprobs 21", body(prompt="x", logprobs=21)),
         Probe("a logit_bias past the vocabulary", body(prompt="x", logit_bias={"10" * 9: 1})),
-        Probe("min_p (not served yet)", body(prompt="x", min_p=0.5)),
+        Probe("min_p 1.5", body(prompt="x", min_p=1.5)),
+        Probe("bad_words (not served yet)", body(prompt="x", bad_words=["x"])),
+        Probe("a JSON schema the grammar engine refuses", body(
+            prompt="x", response_format={"type": "json_schema", "json_schema": {
+                "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "wat"}}}}})),
+        Probe("a JSON schema nested 10,000 deep", raw(
+            '"prompt": "x", "response_format": {"type": "json_schema", "json_schema": '
+            '{"name": "x", "schema": ' + '{"items": ' * 10_000 + "{}" + "}" * 10_000 + "}}")),
         Probe("an unknown field", body(prompt="x", temprature=0.5)),
         Probe("token ids outside the vocabulary, streamed",
               body(prompt=[1, 2**40, -1], stream=True)),
