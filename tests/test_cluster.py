@@ -354,8 +354,9 @@ def test_bench_linkcost_short_run(tmp_path):
 
 @needs_root
 def test_bench_sampling_short_run(tmp_path):
-    """`ladder bench sampling`: greedy, sampled and top-p decode at TP=2 over loopback and a
-    cheap veth pair; sampling adds a few KiB a step, never the logits; nothing is left."""
+    """`ladder bench sampling`: greedy, sampled, top-p, penalized and JSON-schema decode at TP=2
+    over loopback and a cheap veth pair; sampling adds a few KiB a step, never the logits;
+    nothing is left."""
     p = ladder("bench", "sampling", "--links", "loopback,cheap", "--batches", "2",
                "--tokens", "3", "--reps", "1", "--out", str(tmp_path), timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -363,11 +364,13 @@ def test_bench_sampling_short_run(tmp_path):
     assert [(r["link"], r["batch"]) for r in result["rows"]] == [("loopback", 2), ("cheap", 2)]
     assert result["skipped"] == {}
     for r in result["rows"]:
-        assert set(r["ms_per_step"]) == {"greedy", "sampled", "top-p", "penalized"}
+        assert set(r["ms_per_step"]) == {"greedy", "sampled", "top-p", "penalized", "json"}
         extra = r["extra_bytes_per_step"]
         # 2 rows of logits would be 2 x 49152 x 4 = 384 KiB a step
         assert extra["greedy"] == 0 and 0 < extra["sampled"] < extra["top-p"] < 8 * 1024
         assert 0 < extra["penalized"] < 8 * 1024 and r["penalized_over_sampled"] > 0
+        # a grammar's masks are broadcast, not all-reduced: the draw's exchange is sampled's
+        assert extra["json"] == extra["sampled"] and r["json_over_sampled"] > 0
     assert "over greedy" in p.stdout and list(tmp_path.glob("sampling-*.json"))
     assert not [n for n in network._netns_list() if n.startswith("lsc-sa")]
 
