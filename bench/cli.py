@@ -23,6 +23,7 @@ BENCHES = {
     "adapt_curve": "bench.adapt_curve",  # ladder adaptation: perplexity recovery vs tokens
     "adapted_serve": "bench.adapted_serve",  # an adapted folder served: README prompt, TP2 = TP1
     "soak": "bench.soak",  # clients, hostile requests and killed ranks: every request counted
+    "plan_check": "bench.plan_check",  # ladder plan's predictions against fresh measurements
 }
 
 

@@ -119,14 +119,16 @@ def cpu_seconds(pids: list[int]) -> float:
 
 class OtherLoad:
     """CPU time the rest of the machine used while this benchmark ran, in cores on average:
-    all busy time (/proc/stat) less this process's and its reaped children's. Anything well
-    above zero means the figures were taken on a shared, busy machine."""
+    all busy time (/proc/stat) less this process's and its reaped children's (with `tree`,
+    also its live descendants': a group's ranks while they run). Anything well above zero
+    means the figures were taken on a shared, busy machine."""
 
-    def __init__(self) -> None:
-        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy_s(), _own_s()
+    def __init__(self, tree: bool = False) -> None:
+        self.own = _tree_s if tree else _own_s
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy_s(), self.own()
 
     def cores(self) -> float:
-        busy, own = _busy_s() - self.busy0, _own_s() - self.own0
+        busy, own = _busy_s() - self.busy0, self.own() - self.own0
         return max(0.0, busy - own) / (time.perf_counter() - self.t0)
 
 
@@ -142,6 +144,11 @@ def _busy_s() -> float:
 def _own_s() -> float:
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
+
+
+def _tree_s() -> float:
+    from ladder.procs import cpu_seconds, descendants
+    return _own_s() + sum(map(cpu_seconds, descendants(os.getpid())))
 
 
 def emit(result: dict, out_dir: str | None, name: str) -> None:

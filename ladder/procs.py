@@ -24,6 +24,12 @@ def alive(pid: int) -> bool:
     return fields is not None and fields[0] not in ("Z", "X")
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds `pid` has used, user and system, with its reaped children's; 0 when gone."""
+    fields = _stat(pid)
+    return 0.0 if fields is None else sum(map(int, fields[11:15])) / os.sysconf("SC_CLK_TCK")
+
+
 def cmdline(pid: int, limit: int = 200) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

@@ -2,24 +2,32 @@
 
     ladder plan --model llama-3.1-70b --tp 8 --hardware h100-sxm --link nvlink4
     ladder plan --model path/to/hf-folder --tp 2 --hardware l4 --link pcie4 --batch 1,8 --json
+    ladder plan --calibrate        # this machine, into the measured.json `this-cpu` reads
 
 Prints, per plan x batch x context, the predicted ms a token, tokens/s, speedup over standard,
 the all-reduce share of a step and the share of it the schedule hides (`ladder.plan.sweep`);
 `--json` prints one object whose `rows` carry exactly those fields. Presets and their sources:
 `ladder.plan.models`, `.hardware`, `.links`; measured.json: `ladder.plan.measured`.
+
+`--calibrate` measures this machine instead (`ladder.plan.calibrate`): every rank's module times
+for `--model` (default smollm2) at `--tp` (default 2) over `--batch` x `--context`, each head
+split (or `--head-split`), and the all-reduce over `--calibrate-links`, merged into `--out`
+(default: $LADDER_MEASURED, else ~/.cache/ladder-serve/measured.json, which `--hardware
+this-cpu` and `--link shm` / `tcp-...` then read).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 
 from ladder.model.config import ConfigError
 from ladder.model.tp import HEAD_SPLITS
-from ladder.plan import measured, plot, quality
-from ladder.plan.hardware import DTYPE_BYTES, HARDWARE
+from ladder.plan import calibrate, measured, plot, quality
+from ladder.plan.hardware import DTYPE_BYTES, HARDWARE, measured_path
 from ladder.plan.links import LINKS
 from ladder.plan.models import load_model, model_names
 from ladder.plan.sweep import Setup, memory_notes, parse_plans, rows, table
@@ -36,17 +44,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
+    p.add_argument("--model",
                    help=f"a preset ({', '.join(model_names())}), a Hugging Face model folder "
-                   "or a config.json")
-    p.add_argument("--tp", type=int, required=True, help="tensor-parallel size")
-    p.add_argument("--hardware", required=True,
+                   "or a config.json (required but with --calibrate: a checkpoint, smollm2)")
+    p.add_argument("--tp", type=int, help="tensor-parallel size (required; --calibrate: 2)")
+    p.add_argument("--hardware",
                    help=f"a preset ({', '.join([*HARDWARE, 'this-cpu'])}) or a measured.json")
-    p.add_argument("--link", required=True,
-                   help=f"a preset ({', '.join(LINKS)}) or a measured.json")
+    p.add_argument("--link",
+                   help=f"a preset ({', '.join(LINKS)}), a measured.json, or FILE#NAME: the "
+                   "link NAME of a measured.json's \"links\"")
     p.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes")
-    p.add_argument("--context", default="512,4096",
-                   help="comma-separated cached positions a row attends to")
+    p.add_argument("--context", default=None,
+                   help="comma-separated cached positions a row attends to (default 512,4096; "
+                   f"--calibrate: {calibrate.DEFAULT_CONTEXTS})")
     p.add_argument("--plans", default=DEFAULT_PLANS,
                    help="comma-separated: standard, ladder, upper-half, ladder:A-B[,C...], "
                    "parallel, desync")
@@ -60,6 +70,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--png", metavar="FILE", help="speedup against link bandwidth")
     p.add_argument("--quality", metavar="FILE",
                    help="a bench.adapt_curve result (or {\"plans\": {...}}): quality per plan")
+    c = p.add_argument_group("calibration")
+    c.add_argument("--calibrate", action="store_true",
+                   help="measure this machine into a measured.json instead of predicting")
+    c.add_argument("--out", metavar="FILE", help="--calibrate's file (default: this-cpu's)")
+    c.add_argument("--calibrate-links", default=calibrate.DEFAULT_LINKS,
+                   help="links to time: shm, tcp-loopback, tcp-<profile> (a shaped veth pair: "
+                   "high-end, cheap, a rate; needs root); '' for none")
+    c.add_argument("--reps", type=int, default=7, help="--calibrate's passes a point")
 
 
 def split_plans(text: str) -> list[str]:
@@ -86,19 +104,41 @@ def positive_ints(text: str, flag: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        return _run(args)
+        return _calibrate(args) if args.calibrate else _run(args)
     except ConfigError as e:
         print(f"ladder plan: error: {e}", file=sys.stderr)
         return 2
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+    tp = args.tp or 2
+    batches = positive_ints(args.batch, "--batch")
+    contexts = positive_ints(args.context or calibrate.DEFAULT_CONTEXTS, "--context")
+    if tp < 1 or args.reps < 1:
+        raise ConfigError("--tp and --reps must be at least 1")
+    splits = (args.head_split,) if args.head_split else HEAD_SPLITS
+    grid = calibrate.Grid(model=args.model or "smollm2", tp=tp, dtype=args.dtype or "float32",
+                          splits=splits, batches=tuple(batches), contexts=tuple(contexts),
+                          reps=args.reps, threads=max(1, (os.cpu_count() or 1) // tp))
+    out = Path(args.out) if args.out else measured_path()
+    result = calibrate.calibrate(grid, [x.strip() for x in args.calibrate_links.split(",")
+                                        if x.strip()], out)
+    print(calibrate.summary(result))
+    print(f"wrote {out}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    missing = [f"--{k}" for k in ("model", "tp", "hardware", "link") if getattr(args, k) is None]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} required (or --calibrate)")
     config = load_model(args.model)
     hw = measured.resolve_hardware(args.hardware)
     setup = Setup(config=config, tp=args.tp, hardware=hw, link=measured.resolve_link(args.link),
                   dtype=args.dtype or hw.dtype, head_split=args.head_split)
     batches = positive_ints(args.batch, "--batch")
-    contexts = positive_ints(args.context, "--context")
+    contexts = positive_ints(args.context or "512,4096", "--context")
     plans = parse_plans(split_plans(args.plans), config.n_layers)
     result = rows(setup, plans, batches, contexts)  # checks the contexts too
     if args.quality:

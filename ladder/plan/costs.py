@@ -32,10 +32,15 @@ class Work:
     flops: float
 
 
+def default_split(config: ModelConfig, tp: int, head_split: str | None = None) -> str:
+    """The head split asked, else the engine's default: `groups` where the TP size allows,
+    else `even`."""
+    return head_split or ("groups" if tp <= config.n_kv_heads else "even")
+
+
 def shards(config: ModelConfig, tp: int, head_split: str | None = None) -> list[ShardSpec]:
-    """Every rank's slices; by default split as the engine's would be (`groups` where the TP
-    size allows, else `even`)."""
-    split = head_split or ("groups" if tp <= config.n_kv_heads else "even")
+    """Every rank's slices, split by `head_split` (default: `default_split`)."""
+    split = default_split(config, tp, head_split)
     return [ShardSpec.make(config, r, tp, split) for r in range(tp)]
 
 
@@ -63,14 +68,14 @@ def roofline_seconds(work: Work, hw: Hardware, dtype: str) -> float:
 
 
 def module_seconds(config: ModelConfig, specs: list[ShardSpec], module: str, batch: int,
-                   context: int, hw: Hardware, dtype: str,
-                   replicated_head: bool = False) -> list[float]:
-    """Each rank's time in `module`: measured where the hardware's samples cover the case,
-    else the roofline."""
+                   context: int, hw: Hardware, dtype: str, replicated_head: bool = False,
+                   split: str | None = None) -> list[float]:
+    """Each rank's time in `module`: measured where the hardware's samples (of the head split
+    `split`, when given) cover the case, else the roofline."""
     out = []
     for s in specs:
         seen = measured_module_seconds(hw.measured, shape_key(config), len(specs), dtype, module,
-                                       batch, context, s.rank)
+                                       batch, context, s.rank, split)
         out.append(seen if seen is not None else roofline_seconds(
             module_work(config, s, module, batch, context, dtype, replicated_head), hw, dtype))
     return out
@@ -78,13 +83,16 @@ def module_seconds(config: ModelConfig, specs: list[ShardSpec], module: str, bat
 
 def measured_module_seconds(samples: tuple[ComputeSample, ...], shape: str, tp: int,
                             dtype: str, module: str, batch: int, context: int,
-                            rank: int = 0) -> float | None:
+                            rank: int = 0, split: str | None = None) -> float | None:
     """Linear in batch at each measured context, then linear in context between the two that
     bracket it; None when the samples do not cover (batch, context). Samples of `rank` win
-    over samples for every rank."""
+    over samples for every rank; with `split`, samples of another head split are left out
+    (those that name none are kept)."""
     for who in (rank, None):
         grid: dict[int, list[tuple[int, float]]] = {}
         for s in samples:
+            if split is not None and s.split not in (None, split):
+                continue
             if (s.shape, s.tp, s.dtype, s.module, s.rank) == (shape, tp, dtype, module, who):
                 grid.setdefault(s.context, []).append((s.batch, s.seconds))
         by_ctx = [(c, _interp(sorted(pts), batch)) for c, pts in sorted(grid.items())]

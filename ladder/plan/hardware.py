@@ -4,7 +4,8 @@ A decode module's time on a rank is a roofline, max(bytes / memory bandwidth, FL
 divided by the achievable fraction, plus a fixed cost per module (kernel launches, the small
 kernels around the matmuls). Figures are datasheet peaks, dense (NVIDIA lists tensor FLOP/s
 "with sparsity": the dense rate is half). The fractions and overheads are calibrated terms;
-`ladder plan --calibrate` (to come) measures them into a measured.json.
+`ladder plan --calibrate` measures them, and the module times themselves, into a measured.json
+(`ladder.plan.calibrate`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 @dataclass(frozen=True, slots=True)
 class ComputeSample:
     """One measured module time: seconds for `module` (attention, mlp or lm_head) of the model
-    whose shape is `shape` (`models.shape_key`) at TP=`tp`, on `rank` (None: on every rank)."""
+    whose shape is `shape` (`models.shape_key`) at TP=`tp`, on `rank` (None: on every rank),
+    its heads split by `split` (`groups` / `even`; None: whichever is asked)."""
 
     shape: str
     tp: int
@@ -31,13 +33,16 @@ class ComputeSample:
     context: int
     seconds: float
     rank: int | None = None
+    split: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Hardware:
     """One rank's device. `mem_bw` bytes/s; `flops16` / `flops32` dense FLOP/s for 16-bit
     (tensor cores) and float32 math; `memory` bytes (0: unknown); `measured`: module times
-    that replace the roofline where they cover the case (`costs.module_seconds`)."""
+    that replace the roofline where they cover the case (`costs.module_seconds`);
+    `step_overhead_s` + `row_overhead_s` x rows: a step's cost beyond its modules (the
+    residual adds, the scheduler, each row's token turned into text)."""
 
     name: str
     mem_bw: float
@@ -50,6 +55,7 @@ class Hardware:
     memory: float = 0.0
     source: str = ""
     measured: tuple[ComputeSample, ...] = field(default=())
+    row_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         for f in ("mem_bw", "flops16", "flops32"):
@@ -57,7 +63,7 @@ class Hardware:
                 raise ConfigError(f"hardware {self.name!r}: {f} must be positive")
         if not 0 < self.efficiency <= 1:
             raise ConfigError(f"hardware {self.name!r}: efficiency must be within (0, 1]")
-        if self.module_overhead_s < 0 or self.step_overhead_s < 0:
+        if min(self.module_overhead_s, self.step_overhead_s, self.row_overhead_s) < 0:
             raise ConfigError(f"hardware {self.name!r}: overheads must not be negative")
         if self.dtype not in DTYPE_BYTES:
             raise ConfigError(f"hardware {self.name!r}: dtype {self.dtype!r} is not one of "

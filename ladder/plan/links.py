@@ -60,6 +60,8 @@ class Link:
         describe: host-memory staging, a kernel TCP stack); for `direct`, per exchange.
     measured: (ranks, bytes, seconds) all-reduce timings from a measured.json, used in place of
         the formula where they cover the message size (log-linear between sizes).
+    step_overhead_s: what a step costs on this link beyond its all-reduces (our engine: the
+        leader's step plan, two broadcasts); 0 for the presets.
     """
 
     name: str
@@ -71,6 +73,7 @@ class Link:
     overlap_cost: float = 0.0
     source: str = ""
     measured: tuple[tuple[int, int, float], ...] = field(default=())
+    step_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.fabric not in FABRICS:
@@ -78,7 +81,7 @@ class Link:
         for f in ("bandwidth", "efficiency"):
             if not getattr(self, f) > 0:
                 raise ConfigError(f"link {self.name!r}: {f} must be positive")
-        for f in ("latency_s", "overhead_s"):
+        for f in ("latency_s", "overhead_s", "step_overhead_s"):
             if getattr(self, f) < 0:
                 raise ConfigError(f"link {self.name!r}: {f} must not be negative")
         if not 0 <= self.overlap_cost <= 1:

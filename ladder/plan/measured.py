@@ -1,8 +1,10 @@
 """measured.json: what `ladder plan --calibrate` measures on a machine, and how it is read.
 
 `--hardware` and `--link` each take a preset name or a measured.json; `this-cpu` reads the one
-at `hardware.measured_path()` when it exists. The file is one JSON object; `--hardware` reads
-its "hardware" section, `--link` its "link" section, each key optional:
+at `hardware.measured_path()` when it exists, and so does a CPU link's name (`shm`, `tcp-...`)
+that the file's "links" holds. The file is one JSON object; `--hardware` reads its "hardware"
+section, `--link FILE` its "link" section and `--link FILE#NAME` the entry NAME of "links"
+(what `--calibrate` writes: one per link it timed), each key optional:
 
     {
       "format": "ladder-plan-measured/1",
@@ -13,35 +15,37 @@ its "hardware" section, `--link` its "link" section, each key optional:
         "dtype": "float32",
         "mem_bw": 1.6e10, "flops16": 1.6e11, "flops32": 8.3e10,   # peaks, per rank
         "efficiency": 0.8, "module_overhead_s": 2e-5, "step_overhead_s": 1e-3,
-        "memory": 0,
+        "row_overhead_s": 2e-5, "memory": 0,
         "base": "this-cpu",                             # preset for the keys left out
         "compute": [                                    # measured module times
           {"shape": "d576-l30-h9-kv3-e64-f1536-v49152", "tp": 2, "dtype": "float32",
            "module": "attention", "batch": 8, "context": 512, "seconds": 1.1e-4,
-           "rank": 0},                                  # optional: without it, every rank's
-          ...                                           # modules: attention, mlp, lm_head
-        ]
+           "rank": 0, "split": "even"},                 # optional: without rank, every
+          ...                                           # rank's; without split, any split's
+        ]                                               # modules: attention, mlp, lm_head
       },
       "link": {                                         # replaces a preset's fields
         "name": "tcp-cheap", "base": "tcp-cheap",
         "fabric": "direct", "bandwidth": 1.25e8, "efficiency": 1.0, "latency_s": 2e-5,
-        "overhead_s": 0.0, "overlap_cost": 0.35,
+        "overhead_s": 0.0, "overlap_cost": 0.35, "step_overhead_s": 1e-4,
         "allreduce": [                                  # measured all-reduce times
           {"ranks": 2, "bytes": 2304, "seconds": 2.4e-5},
           {"ranks": 2, "bytes": 73728, "seconds": 6.4e-4}
         ]
-      }
+      },
+      "links": {"shm": {...}, "tcp-cheap": {...}}       # sections like "link", by name
     }
 
 Keys left out keep the values of "base" (a preset: this-cpu for hardware, tcp-high-end for a
-link); "name" defaults to the file's name. Units: bytes, bytes/s, FLOP/s, seconds; "memory" 0
-means unknown. `shape` is `models.shape_key(config)`: a module time is used for any model of
-that shape at that TP size and dtype ("seconds": one decode step's; with "rank", that rank's,
-else every rank's, so give the slowest rank's where ranks differ). The
-planner interpolates measured module times linearly in batch, then in context, within the
-measured grid, and all-reduce times linearly in log(bytes) within the measured sizes; outside
-them it falls back to the roofline and the link formula with the file's parameters.
-`overlap_cost` is 1 - `ladder bench linkcost`'s efficiency at the size that matters.
+link); "name" defaults to the file's name (in "links": the entry's). Units: bytes, bytes/s,
+FLOP/s, seconds; "memory" 0 means unknown. `shape` is `models.shape_key(config)`: a module time
+is used for any model of that shape at that TP size, dtype and head split ("seconds": one decode
+step's; with "rank", that rank's, else every rank's, so give the slowest rank's where ranks
+differ). The planner interpolates measured module times linearly in batch, then in context,
+within the measured grid, and all-reduce times linearly in log(bytes) within the measured
+sizes; outside them it falls back to the roofline and the link formula with the file's
+parameters. `overlap_cost` is the share of an overlapped all-reduce's time that still lands on
+the compute beside it (1 - `ladder bench linkcost`'s efficiency at the size that matters).
 """
 
 from __future__ import annotations
@@ -53,12 +57,13 @@ from typing import Any
 
 from ladder.model.config import ConfigError
 from ladder.plan.hardware import ComputeSample, Hardware, measured_path, preset_hardware
-from ladder.plan.links import Link, preset_link
+from ladder.plan.links import LINKS, Link, preset_link
 
 FORMAT = "ladder-plan-measured/1"
 _HW_KEYS = ("dtype", "mem_bw", "flops16", "flops32", "efficiency", "module_overhead_s",
-            "step_overhead_s", "memory")
-_LINK_KEYS = ("fabric", "bandwidth", "efficiency", "latency_s", "overhead_s", "overlap_cost")
+            "step_overhead_s", "row_overhead_s", "memory")
+_LINK_KEYS = ("fabric", "bandwidth", "efficiency", "latency_s", "overhead_s", "overlap_cost",
+              "step_overhead_s")
 MODULES = ("attention", "mlp", "lm_head")
 
 
@@ -84,8 +89,19 @@ def resolve_hardware(spec: str) -> Hardware:
 
 
 def resolve_link(spec: str) -> Link:
+    """A preset name, a measured.json's "link", FILE#NAME (its "links" entry NAME), or a name
+    that this machine's measured.json holds among its "links" (CPU links only: a GPU preset's
+    name always means the preset)."""
+    path, _, name = spec.rpartition("#")
+    if path and Path(path).is_file():
+        return link_from(read(Path(path), "--link"), Path(path), name)
     if Path(spec).is_file():
         return link_from(read(Path(spec), "--link"), Path(spec))
+    machine = measured_path()
+    if (spec not in LINKS or LINKS[spec].fabric == "direct") and machine.is_file():
+        data = read(machine, "this machine's")
+        if isinstance(data.get("links"), dict) and spec in data["links"]:
+            return link_from(data, machine, spec)
     return preset_link(spec)
 
 
@@ -101,8 +117,16 @@ def hardware_from(data: dict[str, Any], path: Path) -> Hardware:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def link_from(data: dict[str, Any], path: Path) -> Link:
-    sec = _section(data, "link", path)
+def link_from(data: dict[str, Any], path: Path, name: str | None = None) -> Link:
+    """The file's "link" section, or with `name` its "links" entry of that name."""
+    if name is None:
+        sec = _section(data, "link", path)
+    else:
+        links = _section(data, "links", path)
+        if not isinstance(links.get(name), dict):
+            raise ConfigError(f"{path}: \"links\" has no link {name!r} (it has "
+                              f"{', '.join(sorted(links)) or 'none'})")
+        sec = links[name]
     base = preset_link(str(sec.get("base", "tcp-high-end")))
     fields = _numbers(sec, _LINK_KEYS, "link", path)
     timed = []
@@ -113,7 +137,7 @@ def link_from(data: dict[str, Any], path: Path) -> Link:
             raise ConfigError(f"{path}: link.allreduce[{i}] needs ranks, bytes and seconds "
                               "numbers") from None
     try:
-        return dataclasses.replace(base, name=str(sec.get("name", path.name)),
+        return dataclasses.replace(base, name=str(sec.get("name", name or path.name)),
                                    source=f"measured: {path}", measured=tuple(timed), **fields)
     except (ConfigError, TypeError) as e:
         raise ConfigError(f"{path}: {e}") from None
@@ -151,11 +175,12 @@ def _numbers(sec: dict[str, Any], keys: tuple[str, ...], what: str,
 
 def _sample(s: Any, path: Path) -> ComputeSample:
     try:
-        rank = s.get("rank")
+        rank, split = s.get("rank"), s.get("split")
         sample = ComputeSample(shape=str(s["shape"]), tp=int(s["tp"]), dtype=str(s["dtype"]),
                                module=str(s["module"]), batch=int(s["batch"]),
                                context=int(s["context"]), seconds=float(s["seconds"]),
-                               rank=None if rank is None else int(rank))
+                               rank=None if rank is None else int(rank),
+                               split=None if split is None else str(split))
     except (KeyError, TypeError, ValueError, AttributeError):
         raise ConfigError(f"{path}: a hardware.compute entry needs shape, tp, dtype, module, "
                           f"batch, context and seconds (and may name a rank): {s!r}") from None

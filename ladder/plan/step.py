@@ -13,7 +13,8 @@ slices can differ module by module) and the link is free: all-reduces run one at
 order (one NCCL stream, one socket). While one is in flight, `overlap_cost` of the overlap
 still lands on the compute (`links.Link`). Around the layers: the LM head's slice, the
 vocabulary-parallel pick (each rank's best (value, id) per row, a [tp, 2, batch] float32
-all-reduce; none for desync, whose model has no communicator) and the per-step overhead.
+all-reduce; none for desync, whose model has no communicator) and the per-step overhead
+(a fixed part and one per row, and the link's: the step plan's broadcast).
 """
 
 from __future__ import annotations
@@ -112,11 +113,12 @@ def play(plan: ResidualPlan, n_layers: int, attn_s: Sequence[float], mlp_s: Sequ
 
 def step(config: ModelConfig, specs: list[ShardSpec], hw: Hardware, link: Link,
          plan: ResidualPlan, batch: int, context: int, dtype: str,
-         opts: StepOptions = StepOptions()) -> Step:
-    """One decode step of `batch` rows at `context` cached positions over the ranks `specs`."""
+         opts: StepOptions = StepOptions(), split: str | None = None) -> Step:
+    """One decode step of `batch` rows at `context` cached positions over the ranks `specs`
+    (their heads split by `split`, which picks the measured module times)."""
     def times(module: str) -> list[float]:
         return module_seconds(config, specs, module, batch, context, hw, dtype,
-                              opts.replicated_head)
+                              opts.replicated_head, split)
 
     tp = len(specs)
     reduce_s = allreduce_seconds(link, tp, batch * config.dim * DTYPE_BYTES[dtype])
@@ -125,5 +127,6 @@ def step(config: ModelConfig, specs: list[ShardSpec], hw: Hardware, link: Link,
     pick = 0.0
     if opts.exchange and plan.kind != "desync":
         pick = allreduce_seconds(link, tp, 8 * tp * batch)
-    total = layers.seconds + max(times("lm_head")) + pick + hw.step_overhead_s
+    total = (layers.seconds + max(times("lm_head")) + pick + hw.step_overhead_s
+             + batch * hw.row_overhead_s + (link.step_overhead_s if tp > 1 else 0.0))
     return Step(total, layers.comm + pick, layers.exposed + pick)

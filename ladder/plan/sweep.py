@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from ladder.model.config import ConfigError, ModelConfig, ResidualPlan
 from ladder.model.tp import ShardSpec
-from ladder.plan.costs import rank_bytes, shards
+from ladder.plan.costs import default_split, rank_bytes, shards
 from ladder.plan.hardware import Hardware
 from ladder.plan.links import Link
 from ladder.plan.step import Step, StepOptions, step
@@ -41,18 +41,20 @@ class Setup:
     head_split: str | None = None  # None: as the engine's default would split
     options: StepOptions = field(default_factory=StepOptions)
     specs: list[ShardSpec] = field(init=False, repr=False, compare=False)
+    split: str = field(init=False, repr=False, compare=False)  # head_split, or the default
 
     def __post_init__(self) -> None:
         if self.tp < 1:
             raise ConfigError(f"--tp {self.tp}: must be at least 1")
+        object.__setattr__(self, "split", default_split(self.config, self.tp, self.head_split))
         try:
-            object.__setattr__(self, "specs", shards(self.config, self.tp, self.head_split))
+            object.__setattr__(self, "specs", shards(self.config, self.tp, self.split))
         except ConfigError as e:
             raise ConfigError(f"--tp {self.tp}: {e}") from None
 
     def step(self, plan: ResidualPlan, batch: int, context: int) -> Step:
         return step(self.config, self.specs, self.hardware, self.link, plan, batch, context,
-                    self.dtype, self.options)
+                    self.dtype, self.options, self.split)
 
 
 def parse_plans(specs: list[str], n_layers: int) -> list[tuple[str, ResidualPlan]]:
