@@ -149,3 +149,119 @@ def test_a_qwen2_gguf_reads_as_its_folder(tmp_path):
     with torch.no_grad():
         got, want = model(torch.tensor([PROMPTS[0]]))[0], hf(torch.tensor([PROMPTS[0]])).logits[0]
     assert (got - want).abs().max() < ATOL
+
+
+# -- the paper's own checkpoint formats ---------------------------------------------------------
+def write_dolomite(folder, llama_folder, model_type: str, head_type: str) -> None:
+    """A Llama folder rewritten as dolomite-engine writes its models (31c3c09's
+    model_conversion/llama.py, inverted): flat config keys, q/k/v fused per KV group into
+    c_attn, c_fc = [up; gate], tied embeddings left implicit."""
+    from safetensors.torch import load_file, save_file
+    hf = json.loads((llama_folder / "config.json").read_text())
+    w = load_file(str(llama_folder / "model.safetensors"))
+    h, kv, e = hf["num_attention_heads"], hf["num_key_value_heads"], hf["hidden_size"]
+    d, g = e // h, h // kv
+    out = {"transformer.wte.weight": w["model.embed_tokens.weight"],
+           "transformer.ln_f.weight": w["model.norm.weight"]}
+    for i in range(hf["num_hidden_layers"]):
+        p, o = f"model.layers.{i}.", f"transformer.h.{i}."
+        q, k, v = (w[p + f"self_attn.{x}_proj.weight"] for x in "qkv")
+        out[o + "attn.c_attn.weight"] = torch.cat([torch.cat([q[j * g * d:(j + 1) * g * d],
+                                                              k[j * d:(j + 1) * d],
+                                                              v[j * d:(j + 1) * d]])
+                                                   for j in range(kv)])
+        out[o + "attn.c_proj.weight"] = w[p + "self_attn.o_proj.weight"]
+        out[o + "mlp.c_fc.weight"] = torch.cat([w[p + "mlp.up_proj.weight"],
+                                                w[p + "mlp.gate_proj.weight"]])
+        out[o + "mlp.c_proj.weight"] = w[p + "mlp.down_proj.weight"]
+        out[o + "ln_1.weight"] = w[p + "input_layernorm.weight"]
+        out[o + "ln_2.weight"] = w[p + "post_attention_layernorm.weight"]
+    folder.mkdir()
+    save_file({k: t.contiguous() for k, t in out.items()}, str(folder / "model.safetensors"))
+    cfg = {"model_type": model_type, "architectures": ["LadderResidualForCausalLM"],
+           "vocab_size": hf["vocab_size"], "n_embd": e, "n_layer": hf["num_hidden_layers"],
+           "n_head": h, "num_key_value_heads": kv, "attention_head_type": head_type,
+           "n_inner": hf["intermediate_size"], "n_positions": 128,
+           "activation_function": "swiglu", "normalization_function": "rmsnorm",
+           "position_embedding_type": "rope", "add_bias": False, "rope_theta": 10000.0,
+           "layer_norm_epsilon": hf["rms_norm_eps"], "bos_token_id": 0, "eos_token_id": 0}
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory):
+    import transformers
+    torch.manual_seed(5)
+    path = tmp_path_factory.mktemp("tied")
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=True)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("heads", [2, 6])  # gqa, and mha (one KV head a query head)
+def test_the_papers_dolomite_ladder_model_runs_as_our_ladder_plan(tied_llama, tmp_path, heads):
+    """A `ladder_residual` folder (every layer ladder) gives the logits our `ladder` plan gives
+    on the same weights, at TP 1 and 2; its plan is recorded (another is refused)."""
+    from ladder.loaders.base import CheckpointError
+    src = tied_llama
+    if heads == 6:  # the same model with every KV head its own (mha)
+        import transformers
+        torch.manual_seed(5)
+        src = tmp_path / "mha"
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+            num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=128,
+            tie_word_embeddings=True)).save_pretrained(src)
+    write_dolomite(tmp_path / "dolomite", src, "ladder_residual",
+                   "gqa" if heads == 2 else "mha")
+    ckpt = open_checkpoint(tmp_path / "dolomite")
+    assert ckpt.recorded_plan.spec(3) == "ladder" and ckpt.config.tie_embeddings
+    with pytest.raises(CheckpointError, match="ladder"):
+        ckpt.plan("standard")
+    for tp in (1, 2):
+        with LocalTPGroup(GroupOptions(model=str(src), tp=tp, residual="ladder",
+                                       max_seq=64)) as g:
+            want = g.logits(PROMPTS)
+        with LocalTPGroup(GroupOptions(model=str(tmp_path / "dolomite"), tp=tp,
+                                       max_seq=64)) as g:
+            got = g.logits(PROMPTS)
+        for a, b in zip(got, want):
+            assert (a - b).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("edit, says", [
+    ({"normalization_function": None}, "normalization_function='layernorm'"),
+    ({"add_bias": True}, "add_bias=True"),
+    ({"m_residual": 0.5}, "m_residual"),
+    ({"mlp_blocks": [{}]}, "mlp_blocks"),
+])
+def test_a_dolomite_model_that_is_not_a_llama_is_named(tied_llama, tmp_path, edit, says):
+    from ladder.loaders.base import CheckpointError
+    write_dolomite(tmp_path / "d", tied_llama, "ladder_residual", "gqa")
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    cfg.update(edit)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    (tmp_path / "d" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=says):
+        open_checkpoint(tmp_path / "d")
+
+
+def test_the_papers_llama_ladder_format(tied_llama, tmp_path):
+    """ladder-residual-inference's `llamaLadder` config: ladder_layers as the last N layers; all
+    of them run as our ladder plan, a partial set is refused by name (its boundary differs)."""
+    import shutil
+
+    from ladder.loaders.base import CheckpointError
+    folder = tmp_path / "ll"
+    shutil.copytree(tied_llama, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    for layers, ok in ((3, True), ([0, 1, 2], True), (2, False), ([1, 2], False)):
+        (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "llamaLadder",
+                                                        "ladder_layers": layers}))
+        if ok:
+            assert open_checkpoint(folder).recorded_plan.spec(3) == "ladder"
+        else:
+            with pytest.raises(CheckpointError, match="ladder_layers"):
+                open_checkpoint(folder)

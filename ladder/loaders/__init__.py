@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -42,12 +43,19 @@ def smollm2_path() -> Path:
 
 
 def open_checkpoint(model: str | os.PathLike) -> Checkpoint:
-    """`"smollm2"`, a Hugging Face folder (config.json + safetensors), or a `.gguf` file."""
+    """`"smollm2"`, a Hugging Face folder (config.json + safetensors; the paper's dolomite
+    folders too: ladder.loaders.dolomite), or a `.gguf` file."""
     if isinstance(model, str) and model.lower() == "smollm2":
         return GGUFCheckpoint(smollm2_path())
     path = Path(model)
     if path.is_dir():
-        return SafetensorsCheckpoint(path)
+        from ladder.loaders.dolomite import DolomiteCheckpoint, is_dolomite
+        config = path / "config.json"
+        try:
+            dolomite = config.is_file() and is_dolomite(json.loads(config.read_text()))
+        except (OSError, UnicodeDecodeError, ValueError):
+            dolomite = False  # the folder's own reader says what is wrong with it
+        return DolomiteCheckpoint(path) if dolomite else SafetensorsCheckpoint(path)
     if path.suffix.lower() == ".gguf":
         return GGUFCheckpoint(path)
     if not path.exists():

@@ -32,11 +32,22 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _recorded_plan(hf: dict[str, Any], config: ModelConfig, source: Path) -> ResidualPlan | None:
-    """`ladder_layers` of an adapted folder's config.json (see `write_folder`), or None."""
+    """`ladder_layers` of an adapted folder's config.json (see `write_folder`), or of the
+    paper's own `llamaLadder` models (ladder-residual-inference's hf_modeling_utils), or None."""
     layers = hf.get("ladder_layers")
     if layers is None:
         return None
     n = config.n_layers
+    if str(hf.get("model_type", "")).lower() == "llamaladder":
+        if isinstance(layers, int) and 0 < layers <= n:  # theirs: the last N layers
+            layers = list(range(n - layers, n))
+        if isinstance(layers, list) and sorted(layers) != list(range(n)):
+            # their first ladder layer's attention reads the stream without the MLP output of
+            # the standard layer before it; ours reads it with: the same only when all are ladder
+            raise CheckpointError(f"{source}: a llamaLadder model with ladder_layers {layers!r}: "
+                                  "partial ladders of this format (the first ladder attention "
+                                  "skipping the standard MLP before it) are not served yet; "
+                                  "all-layer ones are")
     if (not isinstance(layers, list) or not layers
             or not all(isinstance(i, int) and 0 <= i < n for i in layers)):
         raise CheckpointError(f"{source}: ladder_layers must be a non-empty list of layer "
@@ -55,10 +66,10 @@ class SafetensorsCheckpoint(Checkpoint):
                                   "(expected a Hugging Face model folder)")
         self.hf_config = _read_json(config_path)
         try:
-            self.config = ModelConfig.from_hf(self.hf_config, source=str(config_path))
+            self.config = self._read_config(self.hf_config, config_path)
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
-        self.recorded_plan = _recorded_plan(self.hf_config, self.config, config_path)
+        self.recorded_plan = self._read_plan(self.hf_config, config_path)
         self.adapted = self.hf_config.get("ladder_adapted")
 
         index_path = self.path / INDEX_NAME
@@ -85,6 +96,12 @@ class SafetensorsCheckpoint(Checkpoint):
             for key in h.keys():
                 if weight_map is None or weight_map.get(key) == f:
                     self._where[key] = f
+
+    def _read_config(self, hf: dict[str, Any], source: Path) -> ModelConfig:
+        return ModelConfig.from_hf(hf, source=str(source))
+
+    def _read_plan(self, hf: dict[str, Any], source: Path) -> ResidualPlan | None:
+        return _recorded_plan(hf, self.config, source)
 
     @staticmethod
     def _open(path: Path):
