@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ladder.loaders import load_shard, open_checkpoint
-from ladder.loaders.hf import write_folder
+from ladder.loaders.hf import LADDER_SCHEDULE, write_folder
 from ladder.loaders.shard import unshard
 from ladder.model.tp import ShardSpec
 
@@ -37,6 +37,7 @@ def write_adapted(o, state_path: Path, metrics: dict) -> Path:
               "parent_ppl": metrics.get("parent_ppl"), "ppl_ratio": metrics.get("ppl_ratio"),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     extra = {"ladder_residual": plan.spec(cfg.n_layers),
-             "ladder_layers": sorted(plan.ladder_layers), "ladder_adapted": record}
+             "ladder_layers": sorted(plan.ladder_layers), "ladder_adapted": record,
+             "ladder_schedule": LADDER_SCHEDULE}
     return write_folder(o.out, cfg, unshard(state, cfg), tokenizer=ckpt.tokenizer(),
                         extra=extra, force=o.force)

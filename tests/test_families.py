@@ -249,19 +249,23 @@ def test_a_dolomite_model_that_is_not_a_llama_is_named(tied_llama, tmp_path, edi
 
 
 def test_the_papers_llama_ladder_format(tied_llama, tmp_path):
-    """ladder-residual-inference's `llamaLadder` config: ladder_layers as the last N layers; all
-    of them run as our ladder plan, a partial set is refused by name (its boundary differs)."""
+    """ladder-residual-inference's `llamaLadder` config (ladder_layers: the last N layers, or a
+    list) runs as our plan over those layers (its forward: tests/test_model.py); a folder
+    adapted for the older partial schedule is refused by name."""
     import shutil
 
     from ladder.loaders.base import CheckpointError
     folder = tmp_path / "ll"
     shutil.copytree(tied_llama, folder)
     cfg = json.loads((folder / "config.json").read_text())
-    for layers, ok in ((3, True), ([0, 1, 2], True), (2, False), ([1, 2], False)):
+    for layers, spec in ((3, "ladder"), ([0, 1, 2], "ladder"), (2, "ladder:1-2"),
+                         ([1, 2], "ladder:1-2")):
         (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "llamaLadder",
                                                         "ladder_layers": layers}))
-        if ok:
-            assert open_checkpoint(folder).recorded_plan.spec(3) == "ladder"
-        else:
-            with pytest.raises(CheckpointError, match="ladder_layers"):
-                open_checkpoint(folder)
+        assert open_checkpoint(folder).recorded_plan.spec(3) == spec
+    old = {**cfg, "ladder_layers": [1, 2], "ladder_adapted": {"parent": "x"}}
+    (folder / "config.json").write_text(json.dumps(old))
+    with pytest.raises(CheckpointError, match="adapt"):
+        open_checkpoint(folder)
+    (folder / "config.json").write_text(json.dumps({**old, "ladder_schedule": 2}))
+    assert open_checkpoint(folder).recorded_plan.spec(3) == "ladder:1-2"

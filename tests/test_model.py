@@ -203,6 +203,30 @@ def test_two_layer_ladder_recurrence_by_hand(tiny):
         assert (std - ref).abs().max() > 1e-3
 
 
+def test_a_partial_ladder_is_the_papers_llama_ladder(tiny):
+    """ladder:1-2 against the paper's LlamaLadder forward, transcribed from
+    ladder-residual-inference's hf_modeling_utils: a ladder layer's attention reads the stream
+    as the previous layer's attention left it (at the run's start: without the standard MLP
+    before it), its MLP the stream as the previous layer's MLP left it."""
+    path, _ = tiny
+    model = local_model(path, "ladder:1-2")
+    toks = torch.tensor([PROMPTS[2]])
+    ctx = model.causal_context(toks)
+    L = model.layers
+    with torch.no_grad():
+        h = prev_attn = model.tok_embeddings(toks)
+        for i in range(3):
+            if i not in (1, 2):
+                a = h + L[i].attention(L[i].attn_norm(h), ctx)
+                m = a + L[i].mlp(L[i].mlp_norm(a))
+            else:
+                a = h + L[i].attention(L[i].attn_norm(prev_attn), ctx)
+                m = a + L[i].mlp(L[i].mlp_norm(h))
+            h, prev_attn = m, a
+        ref = F.linear(model.norm(h), model.lm_head_weight())
+        assert (ref - model(toks)).abs().max() < 1e-5
+
+
 def test_parallel_residual_by_hand(tiny):
     path, _ = tiny
     model = local_model(path, "parallel")

@@ -21,6 +21,9 @@ from ladder.private import check_replaceable, remove
 from ladder.tokenizer import Tokenizer
 
 INDEX_NAME = "model.safetensors.index.json"
+# what a partial ladder's first module reads, by the version adapted folders record: 2, the
+# stream without the module before it (Transformer.hidden); folders before it read it with
+LADDER_SCHEDULE = 2
 EXPORT_MARK = ".ladder-export"  # in every folder write_folder makes: a later write may replace it
 
 
@@ -38,16 +41,15 @@ def _recorded_plan(hf: dict[str, Any], config: ModelConfig, source: Path) -> Res
     if layers is None:
         return None
     n = config.n_layers
-    if str(hf.get("model_type", "")).lower() == "llamaladder":
-        if isinstance(layers, int) and 0 < layers <= n:  # theirs: the last N layers
-            layers = list(range(n - layers, n))
-        if isinstance(layers, list) and sorted(layers) != list(range(n)):
-            # their first ladder layer's attention reads the stream without the MLP output of
-            # the standard layer before it; ours reads it with: the same only when all are ladder
-            raise CheckpointError(f"{source}: a llamaLadder model with ladder_layers {layers!r}: "
-                                  "partial ladders of this format (the first ladder attention "
-                                  "skipping the standard MLP before it) are not served yet; "
-                                  "all-layer ones are")
+    if str(hf.get("model_type", "")).lower() == "llamaladder" and isinstance(layers, int) \
+            and 0 < layers <= n:  # the paper's own config: the last N layers
+        layers = list(range(n - layers, n))
+    if (hf.get("ladder_adapted") is not None and hf.get("ladder_schedule") != LADDER_SCHEDULE
+            and isinstance(layers, list) and sorted(layers) != list(range(n))):
+        raise CheckpointError(f"{source}: adapted for the partial ladder schedule before "
+                              f"ladder_schedule {LADDER_SCHEDULE} (its first ladder attention "
+                              "read the output of the MLP before it; now it reads without it, as "
+                              "the paper's models do): run `ladder adapt` again")
     if (not isinstance(layers, list) or not layers
             or not all(isinstance(i, int) and 0 <= i < n for i in layers)):
         raise CheckpointError(f"{source}: ladder_layers must be a non-empty list of layer "

@@ -11,6 +11,10 @@ that sum is waited for:
               wait(i-1); h = h + y_{i-1}                         # whose reduce overlapped f_i
     parallel  h = h + wait(all_reduce(attn(n1(h)) + mlp(n2(h))))  # one reduce per layer
 
+A partial ladder keeps the rule at its first module too: the standard MLP before a ladder layer
+leaves its reduce in flight, and the ladder attention reads the stream without it (as the
+paper's own LlamaLadder models do); after the run, a standard module adds what is pending first.
+
 The LM head is vocabulary-parallel: `logits` gives this rank's slice of the vocabulary; which
 token each row takes is decided across the slices by `ladder.engine.vocab`.
 """
@@ -112,11 +116,13 @@ class Transformer(nn.Module):
                 h = h + reduce.all_reduce(y, "module").wait()
                 continue
             ladder = self.plan.is_ladder(i)
-            for norm, fn in layer.modules_in_order(ctx):
+            for j, (norm, fn) in enumerate(layer.modules_in_order(ctx)):
                 if not ladder and pending is not None:
                     h, pending = pending.add_to(h), None
-                work = reduce.all_reduce(fn(norm(h)), "ladder" if ladder else "module")
-                if ladder:
+                # the MLP before a ladder layer: its attention reads the stream without it
+                defer = ladder or (j == 1 and self.plan.is_ladder(i + 1))
+                work = reduce.all_reduce(fn(norm(h)), "ladder" if defer else "module")
+                if defer:
                     if pending is not None:
                         h = pending.add_to(h)
                     pending = InFlight(work)

@@ -94,13 +94,14 @@ def play(plan: ResidualPlan, n_layers: int, attn_s: Sequence[float], mlp_s: Sequ
                 tl.wait(tl.issue())
             continue
         ladder = plan.is_ladder(layer)
-        for seconds in (attn_s, mlp_s):
+        for j, seconds in enumerate((attn_s, mlp_s)):
             if not ladder and pending is not None:
                 tl.wait(pending)
                 pending = None
             tl.compute(seconds)
             done = tl.issue()
-            if ladder:
+            # as the engine (Transformer.hidden): the MLP before a ladder layer is in flight
+            if ladder or (j == 1 and plan.is_ladder(layer + 1)):
                 if pending is not None:
                     tl.wait(pending)
                 pending = done
