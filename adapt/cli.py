@@ -134,6 +134,10 @@ def run_eval_cmd(a: argparse.Namespace) -> int:
     from adapt.data import DataError
     from adapt.evaluate import evaluate, table
     from ladder.loaders import CheckpointError
+    if a.max_tokens < 1 or a.rows < 1:
+        print(f"ladder eval: --max-tokens and --rows must be at least 1, got {a.max_tokens} "
+              f"and {a.rows}", file=sys.stderr)
+        return 2
     kw = dict(residual=a.residual, parent=a.parent, data=a.data, seq_len=a.seq_len,
               rows=a.rows, held_out=a.held_out, max_tokens=a.max_tokens, threads=a.threads)
     try:

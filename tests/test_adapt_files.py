@@ -128,3 +128,11 @@ def test_a_bad_line_before_the_last_is_an_error(tmp_path):
     path = _progress(tmp_path, '{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
     with pytest.raises(ProgressError, match=f"{path}: line 2 is not JSON"):
         read_progress(tmp_path)
+
+
+def test_eval_refuses_zero_tokens_or_rows(capsys):
+    """`ladder eval --max-tokens 0` said so, instead of dividing by zero after loading."""
+    from ladder.cli import main
+    for flag in ("--max-tokens", "--rows"):
+        assert main(["eval", "--model", "smollm2", flag, "0"]) == 2
+        assert "must be at least 1" in capsys.readouterr().err
