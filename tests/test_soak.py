@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_a_short_soak_loses_nothing(tiny_chat, tmp_path):
     r = subprocess.run([sys.executable, "-m", "bench.soak", "--model", str(tiny_chat),
-                        "--clients", "6", "--minutes", "1.0", "--kill-every", "0.45",
+                        "--clients", "6", "--minutes", "0.75", "--kill-every", "0.37",
                         "--max-tokens", "12", "--out", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     data = json.loads(r.stdout.strip().splitlines()[-1])

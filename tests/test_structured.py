@@ -1,7 +1,7 @@
 """Structured output (ladder.engine.guided, deploy.structured): SmolLM2 sampled at temperature 1
-under JSON schemas, 100 varied requests at TP 1 and at TP 2, every answer parses and validates
-(jsonschema), and a seed draws the same answer at both TP sizes (95 of 100 at least: float
-rounding) with the grammar's masks on the vocabulary slices; then the API through the official `openai` client (a local TP=2 group of the
+under JSON schemas, 100 varied requests at TP 2 and 50 of them at TP 1, every answer parses and
+validates (jsonschema), and a seed draws the same answer at both TP sizes (47 of 50 at least:
+float rounding) with the grammar's masks on the vocabulary slices; then the API through the official `openai` client (a local TP=2 group of the
 tiny chat model): json_schema (the client's own `parse` with a pydantic model, and streamed),
 json_object, forced tool calls (named and "required", whole and streamed), and the 400s."""
 
@@ -79,21 +79,25 @@ def requests_100(smollm2_tokenizer):
     return out
 
 
-def test_100_of_100_sampled_answers_follow_their_schema_at_tp_1_and_2(requests_100):
+def test_sampled_answers_follow_their_schema_at_tp_1_and_2(requests_100):
     got = {}
+    # all 100 at TP=2 (the masks on the vocabulary slices); at TP=1 every other one, enough to
+    # compare with TP=2 and half the suite's time (each TP size costs ~35 s here)
+    asked = {1: requests_100[::2], 2: requests_100}
     for tp in (1, 2):
         with LocalTPGroup(GroupOptions(tp=tp, n_slots=16, max_seq=320)) as g:
-            got[tp] = g.generate([ids for ids, _, _ in requests_100], [
-                SamplingParams(max_tokens=160, temperature=1.0, seed=100 + i, grammar=gr)
-                for i, (_, _, gr) in enumerate(requests_100)])
-        for (_, schema, _), out in zip(requests_100, got[tp]):
+            got[tp] = g.generate([ids for ids, _, _ in asked[tp]], [
+                SamplingParams(max_tokens=160, temperature=1.0, seed=100 + 2 * i // tp,
+                               grammar=gr)
+                for i, (_, _, gr) in enumerate(asked[tp])])
+        for (_, schema, _), out in zip(asked[tp], got[tp]):
             assert out["finish_reason"] == "stop", (tp, out)
             jsonschema.validate(json.loads(out["text"]), schema)
     # the masks cut the same tokens on the slices as on the whole vocabulary: a seed draws the
     # same answer at both TP sizes, but where the float sums of TP=2's logits (rounded apart
-    # from TP=1's) put a draw on the other side of a boundary, over ~6,000 tokens (here 1)
-    same = sum(a["tokens"] == b["tokens"] for a, b in zip(got[1], got[2]))
-    assert same >= 95, same
+    # from TP=1's) put a draw on the other side of a boundary, over ~6,000 tokens (1 of 100)
+    same = sum(a["tokens"] == b["tokens"] for a, b in zip(got[1], got[2][::2]))
+    assert same >= 47, same
 
 
 # -- the API ------------------------------------------------------------------------------------
