@@ -29,7 +29,15 @@ SPEC = {
     "ladder_request_errors_total": ("counter", "Requests ended by an error", None, "kind"),
     "ladder_requests_running": ("gauge", "Requests holding a KV slot", None, None),
     "ladder_requests_waiting": ("gauge", "Requests waiting for a KV slot", None, None),
-    "ladder_kv_slots_used_ratio": ("gauge", "Share of KV slots in use", None, None),
+    "ladder_kv_slots_used_ratio": ("gauge", "Share of sequence slots in use", None, None),
+    "ladder_kv_blocks_used_ratio": ("gauge", "Share of KV-cache blocks in use (cached ones "
+                                    "nobody holds count as free)", None, None),
+    "ladder_prefix_cache_queries_total": ("counter", "Prompt tokens looked up in the prefix "
+                                          "cache", None, None),
+    "ladder_prefix_cache_hits_total": ("counter", "Prompt tokens found in the prefix cache",
+                                       None, None),
+    "ladder_preemptions_total": ("counter", "Sequences preempted (blocks taken back, tokens "
+                                 "recomputed later)", None, None),
     "ladder_decode_step_seconds": ("histogram", "One decode step (all rows), wall time", STEP,
                                    None),
     "ladder_decode_tokens_total": ("counter", "Tokens produced by decode steps", None, None),
@@ -79,6 +87,11 @@ class GroupMetrics:
         if stats is None:
             return
         s["ladder_prompt_tokens_total"].inc(stats.prompt_tokens, tags=t)
+        if stats.cached_query:
+            s["ladder_prefix_cache_queries_total"].inc(stats.prompt_tokens, tags=t)
+            s["ladder_prefix_cache_hits_total"].inc(stats.cached_tokens, tags=t)
+        if stats.preempted:
+            s["ladder_preemptions_total"].inc(stats.preempted, tags=t)
         if stats.generated_tokens:
             s["ladder_generation_tokens_total"].inc(stats.generated_tokens, tags=t)
         if stats.first_token:
@@ -92,8 +105,9 @@ class GroupMetrics:
     def on_error(self, kind: str, n: int = 1) -> None:
         self.s["ladder_request_errors_total"].inc(n, tags=self._t(kind=kind))
 
-    def set_load(self, running: int, waiting: int, slots: int) -> None:
+    def set_load(self, running: int, waiting: int, slots: int, blocks_used: float = 0.0) -> None:
         t = self.tags
         self.s["ladder_requests_running"].set(running, tags=t)
         self.s["ladder_requests_waiting"].set(waiting, tags=t)
         self.s["ladder_kv_slots_used_ratio"].set(running / slots if slots else 0.0, tags=t)
+        self.s["ladder_kv_blocks_used_ratio"].set(blocks_used, tags=t)

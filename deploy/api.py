@@ -273,7 +273,8 @@ class OpenAIServer:
         obs.done()
         for o in outs:
             o["text"] = echo + o["text"]
-        use = R.usage(len(ids), sum(len(o["tokens"]) for o in outs))
+        use = R.usage(len(ids), sum(len(o["tokens"]) for o in outs),
+                      R.cached_tokens([o["stats"] for o in outs]))
         return R.completion_body(rid, self.cfg.model_name, R.now(), outs, use, chat,
                                  echoed=len(echo), call=getattr(req, "forced_call", None))
 
@@ -282,7 +283,7 @@ class OpenAIServer:
         """SSE chunks of every choice as they come, then usage (if asked) and [DONE]. An error
         after the stream has started is sent as an error event before [DONE]: never silence."""
         model, created = self.cfg.model_name, R.now()
-        generated, started = 0, set()
+        generated, started, finals = 0, set(), []
         offset = [len(echo)] * len(gens.streams)  # characters streamed per choice (logprobs)
         if echo:
             for i in range(len(gens.streams)):
@@ -292,6 +293,8 @@ class OpenAIServer:
                 yield R.sse(self.failure(ev, rid).body())
                 continue
             generated += ev.token_id is not None
+            if ev.stats is not None:
+                finals.append(ev.stats)
             obs.event(ev)
             first = chat and i not in started
             started.add(i)
@@ -310,7 +313,9 @@ class OpenAIServer:
                                     first=first, logprobs=lps, tool_call=call))
         obs.done()
         if include_usage:
-            yield R.sse(R.usage_chunk(rid, model, created, R.usage(n_prompt, generated), chat))
+            yield R.sse(R.usage_chunk(rid, model, created,
+                                      R.usage(n_prompt, generated, R.cached_tokens(finals)),
+                                      chat))
         yield R.sse("[DONE]")
 
 

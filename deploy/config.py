@@ -36,8 +36,14 @@ class ServerConfig:
     dtype: str = "float32"
     device: str = "cpu"
     comm: str = "auto"
-    n_slots: int = 16
+    n_slots: int = 16  # sequences at once at most (vLLM's max_num_seqs)
     max_seq: int = 2048
+    # the KV cache per rank: bytes, or a fraction of the memory free after the model loads,
+    # or (both 0) room for n_slots sequences of max_seq tokens; blocks of block_size tokens
+    kv_cache_bytes: int = 0
+    kv_cache_fraction: float = 0.0
+    block_size: int = 16
+    prefix_caching: bool = True  # prompts that start alike share their full blocks
     threads: int = 1  # torch threads per rank
     head_split: str = "groups"  # groups | even: how attention heads are split over the ranks
     strategy: str = "PACK"  # placement of the ranks (the deployment's placement group)
@@ -64,14 +70,17 @@ class ServerConfig:
         if any(not k or k != k.strip() for k in self.api_keys):
             raise ValueError("api_keys: a key must be a non-empty string without surrounding "
                              "spaces")
-        positive = ("tp", "n_slots", "max_seq", "threads", "default_max_tokens",
+        positive = ("tp", "n_slots", "max_seq", "block_size", "threads", "default_max_tokens",
                     "max_body_bytes", "health_timeout_s", "fault_timeout_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)!r}")
-        for name in ("queue_limit", "retry_after_s", "max_prompt_chars"):
+        for name in ("queue_limit", "retry_after_s", "max_prompt_chars", "kv_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.kv_cache_fraction < 1:
+            raise ValueError(f"kv_cache_fraction: must be in [0, 1), got "
+                             f"{self.kv_cache_fraction!r}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy {self.strategy!r} is not one of {STRATEGIES}")
         if self.residual is not None:  # the syntax here; the layers against the checkpoint's

@@ -26,8 +26,15 @@ class GroupOptions:
     comm: str = "auto"  # how ranks all-reduce: auto | gloo | tcp | shm | nccl (make_comm)
     device: str = "cpu"  # cpu | cuda (rank r uses cuda:r, NCCL all-reduces)
     cuda_index: int | None = None  # this rank's GPU when not cuda:<rank> (a Ray worker's: 0)
-    n_slots: int = 8
-    max_seq: int = 2048
+    n_slots: int = 8  # sequences at once at most (vLLM's max_num_seqs)
+    max_seq: int = 2048  # the longest sequence, prompt and output
+    # the KV cache, per rank: bytes, or else a fraction of the memory free after the model
+    # loads (the GPU's, or the machine's shared by the group's ranks), or else (both 0) room
+    # for n_slots sequences of max_seq tokens
+    kv_cache_bytes: int = 0
+    kv_cache_fraction: float = 0.0
+    block_size: int = 16  # tokens per KV-cache block
+    prefix_caching: bool = True  # full blocks shared by prompts that start alike
     latency_s: float = 0.0  # emulated link latency per all-reduce (0: none)
     threads: int = 0  # torch threads per rank; 0: cores // tp
     host: str = ""  # the address this rank's gloo binds to ('' = gloo's default resolution)
@@ -44,6 +51,11 @@ class GroupOptions:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
         if self.comm not in COMMS:
             raise ValueError(f"comm {self.comm!r} is not one of {COMMS}")
+        if self.kv_cache_bytes < 0 or not 0 <= self.kv_cache_fraction < 1:
+            raise ValueError("kv_cache_bytes must be >= 0 and kv_cache_fraction in [0, 1), got "
+                             f"{self.kv_cache_bytes} and {self.kv_cache_fraction}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.head_split not in HEAD_SPLITS:
             raise ValueError(f"head_split {self.head_split!r} is not one of {HEAD_SPLITS}")
         if self.device not in ("cpu", "cuda"):

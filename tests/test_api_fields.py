@@ -229,3 +229,25 @@ def test_penalties_and_biases_through_the_api(client, local_api):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body=bad)
         assert e.value.body["param"] == next(iter(bad)), bad
+
+
+def test_usage_reports_the_prompt_tokens_served_from_the_prefix_cache(client):
+    """OpenAI's `usage.prompt_tokens_details.cached_tokens`: 0 the first time, the shared
+    start's full blocks (of 16 tokens) the next, whole and streamed; the answer is the same."""
+    system = "You are a careful assistant who answers in one short sentence. " * 4
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": "Name a color."}]
+    ask = dict(model=MODEL, messages=msgs, max_tokens=4, temperature=0)
+    first = client.chat.completions.create(**ask)
+    assert first.usage.prompt_tokens > 48 and first.usage.prompt_tokens_details.cached_tokens == 0
+    again = client.chat.completions.create(**ask)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached % 16 == 0 and again.usage.prompt_tokens - 16 <= cached < \
+        again.usage.prompt_tokens
+    assert again.choices[0].message.content == first.choices[0].message.content
+    other = dict(ask, messages=[msgs[0], {"role": "user", "content": "Name a fruit."}])
+    chunks = list(client.chat.completions.create(**other, stream=True,
+                                                 stream_options={"include_usage": True}))
+    used = chunks[-1].usage
+    assert used.prompt_tokens_details.cached_tokens >= 48  # the system prompt's blocks
+    c = client.completions.create(model=MODEL, prompt=system + "Go.", max_tokens=2)
+    assert c.usage.prompt_tokens_details.cached_tokens == 0  # no chat template: other tokens

@@ -125,19 +125,18 @@ def test_attention_decode_step(dtype, slots, split):
     keys = torch.arange(max(starts) + 1)
     cos, sin = model.rope(positions, dtype)
 
-    def ctx(c, s):
-        return StepContext(cos=cos, sin=sin, positions=positions, cache=c, slots=s,
-                           slot_ids=torch.tensor(slots), kv_len=max(starts) + 1,
+    def ctx(c):  # the cache's blocks as slots of 32 positions
+        return StepContext(cos=cos, sin=sin, positions=positions, cache=c,
+                           tables=torch.tensor(slots)[:, None], kv_len=max(starts) + 1,
                            mask=(keys[None, None, :] <= positions[:, :, None])[:, None])
 
     x = torch.randn(3, 1, 96).to(dtype)
     ref_cache, got_cache = cache, KVCache(2, 4, kv, 32, cfg.head_dim, dtype)
     got_cache.k.copy_(cache.k)
     got_cache.v.copy_(cache.v)
-    s = slice(0, 3) if slots == [0, 1, 2] else torch.tensor(slots)
     with torch.inference_mode():
-        ref = attn(x, ctx(ref_cache, s))
-        got = NativeAttention(attn, LIB)(x, ctx(got_cache, s))
+        ref = attn(x, ctx(ref_cache))
+        got = NativeAttention(attn, LIB)(x, ctx(got_cache))
     assert torch.equal(got_cache.k, ref_cache.k)  # rotated keys: the same roundings
     assert torch.equal(got_cache.v, ref_cache.v)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
@@ -218,7 +217,7 @@ def test_builds_into_its_directory(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_tried", False)
     monkeypatch.setattr(native, "_lib", None)
     lib = native.load()
-    assert lib is not None and lib.ladder_native_version() == 1
+    assert lib is not None and lib.ladder_native_version() == 2
     built = list(tmp_path.iterdir())
     assert [p.name for p in built] == [native.library_path().name]
     mtime = built[0].stat().st_mtime_ns
@@ -280,7 +279,7 @@ def test_untrusted_cache_is_not_loaded(monkeypatch, tmp_path, caplog, how):
     with caplog.at_level(logging.WARNING, logger="ladder.native"):
         got = native.load()
     assert got is not None, native.unavailable_reason()
-    assert got.ladder_native_version() == 1
+    assert got.ladder_native_version() == 2
     assert caplog.records and re.search(f"cached at {bad}: {why}; building a private copy",
                                         caplog.text), caplog.text
     assert list(scratch.iterdir()) == []  # the private directory is gone

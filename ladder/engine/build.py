@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ladder.engine.step import ShardEngine
+from ladder.engine.step import ShardEngine, block_bytes
 from ladder.links.base import Communicator
 from ladder.model.tp import ShardSpec
 from ladder.model.transformer import build_model
@@ -25,6 +25,43 @@ def build_engine(opts: GroupOptions, rank: int, comm: Communicator):
     if opts.fast_kernels and device.type == "cpu":
         from ladder.native.layouts import decode_layout
         model = decode_layout(model)
-    engine = ShardEngine(model, comm, n_slots=opts.n_slots,
-                         max_seq=min(opts.max_seq, cfg.max_seq_len))
+    max_seq = min(opts.max_seq, cfg.max_seq_len)
+    engine = ShardEngine(model, comm, n_slots=opts.n_slots, max_seq=max_seq,
+                         n_blocks=kv_blocks(opts, cfg, comm, device, max_seq),
+                         block=opts.block_size, prefix_caching=opts.prefix_caching)
     return ckpt, engine
+
+
+def kv_blocks(opts: GroupOptions, cfg, comm: Communicator, device: torch.device,
+              max_seq: int) -> int:
+    """The KV cache's blocks, the same on every rank: its bytes (`kv_cache_bytes`, or the
+    fraction `kv_cache_fraction` of the memory free now, or room for n_slots full sequences)
+    over the bytes of a block on the rank with the most KV heads; a fraction is the leader's
+    figure, broadcast."""
+    bs = opts.block_size
+    if not (opts.kv_cache_bytes or opts.kv_cache_fraction):
+        return opts.n_slots * -(-max_seq // bs)
+    heads = max(ShardSpec.make(cfg, r, opts.tp, opts.head_split).n_kv_heads
+                for r in range(opts.tp))
+    per_block = block_bytes(cfg, heads, bs, DTYPES[opts.dtype])
+    if opts.kv_cache_bytes:
+        budget = opts.kv_cache_bytes
+    elif device.type == "cuda":
+        budget = int(torch.cuda.mem_get_info(device)[0] * opts.kv_cache_fraction)
+    else:  # the machine's memory, shared by the group's ranks on it
+        budget = int(available_memory() * opts.kv_cache_fraction / opts.tp)
+    n = torch.tensor([budget // per_block], dtype=torch.int64)
+    if opts.kv_cache_fraction and not opts.kv_cache_bytes and comm.world_size > 1:
+        comm.broadcast(n)
+    if int(n[0]) < 1:
+        raise ValueError(f"the KV cache's {budget} bytes hold no block of {bs} tokens "
+                         f"({per_block} bytes a block)")
+    return int(n[0])
+
+
+def available_memory() -> int:
+    """Bytes the kernel says this machine can give without swapping (MemAvailable)."""
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("/proc/meminfo has no MemAvailable")

@@ -70,7 +70,7 @@ class Leader:
             decoder_factory=tokenizer.incremental_decoder if tokenizer else None,
             token_text=(lambda i: tokenizer.decode([i])) if tokenizer else None,
             guide=Guide(tokenizer, engine.model.config.vocab_size, eos_token_ids)
-            if tokenizer else None)
+            if tokenizer else None, prefix_caching=engine.prefix_caching)
         self.name, self.adapted = name, adapted
         self.metrics, self.after_step, self.heartbeat_s = metrics, after_step, heartbeat_s
         self.steps: deque[StepRecord] = deque(maxlen=keep_steps)
@@ -185,8 +185,18 @@ class Leader:
                 "decode_s": t.decode_s, "prefill_s": t.prefill_s, "exposed_s": t.exposed_s,
                 "decode_exposed_s": t.decode_exposed_s, "bytes": t.bytes,
                 "link_rtt_s": self.link_rtt_s, "running": running, "waiting": waiting,
-                "slots": slots, "error": self.error,
+                "slots": slots, "error": self.error, "kv_cache": self.kv_cache(),
                 "steps": [asdict(s) for s in list(self.steps) if s.at > since]}
+
+    def kv_cache(self) -> dict:
+        """The KV cache's blocks and the prefix cache's counts since the start."""
+        pool, e = self.scheduler.pool, self.engine
+        c = pool.stats
+        return {"blocks": pool.n_blocks, "block_size": e.block, "blocks_used": pool.used(),
+                "blocks_cached": len(pool.key_of), "bytes_per_rank": e.cache.nbytes(),
+                "prefix_caching": pool.caching, "queried_tokens": c.queried_tokens,
+                "hit_tokens": c.hit_tokens, "hit_rate": c.hit_rate,
+                "evicted_blocks": c.evicted_blocks, "preemptions": c.preemptions}
 
     def _post(self, cmd) -> None:
         if self._stopped.is_set():
@@ -261,7 +271,8 @@ class Leader:
 
     def _publish_load(self) -> None:
         if self.metrics:
-            self.metrics.set_load(*self.scheduler.load())
+            pool = self.scheduler.pool
+            self.metrics.set_load(*self.scheduler.load(), pool.used() / pool.n_blocks)
 
     def _deliver(self, events: list[TokenEvent]) -> None:
         """Each event to its request's sink; a request that failed alone (finish_reason

@@ -4,8 +4,9 @@ tokens at any TP size (ladder.engine.vocab).
 
 Each rank keeps, for its vocabulary rows, each KV slot's history (`History`): how often each
 token has been generated, and which tokens the prompt holds. It learns both from the steps it
-runs: a row that starts at position 0 is a new request's prompt (the slot's history starts
-over), a decode row's one token is the request's last generated one. Only steps that carry
+runs: a row that starts at position 0 is a new request's (the slot's history starts over), and
+each row says how many of its tokens are the prompt's (`Penalties.prompt_lens`; the rest are
+generated ones: a decode row's one token, or a preempted request's output recomputed). Only steps that carry
 penalties update it; every step of a request with penalties does. As vLLM: repetition divides a
 positive logit (multiplies a negative one) of every token seen in the prompt or the output;
 presence subtracts once per generated token, frequency once per time generated; the bias adds.
@@ -28,10 +29,15 @@ class Penalties:
     frequency: list[float]
     repetition: list[float]
     bias: list[tuple[int, int, float]]
+    # per row, how many of its tokens are prompt tokens (None: a row from position 0 is all
+    # prompt, any other row all generated)
+    prompt_lens: list[int] | None = None
 
     def encode(self) -> torch.Tensor:
-        """int64: [3, B] floats as their float64 bits, then (row, id, bias bits) triples."""
-        rows = torch.tensor([self.presence, self.frequency, self.repetition],
+        """int64: [4, B] floats as their float64 bits (the 4th: prompt_lens, -1 for None), then
+        (row, id, bias bits) triples."""
+        lens = self.prompt_lens or [-1] * len(self.presence)
+        rows = torch.tensor([self.presence, self.frequency, self.repetition, lens],
                             dtype=torch.float64).view(torch.int64).reshape(-1)
         if not self.bias:
             return rows
@@ -42,11 +48,12 @@ class Penalties:
 
     @classmethod
     def decode(cls, flat: torch.Tensor, b: int) -> "Penalties":
-        rows = flat[:3 * b].view(torch.float64).view(3, b).tolist()
-        t = flat[3 * b:].view(-1, 3)
+        rows = flat[:4 * b].view(torch.float64).view(4, b).tolist()
+        t = flat[4 * b:].view(-1, 3)
         bias = list(zip(t[:, 0].tolist(), t[:, 1].tolist(),
                         t[:, 2].clone().view(torch.float64).tolist()))
-        return cls(*rows, bias=bias)
+        lens = None if rows[3] and rows[3][0] < 0 else [int(x) for x in rows[3]]
+        return cls(*rows[:3], bias=bias, prompt_lens=lens)
 
 
 class History:
@@ -64,16 +71,20 @@ class History:
         t = t[(t >= self.shard.lo) & (t < self.shard.hi)] - self.shard.lo
         return t.to(self.counts.device)
 
-    def update(self, tokens: list[list[int]], slots: list[int], starts: list[int]) -> None:
+    def update(self, tokens: list[list[int]], slots: list[int], starts: list[int],
+               prompt_lens: list[int] | None = None) -> None:
         decoded_slots, decoded = [], []
-        for row, slot, start in zip(tokens, slots, starts):
-            if start == 0:  # a new request: its prompt
+        if prompt_lens is None:
+            prompt_lens = [len(row) if start == 0 else 0 for row, start in zip(tokens, starts)]
+        for row, slot, start, k in zip(tokens, slots, starts, prompt_lens):
+            if start == 0:  # a new request (or one preempted, recomputed): it starts over
                 self.counts[slot] = 0
                 self.prompt[slot] = False
-                self.prompt[slot, self._mine(row)] = True
-            else:  # its last generated token(s)
-                decoded_slots += [slot] * len(row)
-                decoded += row
+            if k:
+                self.prompt[slot, self._mine(row[:k])] = True
+            # its generated token(s)
+            decoded_slots += [slot] * (len(row) - k)
+            decoded += row[k:]
         if decoded:  # one scatter for the step's decode rows
             t = torch.tensor(decoded, dtype=torch.int64)
             s = torch.tensor(decoded_slots, dtype=torch.int64)

@@ -1,8 +1,12 @@
-"""The leader's scheduler: continuous batching over the KV-cache slots.
+"""The leader's scheduler: continuous batching over a paged KV cache.
 
 Each `step()` is one engine step on every rank: either a prefill of newly admitted requests
-(queued requests take free slots between decode steps) or one decode token for every running
-request. Finished and cancelled requests free their slot at once; the next step reuses it.
+(queued requests join between decode steps while a sequence slot and the blocks their prompts
+need are free, the blocks of a cached prefix shared rather than recomputed) or one decode token
+for every running request. A sequence takes another block when its last one fills; when none is
+left, the youngest running request is preempted (its blocks freed, its prompt and output
+recomputed when it is admitted again) rather than failing or waiting forever. Finished and
+cancelled requests free their slot and blocks at once; the next step reuses them.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from ladder.engine.blocks import BlockPool, block_keys
 from ladder.engine.logprobs import Scored, scored
 from ladder.engine.penalties import Penalties
 from ladder.engine.sampling import Sampler, SamplingParams, SamplingRows
@@ -40,6 +45,9 @@ class RequestStats:
     finished: float = 0.0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    cached_query: bool = False  # whether its prompt was looked up there
+    preempted: int = 0  # times its blocks were taken back (and its tokens recomputed)
 
     @property
     def queue_s(self) -> float:
@@ -64,11 +72,14 @@ class Request:
     stats: RequestStats = field(default_factory=lambda: RequestStats(time.perf_counter()))
     # filled while running
     slot: int = -1
+    blocks: list[int] = field(default_factory=list)  # its KV-cache blocks, in position order
     output: list[int] = field(default_factory=list)
     text: str = ""
     held: str = ""  # decoded text not yet emitted: it may be the start of a stop string
     decoder: object = None
     matcher: object = None  # with params.grammar: its matcher (ladder.engine.guided)
+    keys: list = field(default_factory=list)  # its full blocks' prefix-cache keys
+    computed: int = 0  # tokens whose keys and values its blocks hold, at admission
 
 
 @dataclass(slots=True)
@@ -120,7 +131,7 @@ def add_event(result: dict, ev: TokenEvent) -> None:
 class Scheduler:
     def __init__(self, engine: ShardEngine, *, eos_token_ids: tuple[int, ...] = (),
                  decoder_factory=None, token_text=None, max_prefill_rows: int = 4,
-                 guide=None) -> None:
+                 guide=None, prefix_caching: bool = True) -> None:
         self.engine = engine
         self.guide = guide  # ladder.engine.guided.Guide: structured output (needs a tokenizer)
         self.eos = tuple(eos_token_ids)
@@ -133,6 +144,9 @@ class Scheduler:
         # a heap: the lowest free slot first, so running requests stay in consecutive slots,
         # which decode attention reads in place (scattered slots are gathered: a copy)
         self.free = list(range(engine.n_slots))
+        self.pool = BlockPool(engine.n_blocks, engine.block, caching=prefix_caching)
+        # blocks a prefill leaves for the running sequences' next blocks (vLLM's watermark)
+        self.watermark = max(1, engine.n_blocks // 100)
         self.sampler = Sampler()
         self._ids = itertools.count()
 
@@ -144,6 +158,11 @@ class Scheduler:
         if n >= self.engine.max_seq:
             raise RequestError(f"the prompt has {n} tokens; the context holds "
                                f"{self.engine.max_seq} (prompt plus at least one new token)")
+        need = -(-(n + 1) // self.engine.block)
+        if need > self.engine.n_blocks:
+            raise RequestError(f"the prompt has {n} tokens; the KV cache holds "
+                               f"{self.engine.n_blocks * self.engine.block} (prompt plus at least "
+                               "one new token)")
         vocab = self.engine.model.config.vocab_size
         bad = [t for t in req.prompt if not 0 <= t < vocab]
         if bad:
@@ -189,23 +208,92 @@ class Scheduler:
         return len(self.running), len(self.waiting), self.engine.n_slots
 
     def step(self) -> Scheduled | None:
-        """One engine step: a prefill when requests wait and slots are free, else a decode of
-        every running request; None when there is nothing to run."""
+        """One engine step: a prefill when requests wait and a slot and their blocks are free,
+        else a decode of every running request; None when there is nothing to run."""
         if self.waiting and self.free:
-            return self._prefill()
+            done = self._prefill()
+            if done is not None:
+                return done
         if self.running:
-            rows = sorted(self.running.values(), key=lambda r: r.slot)
-            return self._step("decode", rows, [[r.output[-1]] for r in rows],
-                              [len(r.prompt) + len(r.output) - 1 for r in rows])
+            return self._decode()
         return None
 
-    def _prefill(self) -> Scheduled:
+    def _decode(self) -> Scheduled:
+        rows = sorted(self.running.values(), key=lambda r: r.slot)
+        # a block for each row whose last one is full, taken back from the youngest when short
+        needy = [r for r in rows if len(r.prompt) + len(r.output) - 1 >= len(r.blocks)
+                 * self.engine.block]
+        while needy and self.pool.available() < len(needy):
+            victim = max(self.running.values(), key=lambda r: (r.stats.admitted, r.slot))
+            self._preempt(victim)
+            needy = [r for r in needy if r is not victim]
+        for r in needy:
+            r.blocks += self.pool.allocate(1)
+        rows = sorted(self.running.values(), key=lambda r: r.slot)
+        return self._step("decode", rows, [[r.output[-1]] for r in rows],
+                          [len(r.prompt) + len(r.output) - 1 for r in rows])
+
+    def _preempt(self, r: Request) -> None:
+        """Free `r`'s slot and blocks; it waits first in line, to be recomputed (its prompt
+        and output as one prefill) when it is admitted again."""
+        log.info("preempting request %s (%d tokens): the KV cache is full", r.id,
+                 len(r.prompt) + len(r.output))
+        self.pool.release(r.blocks)
+        r.blocks = []
+        del self.running[r.slot]
+        heapq.heappush(self.free, r.slot)
+        r.slot = -1
+        r.stats.preempted += 1
+        self.pool.stats.preemptions += 1
+        self.waiting.appendleft(r)
+
+    @staticmethod
+    def _cacheable(r: Request) -> bool:
+        """Whether `r` may start from cached blocks: not with prompt log-probs (every prompt
+        token's are computed) nor penalties (each rank learns the prompt from the rows)."""
+        return r.params.prompt_logprobs is None and not r.params.penalized
+
+    def _admit(self, r: Request, first: bool) -> bool:
+        """Give waiting `r` its blocks (a cached prefix's shared, the rest new): False if they
+        are not free now."""
+        seq = r.prompt + r.output  # after a preemption its output is recomputed too
+        bs = self.engine.block
+        keys = block_keys(seq, bs)
+        hit = self.pool.lookup(keys) if self._cacheable(r) else []
+        if len(hit) * bs >= len(seq):  # at least one token to run, for its logits
+            hit = hit[:-1]
+        need = -(-len(seq) // bs) - len(hit)
+        self.pool.hold(hit)  # first: allocating must not evict them
+        spare = self.pool.available() - need
+        new = self.pool.allocate(need) if spare >= self.watermark or (
+            first and not self.running and spare >= 0) else None
+        if new is None:
+            self.pool.release(hit)
+            return False
+        r.blocks = hit + new
+        r.keys = keys
+        r.computed = len(hit) * bs
+        if not r.output:
+            r.stats.cached_tokens = r.computed
+            if self._cacheable(r) and self.pool.caching:
+                r.stats.cached_query = True
+                self.pool.stats.queried_tokens += len(r.prompt)
+                self.pool.stats.hit_tokens += r.computed
+        return True
+
+    def _prefill(self) -> Scheduled | None:
         admitted, failed = [], []
         while self.waiting and self.free and len(admitted) < self.max_prefill_rows:
-            r = self.waiting.popleft()
+            r = self.waiting[0]
+            if not self._admit(r, first=not admitted):
+                break
+            self.waiting.popleft()
             r.slot = heapq.heappop(self.free)
-            r.stats.admitted = time.perf_counter()
             self.running[r.slot] = r
+            if r.stats.preempted:
+                admitted.append(r)  # its decoder, sampler and matcher carry on
+                continue
+            r.stats.admitted = time.perf_counter()
             try:
                 r.decoder = self.decoder_factory() if self.decoder_factory else None
                 self.sampler.add(r.id, r.params)
@@ -213,8 +301,11 @@ class Scheduler:
                 failed.append(self._fail(r, e))
                 continue
             admitted.append(r)
-        done = self._step("prefill", admitted, [r.prompt for r in admitted],
-                          [0] * len(admitted))
+        if not admitted and not failed:
+            return None
+        done = self._step("prefill", admitted,
+                          [(r.prompt + r.output)[r.computed:] for r in admitted],
+                          [r.computed for r in admitted])
         done.events[:0] = failed
         return done
 
@@ -243,17 +334,24 @@ class Scheduler:
         if not kept:
             return Scheduled(kind, 0, 0, failed)
         guided = [r.matcher for r in kept]
+        # the prompt tokens among each row's (a recomputed output's are not; penalties' history)
+        prompt_lens = [max(0, min(len(t), len(r.prompt) - st))
+                       for r, t, st in zip(kept, toks, kept_starts)]
         # the masks are computed in their own thread while the step runs (ladder.engine.guided)
         masks = self.guide.masks(guided) if any(m is not None for m in guided) else None
         asks = [-1 if r.params.logprobs is None else r.params.logprobs for r in kept]
-        prompt_asks = [-1 if r.params.prompt_logprobs is None or kind != "prefill"
+        prompt_asks = [-1 if r.params.prompt_logprobs is None or kind != "prefill" or r.output
                        else r.params.prompt_logprobs for r in kept]
         out = self.engine.step(StepBatch(
             tokens=toks, slots=[r.slot for r in kept], starts=kept_starts, greedy=greedy,
+            tables=[r.blocks for r in kept],
             sampling=None if greedy else SamplingRows.of(table),
             logprobs=asks if max(asks) >= 0 else None,
             prompt_logprobs=prompt_asks if max(prompt_asks) >= 0 else None,
-            penalties=_penalties(kept) if penalized else None, masks=masks))
+            penalties=_penalties(kept, prompt_lens) if penalized else None, masks=masks))
+        if kind == "prefill":  # their full blocks are computed now: cached for later prompts
+            for r in kept:
+                self.pool.register(r.blocks, r.keys)
         lps = self.engine.last_logprobs if max(asks) >= 0 else [None] * len(kept)
         events = self._emit(kept, out.tolist(), lps)
         if max(prompt_asks) >= 0:
@@ -330,15 +428,18 @@ class Scheduler:
         if r.slot >= 0 and self.running.get(r.slot) is r:
             del self.running[r.slot]
             heapq.heappush(self.free, r.slot)
+            self.pool.release(r.blocks)
+            r.blocks = []
         self.sampler.remove(r.id)
         return TokenEvent(r.id, tok, delta, reason, r.stats)
 
 
-def _penalties(rows: list[Request]) -> Penalties:
+def _penalties(rows: list[Request], prompt_lens: list[int]) -> Penalties:
     ps = [r.params for r in rows]
     return Penalties([p.presence_penalty for p in ps], [p.frequency_penalty for p in ps],
                      [p.repetition_penalty for p in ps],
-                     [(i, t, b) for i, p in enumerate(ps) for t, b in p.logit_bias])
+                     [(i, t, b) for i, p in enumerate(ps) for t, b in p.logit_bias],
+                     prompt_lens)
 
 
 def _int64s(tokens: list[int]) -> list[int]:

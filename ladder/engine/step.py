@@ -26,16 +26,22 @@ from ladder.model.layers import KVCache, StepContext, attention_mask
 from ladder.model.transformer import Transformer
 
 OP_STEP, OP_STOP, OP_PING = 1, 2, 3
-_HEADER = 4  # op, rows, tokens per row (padded), flags
+_HEADER = 5  # op, rows, tokens per row (padded), flags, block-table width
+BLOCK = 16  # tokens per KV-cache block, by default
 
 
 @dataclass(slots=True)
 class StepBatch:
-    """Rows of new tokens: row b appends `tokens[b]` to slot `slots[b]` at position `starts[b]`."""
+    """Rows of new tokens: row b appends `tokens[b]` to its sequence at position `starts[b]`,
+    in the KV-cache blocks `tables[b]` lists (position p in its p // block-th); `slots[b]` is
+    the sequence's index among the engine's `n_slots` (the penalties' history is kept by it).
+    Without `tables` each slot owns a fixed run of blocks, enough for `max_seq`
+    (`ShardEngine.fixed_table`)."""
 
     tokens: list[list[int]]
     slots: list[int]
     starts: list[int]
+    tables: list[list[int]] | None = None
     all_logits: bool = False  # logits for every position (reference checks), not only the last
     greedy: bool = False  # every row takes its most likely token: the step returns token ids
     # each row's sampling: the step returns token ids (sampled on the ranks, ladder.engine.vocab)
@@ -55,24 +61,30 @@ class StepBatch:
 
     def body_len(self) -> int:
         return self.body_size(len(self.tokens), max(len(r) for r in self.tokens),
-                              self.sampling is not None, self.asks_logprobs)
+                              self.sampling is not None, self.asks_logprobs, self.width)
+
+    @property
+    def width(self) -> int:
+        return 0 if self.tables is None else max(map(len, self.tables))
 
     @property
     def asks_logprobs(self) -> bool:
         return self.logprobs is not None or self.prompt_logprobs is not None
 
     @staticmethod
-    def body_size(b: int, t: int, sampled: bool, logprobs: bool = False) -> int:
-        return b * (t + 3) + (COLUMNS * b if sampled else 0) + (2 * b if logprobs else 0)
+    def body_size(b: int, t: int, sampled: bool, logprobs: bool = False, width: int = 0) -> int:
+        return (b * (t + 3) + (COLUMNS * b if sampled else 0) + (2 * b if logprobs else 0)
+                + b * width)
 
     def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
         t = max(len(r) for r in self.tokens)
+        w = self.width
         head = torch.tensor([OP_STEP, len(self.tokens), t,
                              int(self.all_logits) | int(self.greedy) << 1
                              | int(self.sampling is not None) << 2
                              | int(self.asks_logprobs) << 3
                              | int(self.penalties is not None) << 4
-                             | int(self.masks is not None) << 5])
+                             | int(self.masks is not None) << 5, w])
         body = torch.zeros(self.body_len(), dtype=torch.int64)
         b = len(self.tokens)
         for i, row in enumerate(self.tokens):
@@ -83,26 +95,37 @@ class StepBatch:
         body[base + 2 * b:base + 3 * b] = torch.tensor([len(r) for r in self.tokens])
         if self.sampling is not None:
             body[base + 3 * b:base + (3 + COLUMNS) * b] = self.sampling.encode().reshape(-1)
+        end = len(body)
+        if w:
+            end -= b * w
+            table = body[end:].view(b, w)
+            table.fill_(-1)
+            for i, row in enumerate(self.tables):
+                table[i, :len(row)] = torch.tensor(row, dtype=torch.int64)
         if self.asks_logprobs:
-            body[-2 * b:-b] = torch.tensor(self.logprobs or [-1] * b)
-            body[-b:] = torch.tensor(self.prompt_logprobs or [-1] * b)
+            body[end - 2 * b:end - b] = torch.tensor(self.logprobs or [-1] * b)
+            body[end - b:end] = torch.tensor(self.prompt_logprobs or [-1] * b)
         return head, body
 
     @classmethod
     def decode(cls, head: torch.Tensor, body: torch.Tensor) -> "StepBatch":
-        _, b, t, flags = head.tolist()
+        _, b, t, flags, w = head.tolist()
         base = b * t
         lens = body[base + 2 * b:base + 3 * b].tolist()
         toks = body[:base].view(b, t)
+        end = len(body) - b * w
+        tables = None
+        if w:
+            tables = [[x for x in row if x >= 0] for row in body[end:].view(b, w).tolist()]
         return cls(tokens=[toks[i, :lens[i]].tolist() for i in range(b)],
                    slots=body[base:base + b].tolist(), starts=body[base + b:base + 2 * b].tolist(),
                    all_logits=bool(flags & 1), greedy=bool(flags & 2),
                    sampling=SamplingRows.decode(
                        body[base + 3 * b:base + (3 + COLUMNS) * b].view(b, COLUMNS))
                    if flags & 4 else None,
-                   logprobs=body[-2 * b:-b].tolist() if flags & 8 else None,
-                   prompt_logprobs=body[-b:].tolist() if flags & 8 else None,
-                   masks=True if flags & 32 else None)
+                   logprobs=body[end - 2 * b:end - b].tolist() if flags & 8 else None,
+                   prompt_logprobs=body[end - b:end].tolist() if flags & 8 else None,
+                   masks=True if flags & 32 else None, tables=tables)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +152,21 @@ class StepTiming:
     bytes: int = 0
 
 
+def block_bytes(config, n_kv_heads: int, block: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV-cache block on a rank holding `n_kv_heads` KV heads: keys and values of
+    every layer."""
+    return (2 * config.n_layers * n_kv_heads * block * config.head_dim
+            * torch.empty(0, dtype=dtype).element_size())
+
+
 class ShardEngine:
-    def __init__(self, model: Transformer, comm: Communicator, *, n_slots: int, max_seq: int) -> None:
+    """`n_slots` sequences at most at once (vLLM's max_num_seqs), each up to `max_seq` tokens,
+    their KV in `n_blocks` blocks of `block` tokens (default: `n_slots` full-length sequences'
+    worth, each slot its fixed run of blocks unless the step gives block tables)."""
+
+    def __init__(self, model: Transformer, comm: Communicator, *, n_slots: int, max_seq: int,
+                 n_blocks: int | None = None, block: int = BLOCK,
+                 prefix_caching: bool = True) -> None:
         cfg, spec = model.config, model.spec
         if max_seq > cfg.max_seq_len:
             raise ValueError(f"max_seq={max_seq} exceeds the model's context {cfg.max_seq_len}")
@@ -138,9 +174,15 @@ class ShardEngine:
         self.rank, self.is_leader = comm.rank, comm.rank == 0
         w = model.tok_embeddings.weight
         self.dtype, self.device = w.dtype, w.device
-        self.cache = KVCache(cfg.n_layers, n_slots, spec.n_kv_heads, max_seq, cfg.head_dim,
-                             self.dtype, self.device)
-        self.n_slots, self.max_seq = n_slots, max_seq
+        self.per_seq = -(-max_seq // block)  # blocks of a full-length sequence
+        if n_blocks is None:
+            n_blocks = n_slots * self.per_seq
+        if n_blocks < 1:
+            raise ValueError(f"the KV cache needs at least one block of {block} tokens")
+        self.cache = KVCache(cfg.n_layers, n_blocks, spec.n_kv_heads, block, cfg.head_dim,
+                             self.dtype, self.device, max_seq=max_seq)
+        self.n_slots, self.max_seq, self.n_blocks, self.block = n_slots, max_seq, n_blocks, block
+        self.prefix_caching = prefix_caching  # the leader's scheduler's policy
         self.shard = vocab.Shard.of(model)
         self.timing = StepTiming()
         self.last = StepComm()
@@ -171,7 +213,7 @@ class ShardEngine:
         """
         t0 = time.perf_counter()
         if self.comm.world_size > 1:
-            self.comm.broadcast(torch.tensor([OP_PING, 0, 0, 0]))
+            self.comm.broadcast(torch.tensor([OP_PING, 0, 0, 0, 0]))
             got = self._ping_reduce()
             if got != self.comm.world_size:
                 raise RuntimeError(f"health all-reduce summed to {got}, expected "
@@ -184,20 +226,20 @@ class ShardEngine:
 
     def stop_followers(self) -> None:
         if self.comm.world_size > 1:
-            self.comm.broadcast(torch.tensor([OP_STOP, 0, 0, 0]))
+            self.comm.broadcast(torch.tensor([OP_STOP, 0, 0, 0, 0]))
 
     def follow(self) -> None:
         """Follower loop: run the leader's steps until it says STOP."""
         head = torch.zeros(_HEADER, dtype=torch.int64)
         while True:
             self.comm.broadcast(head)
-            op, b, t, flags = head.tolist()
+            op, b, t, flags, w = head.tolist()
             if op == OP_STOP:
                 return
             if op == OP_PING:
                 self._ping_reduce()
                 continue
-            body = torch.zeros(StepBatch.body_size(b, t, bool(flags & 4), bool(flags & 8)),
+            body = torch.zeros(StepBatch.body_size(b, t, bool(flags & 4), bool(flags & 8), w),
                                dtype=torch.int64)
             self.comm.broadcast(body)
             batch = StepBatch.decode(head, body)
@@ -262,7 +304,7 @@ class ShardEngine:
         (log-probs stay the model's own: they read `local`)."""
         if self.history is None:
             self.history = History(self.n_slots, self.shard, self.device)
-        self.history.update(batch.tokens, batch.slots, batch.starts)
+        self.history.update(batch.tokens, batch.slots, batch.starts, batch.penalties.prompt_lens)
         return self.history.apply(local.float().clone(), batch.slots, batch.penalties)
 
     def _masked(self, local: torch.Tensor, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
@@ -304,26 +346,38 @@ class ShardEngine:
             table[:] = tokens.to(table)
         return self.shard.gather(table).long()
 
+    def fixed_table(self, slot: int) -> list[int]:
+        """Slot `slot`'s own run of blocks, for steps without block tables."""
+        if (slot + 1) * self.per_seq > self.n_blocks:
+            raise ValueError(f"slot {slot}: a step without block tables needs {self.per_seq} "
+                             f"blocks a slot, and the cache has {self.n_blocks}")
+        return list(range(slot * self.per_seq, (slot + 1) * self.per_seq))
+
     def _context(self, batch: StepBatch):
         b = len(batch.tokens)
         lens = [len(r) for r in batch.tokens]
         t = max(lens)
-        for s, st, n in zip(batch.slots, batch.starts, lens):
+        tables = batch.tables or [self.fixed_table(s) for s in batch.slots]
+        bs = self.block
+        for s, st, n, tb in zip(batch.slots, batch.starts, lens, tables):
             if not 0 <= s < self.n_slots:
                 raise ValueError(f"slot {s} outside 0..{self.n_slots - 1}")
             if st + n > self.max_seq:
                 raise ValueError(f"slot {s}: {st + n} tokens exceed the cache's {self.max_seq}")
+            if len(tb) * bs < st + n or not all(0 <= x < self.n_blocks for x in tb):
+                raise ValueError(f"slot {s}: block table {tb} does not hold positions "
+                                 f"0..{st + n - 1} in 0..{self.n_blocks - 1}")
         tokens = torch.zeros(b, t, dtype=torch.int64)
         for i, row in enumerate(batch.tokens):
             tokens[i, :len(row)] = torch.tensor(row)
         starts = torch.tensor(batch.starts)
         positions = starts[:, None] + torch.arange(t)[None, :]
         kv_len = max(st + n for st, n in zip(batch.starts, lens))
-        slot_ids = torch.tensor(batch.slots, device=self.device)
-        slots: torch.Tensor | slice = slot_ids
-        lo = batch.slots[0]
-        if batch.slots == list(range(lo, lo + b)):  # consecutive: attention reads the cache
-            slots = slice(lo, lo + b)               # in place instead of gathering a copy
+        # padded to the padding's last position; the padding writes into the scratch block
+        width = -(-(max(batch.starts) + t) // bs)
+        table = torch.full((b, width), self.cache.scratch, dtype=torch.int64)
+        for i, tb in enumerate(tables):
+            table[i, :min(len(tb), width)] = torch.tensor(tb[:width], dtype=torch.int64)
         mask = None
         causal = False
         window = self.model.config.sliding_window
@@ -337,7 +391,7 @@ class ShardEngine:
             mask = attention_mask(positions, kv_len)  # [B, 1, T, L]
         positions = positions.to(self.device)
         cos, sin = self.model.rope(positions, self.dtype)
-        ctx = StepContext(cos=cos, sin=sin, positions=positions, cache=self.cache, slots=slots,
-                          slot_ids=slot_ids, kv_len=kv_len, causal=causal,
+        ctx = StepContext(cos=cos, sin=sin, positions=positions, cache=self.cache,
+                          tables=table.to(self.device), kv_len=kv_len, causal=causal,
                           mask=None if mask is None else mask.to(self.device))
         return ctx, tokens.to(self.device), lens

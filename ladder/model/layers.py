@@ -1,5 +1,5 @@
 """The layers of a Llama-family model, single-device code: RMSNorm, rotary embedding, grouped
-attention over a slot-based KV cache, SwiGLU. A rank's layers hold its heads and its slice of
+attention over a paged KV cache, SwiGLU. A rank's layers hold its heads and its slice of
 the MLP (`ladder.model.tp.ShardSpec`); their outputs are partial sums the model all-reduces.
 
 Shapes: B batch rows, T tokens per row, D model dim, H / K local query / KV heads, E head dim.
@@ -62,17 +62,18 @@ class StepContext:
     """What attention needs to know about this forward, beyond the hidden states.
 
     `positions` [B, T] are absolute token positions. With a KV cache, row b writes its keys and
-    values at `positions[b]` of slot `slots[b]` and attends to everything before them in that slot;
-    `kv_len` is how many cached positions the longest row needs. Without a cache (training,
-    reference forwards) attention is causal within the given tokens.
+    values at `positions[b]` of the blocks its block table `tables[b]` lists (position p in block
+    `tables[b, p // block]`, at `p % block`) and attends to everything before them; `kv_len` is
+    how many cached positions the longest row needs. `causal`: a fresh prefill (one row from
+    position 0) that attends to its own new keys only. Without a cache (training, reference
+    forwards) attention is causal within the given tokens.
     """
 
     cos: torch.Tensor  # [B, 1, T, E]
     sin: torch.Tensor
     positions: torch.Tensor  # [B, T]
     cache: "KVCache | None" = None
-    slots: torch.Tensor | slice | None = None  # a slice when the rows sit in consecutive slots
-    slot_ids: torch.Tensor | None = None  # int64 [B]: the rows' slots, whichever form `slots` has
+    tables: torch.Tensor | None = None  # int64 [B, W]: each row's blocks, in position order
     kv_len: int = 0
     mask: torch.Tensor | None = None  # [B, 1, T, kv_len] bool, None when causal or unmasked
     causal: bool = False
@@ -90,17 +91,47 @@ def attention_mask(positions: torch.Tensor, kv_len: int,
 
 
 class KVCache:
-    """Static slot-based cache: [layers, slots, K, max_seq, E] for keys and values.
+    """Paged cache: keys and values [layers, blocks + 1, K, block, E], allocated once.
 
-    Allocated once, so continuous batching only moves slot indices around.
+    A sequence's positions live in the blocks its block table lists, in order (the leader's
+    `ladder.engine.blocks.BlockPool` hands them out); the extra last block is scratch, where the
+    padding of a batch's shorter rows writes and nothing reads. `max_seq` is the longest
+    sequence the engine admits.
     """
 
-    def __init__(self, n_layers: int, n_slots: int, n_kv_heads: int, max_seq: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
-        shape = (n_layers, n_slots, n_kv_heads, max_seq, head_dim)
+    def __init__(self, n_layers: int, n_blocks: int, n_kv_heads: int, block: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 max_seq: int | None = None) -> None:
+        shape = (n_layers, n_blocks + 1, n_kv_heads, block, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.n_slots, self.max_seq = n_slots, max_seq
+        self.n_blocks, self.block = n_blocks, block
+        self.scratch = n_blocks  # the padding's block
+        self.max_seq = block if max_seq is None else max_seq
+
+    def write(self, layer: int, tables: torch.Tensor, positions: torch.Tensor,
+              k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [B, K, T, E] at `positions` [B, T] of the rows' blocks."""
+        bs = self.block
+        blk = tables.gather(1, positions // bs)
+        off = positions % bs
+        self.k[layer][blk, :, off] = k.transpose(1, 2)
+        self.v[layer][blk, :, off] = v.transpose(1, 2)
+
+    def read(self, layer: int, tables: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' first `n` positions, gathered: k, v [B, K, n, E] (copies)."""
+        w = -(-n // self.block)
+        idx = tables[:, :w]
+        b = idx.shape[0]
+
+        def gather(c: torch.Tensor) -> torch.Tensor:
+            x = c[layer][idx]  # [B, w, K, block, E]
+            return x.transpose(1, 2).reshape(b, x.shape[2], w * self.block, -1)[:, :, :n]
+
+        return gather(self.k), gather(self.v)
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
 
 
 class Attention(nn.Module):
@@ -127,23 +158,9 @@ class Attention(nn.Module):
             (h, k_), dim=1)
         v = v.view(b, t, k_, e).transpose(1, 2)
         if ctx.cache is not None:
-            ck, cv = ctx.cache.k[self.layer_id], ctx.cache.v[self.layer_id]
-            s = ctx.slots
-            in_place = isinstance(s, slice)  # consecutive slots: the cache is read in place
-            if in_place:
-                ck, cv, s = ck[s], cv[s], slice(None)
-            if in_place and t == 1 and b == 1:
-                p = int(ctx.positions[0, 0])
-                ck[:, :, p:p + 1] = k
-                cv[:, :, p:p + 1] = v
-            else:
-                rows = torch.arange(b, device=x.device) if in_place else s
-                idx = ctx.positions.clamp(max=ctx.cache.max_seq - 1)  # pad rows write junk late
-                rr = rows[:, None].expand(b, t)
-                ck[rr, :, idx] = k.transpose(1, 2)
-                cv[rr, :, idx] = v.transpose(1, 2)
-            # scattered slots (an index tensor): a gathered copy of the rows' first kv_len
-            k, v = ck[s, :, :ctx.kv_len], cv[s, :, :ctx.kv_len]
+            ctx.cache.write(self.layer_id, ctx.tables, ctx.positions, k, v)
+            if not ctx.causal:  # a fresh prefill's keys are all its own: no need to read back
+                k, v = ctx.cache.read(self.layer_id, ctx.tables, ctx.kv_len)
         if not self.grouped:  # one KV head per query head, in the query heads' order
             idx = self._kv_index
             if idx is None or idx.device != k.device:

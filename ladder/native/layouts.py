@@ -136,7 +136,7 @@ class NativeAttention(nn.Module):
         cache = ctx.cache
         b, t, _ = x.shape
         code = native.DTYPE_CODES.get(x.dtype)
-        if t != 1 or cache is None or ctx.slot_ids is None or code is None \
+        if t != 1 or cache is None or ctx.tables is None or code is None \
                 or cache.k.dtype != x.dtype or (self._window is not None
                                                 and ctx.kv_len > self._window):
             return self._torch(x, ctx)  # the kernel reads every position up to the row's own
@@ -144,14 +144,16 @@ class NativeAttention(nn.Module):
         h, k_, e = self._shape
         y = x.new_empty(b, 1, h * e)
         threads = torch.get_num_threads()
-        if self._scratch.numel() < threads * cache.max_seq:
-            self._scratch = torch.empty(threads, cache.max_seq)
+        stride = cache.max_seq
+        if self._scratch.numel() < threads * stride:
+            self._scratch = torch.empty(threads, stride)
         layer = self._layer * cache.k.stride(0) * cache.k.element_size()
+        tables = ctx.tables.contiguous()
         self.lib.ladder_attn_decode(
             code, qkv.data_ptr(), y.data_ptr(), b, h, k_, e, ctx.cos.data_ptr(),
             ctx.sin.data_ptr(), cache.k.data_ptr() + layer, cache.v.data_ptr() + layer,
-            cache.max_seq, ctx.slot_ids.data_ptr(), ctx.positions.data_ptr(),
-            self._kv_map.data_ptr(), self.scale, self._scratch.data_ptr(), threads)
+            cache.block, tables.data_ptr(), tables.shape[1], ctx.positions.data_ptr(),
+            self._kv_map.data_ptr(), self.scale, self._scratch.data_ptr(), stride, threads)
         return self._wo(y)
 
 

@@ -50,7 +50,7 @@ static inline void st(int dt, void *p, long i, float v) {
     else ((float *)p)[i] = v;
 }
 
-int ladder_native_version(void) { return 1; }
+int ladder_native_version(void) { return 2; } /* 2: paged KV cache */
 
 /* y[m] = w * rms_norm(x[m]) for M rows of D: as RMSNorm.forward, normalised in float32, rounded
  * to the dtype, then multiplied by the weight (one more rounding). */
@@ -162,29 +162,31 @@ static inline void rope(int dt, const void *x, long xo, const void *cs, const vo
  *
  * qkv   [B, (H + 2K) * E]   this rank's projections: H query heads, K key heads, K value heads
  * cos, sin [B, E]           the rows' rotary tables (ladder.model.Transformer.rope)
- * ck, cv                    this layer's cache, [n_slots, K, max_seq, E]
- * slots, pos [B]            row b writes its key and value at position pos[b] of slot slots[b]
- *                           and attends to positions 0..pos[b] of that slot
+ * ck, cv                    this layer's paged cache, [blocks, K, block, E]
+ * tables [B, width], pos [B] row b writes its key and value at position pos[b], that is at
+ *                           pos[b] % block of block tables[b, pos[b] / block], and attends to
+ *                           its positions 0..pos[b], block by block
  * out   [B, H * E]          per row, the heads side by side (as y.transpose(1, 2).reshape)
  * kv_map [H]                the KV head each query head reads: h / (H / K) for grouped-query
  *                           attention, any map for the 'even' head split (ladder.tp)
- * scratch                   max_seq floats for each of the nt threads (scores)
+ * scratch                   `stride` floats (>= max pos + 1) for each of the nt threads (scores)
  *
  * The scores are (q . k) * scale in float32, the softmax and the weighted sum of values in
  * float32, the result rounded to the dtype once, as _decode_attention computes them. */
 void ladder_attn_decode(int dt, const void *qkv, void *out, long B, long H, long K, long E,
-                        const void *cs, const void *sn, void *ck, void *cv, long max_seq,
-                        const int64_t *slots, const int64_t *pos, const int64_t *kv_map,
-                        float scale, float *scratch, int nt) {
-    long width = (H + 2 * K) * E, per_slot = K * max_seq * E;
+                        const void *cs, const void *sn, void *ck, void *cv, long block,
+                        const int64_t *tables, long width, const int64_t *pos,
+                        const int64_t *kv_map, float scale, float *scratch, long stride, int nt) {
+    long qw = (H + 2 * K) * E, per_block = K * block * E;
     size_t el = dt ? 2 : 4;
     for (long b = 0; b < B; b++) { /* the new keys (rotated) and values into the cache */
         float kr[E];
+        long p = pos[b], blk = tables[b * width + p / block];
         for (long j = 0; j < K; j++) {
-            long at = slots[b] * per_slot + (j * max_seq + pos[b]) * E;
-            rope(dt, qkv, b * width + (H + j) * E, cs, sn, b * E, E, kr);
+            long at = blk * per_block + (j * block + p % block) * E;
+            rope(dt, qkv, b * qw + (H + j) * E, cs, sn, b * E, E, kr);
             for (long i = 0; i < E; i++) st(dt, ck, at + i, kr[i]);
-            memcpy((char *)cv + at * el, (const char *)qkv + (b * width + (H + K + j) * E) * el,
+            memcpy((char *)cv + at * el, (const char *)qkv + (b * qw + (H + K + j) * E) * el,
                    E * el);
         }
     }
@@ -193,41 +195,47 @@ void ladder_attn_decode(int dt, const void *qkv, void *out, long B, long H, long
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && work * E > 65536)
     for (long bh = 0; bh < B * H; bh++) {
         long b = bh / H, h = bh % H, j = kv_map[h], n = pos[b] + 1;
+        const int64_t *tb = tables + b * width;
         int t = omp_get_thread_num();
-        float *sc = scratch + t * max_seq;
+        float *sc = scratch + t * stride;
         float q[E], acc[E];
-        rope(dt, qkv, b * width + h * E, cs, sn, b * E, E, q);
-        long base = slots[b] * per_slot + j * max_seq * E;
+        rope(dt, qkv, b * qw + h * E, cs, sn, b * E, E, q);
         float mx = -INFINITY;
-        for (long p = 0; p < n; p++) {
-            long kp = base + p * E;
-            float s = 0.f;
-            if (dt) {
-                const bf16 *k = (const bf16 *)ck + kp;
+        for (long p0 = 0, c = 0; p0 < n; p0 += block, c++) { /* block by block */
+            long base = tb[c] * per_block + j * block * E, m = n - p0 < block ? n - p0 : block;
+            for (long p = 0; p < m; p++) {
+                long kp = base + p * E;
+                float s = 0.f;
+                if (dt) {
+                    const bf16 *k = (const bf16 *)ck + kp;
 #pragma omp simd reduction(+ : s)
-                for (long i = 0; i < E; i++) s += q[i] * bf2f(k[i]);
-            } else {
-                const float *k = (const float *)ck + kp;
+                    for (long i = 0; i < E; i++) s += q[i] * bf2f(k[i]);
+                } else {
+                    const float *k = (const float *)ck + kp;
 #pragma omp simd reduction(+ : s)
-                for (long i = 0; i < E; i++) s += q[i] * k[i];
+                    for (long i = 0; i < E; i++) s += q[i] * k[i];
+                }
+                s *= scale;
+                sc[p0 + p] = s;
+                if (s > mx) mx = s;
             }
-            s *= scale;
-            sc[p] = s;
-            if (s > mx) mx = s;
         }
         float sum = softmax_exp(sc, n, mx);
         for (long i = 0; i < E; i++) acc[i] = 0.f;
-        for (long p = 0; p < n; p++) {
-            float a = sc[p] / sum;
-            long vp = base + p * E;
-            if (dt) {
-                const bf16 *v = (const bf16 *)cv + vp;
+        for (long p0 = 0, c = 0; p0 < n; p0 += block, c++) {
+            long base = tb[c] * per_block + j * block * E, m = n - p0 < block ? n - p0 : block;
+            for (long p = 0; p < m; p++) {
+                float a = sc[p0 + p] / sum;
+                long vp = base + p * E;
+                if (dt) {
+                    const bf16 *v = (const bf16 *)cv + vp;
 #pragma omp simd
-                for (long i = 0; i < E; i++) acc[i] += a * bf2f(v[i]);
-            } else {
-                const float *v = (const float *)cv + vp;
+                    for (long i = 0; i < E; i++) acc[i] += a * bf2f(v[i]);
+                } else {
+                    const float *v = (const float *)cv + vp;
 #pragma omp simd
-                for (long i = 0; i < E; i++) acc[i] += a * v[i];
+                    for (long i = 0; i < E; i++) acc[i] += a * v[i];
+                }
             }
         }
         for (long i = 0; i < E; i++) st(dt, out, b * H * E + h * E + i, acc[i]);

@@ -1,0 +1,161 @@
+"""The paged KV cache against the fixed slots it replaced, side by side in one run.
+
+SmolLM2 at TP=2 as `deploy/smollm2.yaml` serves it (ladder:24-29, the even head split, one
+thread a rank), float32. Parts (all when none is named):
+
+  layout       decode tokens/s with blocks of 16 against one block of max_seq a sequence (the
+               fixed slot layout of before, read by the same kernel), one stream and 16
+               streams (`--streams-16`), interleaved `--reps` times: paged / fixed, target >= 0.95
+  concurrency  the served default's KV memory (16 sequences of 2048 tokens) with 200-token
+               chats (`--chat-prompt` prompt tokens + the rest generated): how many run at once
+               (the most rows of one decode step; before: 16 slots, target >= 4x), and the
+               aggregate decode tokens/s of 64 streams against 16 (target >= 1.5x)
+  prefix       a 1,000-token system prompt: the time to first token of a request after another
+               with the same system prompt, against the first's (target >= 5x), and the hit rate
+
+Prints a table per part and one JSON line (`--out DIR` also writes it there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from bench.table import table
+from bench.timed import OtherLoad, emit, log, median
+from ladder.engine.local import LocalTPGroup
+from ladder.engine.sampling import SamplingParams
+from ladder.engine.step import block_bytes
+from ladder.options import DTYPES, GroupOptions
+
+SERVED = dict(model="smollm2", tp=2, residual="ladder:24-29", head_split="even", threads=1,
+              dtype="float32", max_seq=2048)
+TARGETS = {"layout": 0.95, "concurrency": 4.0, "throughput_64_over_16": 1.5, "prefix_ttft": 5.0}
+
+
+def add_args(p) -> None:
+    p.add_argument("--parts", default="layout,concurrency,prefix")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=24, help="new tokens a stream (layout)")
+    p.add_argument("--chat-prompt", type=int, default=40, help="prompt tokens of a 200-token chat")
+    p.add_argument("--chats", type=int, default=80, help="chats submitted at once")
+    p.add_argument("--system", type=int, default=1000, help="system prompt tokens (prefix)")
+    p.add_argument("--out", default=None)
+
+
+def served_kv_bytes() -> int:
+    """The KV bytes a rank of the served default holds: 16 slots of 2048 tokens."""
+    from ladder.loaders import open_checkpoint
+    from ladder.model.tp import ShardSpec
+    cfg = open_checkpoint("smollm2").config
+    heads = max(ShardSpec.make(cfg, r, 2, "even").n_kv_heads for r in range(2))
+    return 16 * 2048 // 16 * block_bytes(cfg, heads, 16, DTYPES["float32"])
+
+
+def prompt(i: int, n: int) -> list[int]:
+    return [(37 * i + 11 * j) % 40000 + 100 for j in range(n)]
+
+
+def decode_tok_s(g: LocalTPGroup, prompts, n: int) -> float:
+    g.reset_timing()
+    g.generate(prompts, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)]
+               * len(prompts))
+    t = g.timing()
+    return t.decode_tokens / t.decode_s
+
+
+def layout(a) -> dict:
+    groups = {"paged": dict(block_size=16), "fixed": dict(block_size=2048)}
+    got = {(k, s): [] for k in groups for s in (1, 16)}
+    opened = {k: LocalTPGroup(GroupOptions(**SERVED, n_slots=16, **v)) for k, v in groups.items()}
+    try:
+        for rep in range(a.reps):
+            order = list(groups) if rep % 2 == 0 else list(groups)[::-1]
+            for k in order:
+                for s in (1, 16):
+                    got[(k, s)].append(decode_tok_s(opened[k], [prompt(i, 32) for i in range(s)],
+                                                    a.tokens))
+            log(f"layout rep {rep + 1}/{a.reps}")
+    finally:
+        for g in opened.values():
+            g.shutdown()
+    out = {f"{k}_{s}": median(v) for (k, s), v in got.items()}
+    for s in (1, 16):
+        out[f"ratio_{s}"] = out[f"paged_{s}"] / out[f"fixed_{s}"]
+    return out
+
+
+def concurrency(a) -> dict:
+    kv = served_kv_bytes()
+    new = 200 - a.chat_prompt
+    with LocalTPGroup(GroupOptions(**SERVED, n_slots=a.chats, kv_cache_bytes=kv)) as g:
+        asyncio.run(g.stats())
+        t0 = time.perf_counter()
+        g.generate([prompt(i, a.chat_prompt) for i in range(a.chats)],
+                   [SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)] * a.chats)
+        wall = time.perf_counter() - t0
+        st = asyncio.run(g.stats())
+        most = max((s["rows"] for s in st["steps"] if s["kind"] == "decode"), default=0)
+        kvs = st["kv_cache"]
+        tput = {}
+        for rep in range(a.reps):
+            for s in ((64, 16) if rep % 2 == 0 else (16, 64)):
+                tput.setdefault(s, []).append(
+                    decode_tok_s(g, [prompt(1000 + i, 32) for i in range(s)], a.tokens))
+            log(f"throughput rep {rep + 1}/{a.reps}")
+    return {"kv_bytes_per_rank": kv, "blocks": kvs["blocks"], "chats": a.chats,
+            "chat_tokens": 200, "most_at_once": most, "over_16_slots": most / 16,
+            "preemptions": kvs["preemptions"], "wall_s": wall,
+            "tok_s_64": median(tput[64]), "tok_s_16": median(tput[16]),
+            "throughput_64_over_16": median(tput[64]) / median(tput[16])}
+
+
+def prefix(a) -> dict:
+    system = prompt(7, a.system)
+    ttft = {"first": [], "second": []}
+    with LocalTPGroup(GroupOptions(**SERVED, n_slots=16)) as g:
+        for rep in range(a.reps):
+            sys_r = [t + rep for t in system]  # a new system prompt each rep: a cold first
+            for k, q in (("first", [5, 6, 7, 8]), ("second", [9, 10, 11])):
+                r = g.generate([sys_r + q], [SamplingParams(max_tokens=2, temperature=0)])[0]
+                ttft[k].append(r["stats"].ttft_s)
+            log(f"prefix rep {rep + 1}/{a.reps}")
+        kv = asyncio.run(g.stats())["kv_cache"]
+    return {"system_tokens": a.system, "ttft_first_s": median(ttft["first"]),
+            "ttft_second_s": median(ttft["second"]),
+            "speedup": median(ttft["first"]) / median(ttft["second"]),
+            "hit_rate": kv["hit_rate"], "hit_tokens": kv["hit_tokens"]}
+
+
+def run(a) -> int:
+    parts = a.parts.split(",")
+    other = OtherLoad(tree=True)
+    result = {"bench": "paged", "targets": TARGETS}
+    if "layout" in parts:
+        r = result["layout"] = layout(a)
+        print(table("Decode tokens/s: blocks of 16 against one block a sequence (before)",
+                    ["streams", "paged", "fixed", "paged / fixed"],
+                    [[s, f"{r[f'paged_{s}']:.1f}", f"{r[f'fixed_{s}']:.1f}",
+                      f"{r[f'ratio_{s}']:.3f}"] for s in (1, 16)]))
+    if "concurrency" in parts:
+        r = result["concurrency"] = concurrency(a)
+        print(table("Concurrency in the served default's KV memory (16 x 2048 tokens a rank)",
+                    ["chats", "blocks", "most at once", "over 16 slots", "preemptions",
+                     "tok/s 64 streams", "tok/s 16", "64 / 16"],
+                    [[r["chats"], r["blocks"], r["most_at_once"], f"{r['over_16_slots']:.1f}",
+                      r["preemptions"], f"{r['tok_s_64']:.1f}", f"{r['tok_s_16']:.1f}",
+                      f"{r['throughput_64_over_16']:.2f}"]]))
+    if "prefix" in parts:
+        r = result["prefix"] = prefix(a)
+        print(table(f"Prefix caching: a {r['system_tokens']}-token system prompt",
+                    ["TTFT first s", "TTFT second s", "first / second", "hit rate"],
+                    [[f"{r['ttft_first_s']:.3f}", f"{r['ttft_second_s']:.3f}",
+                      f"{r['speedup']:.1f}", f"{r['hit_rate']:.2f}"]]))
+    result["other_processes_cores"] = other.cores()
+    emit(result, a.out, "paged")
+    return 0
+
+
+if __name__ == "__main__":
+    from bench.timed import bench_main
+    raise SystemExit(bench_main(__doc__, add_args, run))
