@@ -12,6 +12,10 @@ thread a rank), float32. Parts (all when none is named):
                aggregate decode tokens/s of 64 streams against 16 (target >= 1.5x)
   prefix       a 1,000-token system prompt: the time to first token of a request after another
                with the same system prompt, against the first's (target >= 5x), and the hit rate
+  chunked      8 streams decode; a `--long`-token prompt arrives: the longest gap between two
+               tokens of a stream against their median gap (target <= 3x), per setting of
+               max_num_batched_tokens in `--budgets` (0: chunked prefill off, the whole prompt
+               in one step), and the long prompt's time to first token
 
 Prints a table per part and one JSON line (`--out DIR` also writes it there).
 """
@@ -30,11 +34,14 @@ from ladder.options import DTYPES, GroupOptions
 
 SERVED = dict(model="smollm2", tp=2, residual="ladder:24-29", head_split="even", threads=1,
               dtype="float32", max_seq=2048)
-TARGETS = {"layout": 0.95, "concurrency": 4.0, "throughput_64_over_16": 1.5, "prefix_ttft": 5.0}
+TARGETS = {"layout": 0.95, "concurrency": 4.0, "throughput_64_over_16": 1.5, "prefix_ttft": 5.0,
+           "chunked_gap": 3.0}
 
 
 def add_args(p) -> None:
-    p.add_argument("--parts", default="layout,concurrency,prefix")
+    p.add_argument("--parts", default="layout,concurrency,prefix,chunked")
+    p.add_argument("--budgets", default="0,32,64", help="max_num_batched_tokens (chunked)")
+    p.add_argument("--long", type=int, default=1500, help="the late prompt's tokens (chunked)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--tokens", type=int, default=24, help="new tokens a stream (layout)")
     p.add_argument("--chat-prompt", type=int, default=40, help="prompt tokens of a 200-token chat")
@@ -127,6 +134,44 @@ def prefix(a) -> dict:
             "hit_rate": kv["hit_rate"], "hit_tokens": kv["hit_tokens"]}
 
 
+async def _gaps(g: LocalTPGroup, a) -> dict:
+    n_streams, warm = 8, 8
+    left = a.long // 16 + 40  # tokens a stream still makes after the long prompt arrives
+    streams = await g.open_many(
+        [prompt(i, 32) for i in range(n_streams)],
+        [SamplingParams(max_tokens=warm + left, temperature=0, ignore_eos=True)] * n_streams)
+    stamps: list[list[float]] = [[] for _ in streams]
+
+    async def follow(i, s) -> None:
+        async for ev in s:
+            if ev.token_id is not None:
+                stamps[i].append(time.perf_counter())
+
+    tasks = [asyncio.create_task(follow(i, s)) for i, s in enumerate(streams)]
+    while min(map(len, stamps)) < warm:
+        await asyncio.sleep(0.005)
+    t0 = time.perf_counter()
+    first = None
+    async for ev in await g.open(prompt(999, a.long), SamplingParams(max_tokens=2,
+                                                                     temperature=0)):
+        first = first or time.perf_counter()
+    await asyncio.gather(*tasks)
+    gaps = [b - x for st in stamps for x, b in zip(st, st[1:])]
+    return {"max_gap_s": max(gaps), "median_gap_s": median(gaps),
+            "gap_ratio": max(gaps) / median(gaps), "long_ttft_s": first - t0}
+
+
+def chunked(a) -> dict:
+    out = {}
+    for budget in [int(x) for x in a.budgets.split(",")]:
+        with LocalTPGroup(GroupOptions(**SERVED, n_slots=16,
+                                       max_num_batched_tokens=budget)) as g:
+            runs = [asyncio.run(_gaps(g, a)) for _ in range(a.reps)]
+        out[str(budget)] = {k: median([r[k] for r in runs]) for k in runs[0]}
+        log(f"chunked budget {budget}: {out[str(budget)]}")
+    return {"long_tokens": a.long, "streams": 8, "by_budget": out}
+
+
 def run(a) -> int:
     parts = a.parts.split(",")
     other = OtherLoad(tree=True)
@@ -151,6 +196,14 @@ def run(a) -> int:
                     ["TTFT first s", "TTFT second s", "first / second", "hit rate"],
                     [[f"{r['ttft_first_s']:.3f}", f"{r['ttft_second_s']:.3f}",
                       f"{r['speedup']:.1f}", f"{r['hit_rate']:.2f}"]]))
+    if "chunked" in parts:
+        r = result["chunked"] = chunked(a)
+        print(table(f"Chunked prefill: 8 streams decode, a {r['long_tokens']}-token prompt "
+                    "arrives", ["max_num_batched_tokens", "median gap ms", "longest gap ms",
+                                "longest / median", "its TTFT s"],
+                    [[b, f"{x['median_gap_s'] * 1e3:.1f}", f"{x['max_gap_s'] * 1e3:.1f}",
+                      f"{x['gap_ratio']:.1f}", f"{x['long_ttft_s']:.2f}"]
+                     for b, x in r["by_budget"].items()]))
     result["other_processes_cores"] = other.cores()
     emit(result, a.out, "paged")
     return 0

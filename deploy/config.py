@@ -44,6 +44,7 @@ class ServerConfig:
     kv_cache_fraction: float = 0.0
     block_size: int = 16
     prefix_caching: bool = True  # prompts that start alike share their full blocks
+    max_num_batched_tokens: int = 32  # a step's tokens while others decode (0: no chunking)
     threads: int = 1  # torch threads per rank
     head_split: str = "groups"  # groups | even: how attention heads are split over the ranks
     strategy: str = "PACK"  # placement of the ranks (the deployment's placement group)
@@ -75,7 +76,8 @@ class ServerConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)!r}")
-        for name in ("queue_limit", "retry_after_s", "max_prompt_chars", "kv_cache_bytes"):
+        for name in ("queue_limit", "retry_after_s", "max_prompt_chars", "kv_cache_bytes",
+                     "max_num_batched_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.kv_cache_fraction < 1:

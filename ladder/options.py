@@ -35,6 +35,9 @@ class GroupOptions:
     kv_cache_fraction: float = 0.0
     block_size: int = 16  # tokens per KV-cache block
     prefix_caching: bool = True  # full blocks shared by prompts that start alike
+    # chunked prefill: while sequences decode, a step runs at most this many tokens (theirs,
+    # and prompt chunks in the rest), so that a long prompt does not stall them; 0: off
+    max_num_batched_tokens: int = 32
     latency_s: float = 0.0  # emulated link latency per all-reduce (0: none)
     threads: int = 0  # torch threads per rank; 0: cores // tp
     host: str = ""  # the address this rank's gloo binds to ('' = gloo's default resolution)
@@ -54,6 +57,9 @@ class GroupOptions:
         if self.kv_cache_bytes < 0 or not 0 <= self.kv_cache_fraction < 1:
             raise ValueError("kv_cache_bytes must be >= 0 and kv_cache_fraction in [0, 1), got "
                              f"{self.kv_cache_bytes} and {self.kv_cache_fraction}")
+        if self.max_num_batched_tokens < 0:
+            raise ValueError("max_num_batched_tokens must be >= 0 (0: no chunked prefill), got "
+                             f"{self.max_num_batched_tokens}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.head_split not in HEAD_SPLITS:

@@ -162,18 +162,96 @@ def test_a_prompt_the_cache_cannot_hold_is_refused(tiny_llama):
 
 # -- a TP group ---------------------------------------------------------------------------------
 def test_tp2_paged_with_prefix_caching_and_preemption_equals_tp1(tiny_llama, roomy):
-    """TP=2, each rank's cache 11 blocks of 4 (kv_cache_bytes), requests sharing a start:
-    the tokens of TP=1's roomy cache, blocks cached and sequences preempted on the way."""
+    """TP=2, each rank's cache 11 blocks of 4 (kv_cache_bytes), steps of 6 tokens while others
+    decode, requests sharing a start: the tokens of TP=1's roomy cache, blocks cached, prompts
+    chunked and sequences preempted on the way."""
     from ladder.engine.step import block_bytes
     cfg = open_checkpoint(tiny_llama).config
     opts = GroupOptions(model=str(tiny_llama), tp=2, residual="ladder:1-2", n_slots=4,
-                        max_seq=64, block_size=4,
+                        max_seq=64, block_size=4, max_num_batched_tokens=6,
                         kv_cache_bytes=11 * block_bytes(cfg, 2, 4, torch.float32))
     with LocalTPGroup(opts) as g:
         first = g.generate([PROMPTS[0]], [PARAMS[0]])
         out = g.generate(PROMPTS, PARAMS)
-        kv = asyncio.run(g.stats())["kv_cache"]
+        st = asyncio.run(g.stats())
+    kv = st["kv_cache"]
+    assert {"prefill", "mixed", "decode"} <= {s["kind"] for s in st["steps"]}
     assert [first[0]["tokens"]] + [o["tokens"] for o in out] == [roomy[0]] + roomy
     assert kv["blocks"] == 11 and kv["block_size"] == 4 and kv["blocks_used"] == 0
     assert kv["hit_tokens"] >= 20 and kv["preemptions"] > 0
     assert out[1]["stats"].cached_tokens == 20
+
+
+# -- chunked prefill -----------------------------------------------------------------------------
+def test_a_packed_step_equals_its_rows_run_apart(tiny_llama):
+    """Decode rows beside prompt chunks run as one sequence of their tokens (no padding): each
+    row's logits equal its own step's, on the torch path and the native kernels."""
+    from ladder.engine.step import StepBatch
+    for native in (False, True):
+        eng = _engine(tiny_llama, native=native)
+        tables = {s: eng.fixed_table(s) for s in range(4)}
+
+        def run(rows):
+            return eng.step(StepBatch(tokens=[t for _, t, _ in rows], slots=[s for s, _, _ in rows],
+                                      starts=[st for _, _, st in rows],
+                                      tables=[tables[s] for s, _, _ in rows]))
+
+        run([(0, PROMPTS[0], 0)])  # two sequences under way
+        run([(1, PROMPTS[1], 0)])
+        rows = [(0, [9], len(PROMPTS[0])), (2, PROMPTS[2] + PROMPTS[3], 0),
+                (1, [4], len(PROMPTS[1])), (3, SYSTEM[:7], 0)]
+        together = run(rows)
+        apart = torch.cat([run([row]) for row in rows])  # the same positions written again
+        torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["torch", "native"])
+def test_chunked_prefill_keeps_the_others_decoding(tiny_llama, roomy, native):
+    """A step budget of 6 tokens: prompts arriving while two sequences decode are prefilled in
+    chunks beside their tokens (never a step without them), and every request ends with the
+    tokens it gets alone."""
+    eng = _engine(tiny_llama, native=native)
+    sched = Scheduler(eng, max_batched_tokens=6)
+    first = [sched.add(Request(prompt=list(p), params=sp)) for p, sp in
+             zip(PROMPTS[2:], PARAMS[2:])]
+    sched.step()  # their prompts, whole: nothing decodes yet
+    late = [sched.add(Request(prompt=list(p), params=sp)) for p, sp in
+            zip(PROMPTS[:2], PARAMS[:2])]
+    kinds = []
+    while sched.has_work():
+        decoding = [r for r in first if r.slot >= 0 and not r.prefilling]
+        done = sched.step()
+        kinds.append(done.kind)
+        if done.kind == "mixed":
+            assert done.tokens <= 6 and done.rows > len(decoding)
+            assert all(r.output for r in decoding)  # their token came
+    # 16 tokens of the first late prompt (8 cached from PROMPTS[3]'s blocks) over 4 steps, the
+    # second's 3 (20 cached from the first's) in a 5th; no step ran a prompt alone
+    assert kinds[:5] == ["mixed"] * 5 and "prefill" not in kinds
+    assert [r.stats.cached_tokens for r in late] == [8, 20]
+    assert [r.output for r in late + first] == roomy
+
+
+def test_the_cache_is_sized_by_memory(tiny_llama):
+    """kv_cache_bytes per rank, or a fraction of the free memory, over a block's bytes on the
+    rank with the most KV heads; too little for one block is an error that says so."""
+    from ladder.engine.build import available_memory, kv_blocks
+    from ladder.engine.step import block_bytes
+    cfg = open_checkpoint(tiny_llama).config
+    cpu = torch.device("cpu")
+
+    def blocks(**kw):
+        return kv_blocks(GroupOptions(model=str(tiny_llama), n_slots=3, **kw), cfg, NoComm(),
+                         cpu, 64)
+
+    assert blocks() == 3 * 4  # n_slots full sequences of 64 tokens, blocks of 16
+    per = block_bytes(cfg, 3, 16, torch.float32)  # TP=1: all 3 KV heads
+    assert blocks(kv_cache_bytes=10 * per + 5) == 10
+    # at TP=2 a rank holds 2 or 1 of the 3 KV heads: the blocks are sized for 2
+    assert blocks(kv_cache_bytes=10 * per, tp=2) == 15
+    got = blocks(kv_cache_fraction=0.001)
+    assert abs(got - available_memory() * 0.001 // per) <= 0.05 * got + 2
+    with pytest.raises(ValueError, match="hold no block of 16 tokens"):
+        blocks(kv_cache_bytes=per - 1)
+    with pytest.raises(ValueError, match="kv_cache_fraction"):
+        GroupOptions(kv_cache_fraction=1.5)

@@ -29,6 +29,7 @@ def build_engine(opts: GroupOptions, rank: int, comm: Communicator):
     engine = ShardEngine(model, comm, n_slots=opts.n_slots, max_seq=max_seq,
                          n_blocks=kv_blocks(opts, cfg, comm, device, max_seq),
                          block=opts.block_size, prefix_caching=opts.prefix_caching)
+    engine.max_batched_tokens = opts.max_num_batched_tokens  # the leader's scheduler's policy
     return ckpt, engine
 
 

@@ -70,7 +70,8 @@ class Leader:
             decoder_factory=tokenizer.incremental_decoder if tokenizer else None,
             token_text=(lambda i: tokenizer.decode([i])) if tokenizer else None,
             guide=Guide(tokenizer, engine.model.config.vocab_size, eos_token_ids)
-            if tokenizer else None, prefix_caching=engine.prefix_caching)
+            if tokenizer else None, prefix_caching=engine.prefix_caching,
+            max_batched_tokens=engine.max_batched_tokens)
         self.name, self.adapted = name, adapted
         self.metrics, self.after_step, self.heartbeat_s = metrics, after_step, heartbeat_s
         self.steps: deque[StepRecord] = deque(maxlen=keep_steps)

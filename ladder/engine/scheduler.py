@@ -79,7 +79,12 @@ class Request:
     decoder: object = None
     matcher: object = None  # with params.grammar: its matcher (ladder.engine.guided)
     keys: list = field(default_factory=list)  # its full blocks' prefix-cache keys
-    computed: int = 0  # tokens whose keys and values its blocks hold, at admission
+    computed: int = 0  # tokens whose keys and values its blocks hold
+    target: int = 0  # tokens to prefill before it decodes: its prompt (and recomputed output)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < self.target
 
 
 @dataclass(slots=True)
@@ -102,7 +107,8 @@ class TokenEvent:
 class Scheduled:
     """What one `Scheduler.step` decided and what came of it (the leader's step record)."""
 
-    kind: str  # "prefill" (admitted requests' prompts) or "decode" (a token for every row)
+    kind: str  # "prefill" (admitted requests' prompts), "decode" (a token for every row) or
+    # "mixed" (decoding rows' tokens and prompt chunks: chunked prefill)
     rows: int  # rows the engine ran (a request that failed its part is not among them)
     tokens: int  # new tokens fed to the model
     events: list[TokenEvent]
@@ -131,7 +137,7 @@ def add_event(result: dict, ev: TokenEvent) -> None:
 class Scheduler:
     def __init__(self, engine: ShardEngine, *, eos_token_ids: tuple[int, ...] = (),
                  decoder_factory=None, token_text=None, max_prefill_rows: int = 4,
-                 guide=None, prefix_caching: bool = True) -> None:
+                 guide=None, prefix_caching: bool = True, max_batched_tokens: int = 0) -> None:
         self.engine = engine
         self.guide = guide  # ladder.engine.guided.Guide: structured output (needs a tokenizer)
         self.eos = tuple(eos_token_ids)
@@ -139,6 +145,9 @@ class Scheduler:
         # a token's text alone (for log-probs); without a tokenizer, vLLM's "token_id:<id>"
         self.token_text = token_text or (lambda i: f"token_id:{i}")
         self.max_prefill_rows = max_prefill_rows
+        # chunked prefill: while sequences decode, a step runs at most this many tokens (their
+        # one each, and prompt chunks in the rest); 0: whole prompts in steps of their own
+        self.max_batched_tokens = max_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
         # a heap: the lowest free slot first, so running requests stay in consecutive slots,
@@ -208,9 +217,15 @@ class Scheduler:
         return len(self.running), len(self.waiting), self.engine.n_slots
 
     def step(self) -> Scheduled | None:
-        """One engine step: a prefill when requests wait and a slot and their blocks are free,
-        else a decode of every running request; None when there is nothing to run."""
-        if self.waiting and self.free:
+        """One engine step: with chunked prefill and sequences decoding, their tokens and prompt
+        chunks in the step's token budget; else a prefill when requests wait and a slot and
+        their blocks are free (or a prefill is under way), else a decode of every running
+        request; None when there is nothing to run."""
+        prefilling = sum(r.prefilling for r in self.running.values())
+        pending = prefilling or (self.waiting and self.free)
+        if self.max_batched_tokens and pending and len(self.running) > prefilling:
+            return self._mixed()  # with sequences decoding
+        if pending:
             done = self._prefill()
             if done is not None:
                 return done
@@ -218,9 +233,9 @@ class Scheduler:
             return self._decode()
         return None
 
-    def _decode(self) -> Scheduled:
-        rows = sorted(self.running.values(), key=lambda r: r.slot)
-        # a block for each row whose last one is full, taken back from the youngest when short
+    def _grow(self, rows: list[Request]) -> list[Request]:
+        """A block for each decoding row whose last one is full, taken back from the youngest
+        running request while short; the rows still running."""
         needy = [r for r in rows if len(r.prompt) + len(r.output) - 1 >= len(r.blocks)
                  * self.engine.block]
         while needy and self.pool.available() < len(needy):
@@ -229,9 +244,56 @@ class Scheduler:
             needy = [r for r in needy if r is not victim]
         for r in needy:
             r.blocks += self.pool.allocate(1)
-        rows = sorted(self.running.values(), key=lambda r: r.slot)
+        return [r for r in rows if self.running.get(r.slot) is r]
+
+    def _decode(self) -> Scheduled:
+        rows = self._grow(sorted(self.running.values(), key=lambda r: r.slot))
         return self._step("decode", rows, [[r.output[-1]] for r in rows],
                           [len(r.prompt) + len(r.output) - 1 for r in rows])
+
+    def _mixed(self) -> Scheduled:
+        """Every decoding row's next token and, in the rest of the step's token budget, the next
+        chunks of the prompts being prefilled (then of newly admitted ones): a long prompt
+        takes several steps while the others keep decoding. A prompt whose log-probs are asked
+        goes whole."""
+        decoding = self._grow(sorted((r for r in self.running.values() if not r.prefilling),
+                                     key=lambda r: r.slot))
+        # the prompts get half the budget at least, however many rows decode
+        budget = max(self.max_batched_tokens - len(decoding), -(-self.max_batched_tokens // 2))
+        chunks: list[tuple[Request, int]] = []
+        for r in sorted((r for r in self.running.values() if r.prefilling),
+                        key=lambda r: (r.stats.admitted, r.slot)):
+            if budget <= 0:
+                break
+            n = self._chunk(r, budget)
+            chunks.append((r, n))
+            budget -= n
+        failed = []
+        while budget > 0:
+            r, ev = self._admit_next(first=False)
+            if r is None and ev is None:
+                break
+            if r is not None:
+                n = self._chunk(r, budget)
+                chunks.append((r, n))
+                budget -= n
+            failed += [ev] if ev else []
+        seqs = [r.prompt + r.output for r, _ in chunks]
+        done = self._step(
+            "mixed", decoding + [r for r, _ in chunks],
+            [[r.output[-1]] for r in decoding] + [q[r.computed:r.computed + n]
+                                                  for (r, n), q in zip(chunks, seqs)],
+            [len(r.prompt) + len(r.output) - 1 for r in decoding] + [r.computed
+                                                                     for r, _ in chunks],
+            final=[True] * len(decoding) + [r.computed + n >= len(q)
+                                            for (r, n), q in zip(chunks, seqs)])
+        done.events[:0] = failed
+        return done
+
+    @staticmethod
+    def _chunk(r: Request, budget: int) -> int:
+        left = r.target - r.computed
+        return left if r.params.prompt_logprobs is not None else min(left, budget)
 
     def _preempt(self, r: Request) -> None:
         """Free `r`'s slot and blocks; it waits first in line, to be recomputed (its prompt
@@ -272,7 +334,7 @@ class Scheduler:
             return False
         r.blocks = hit + new
         r.keys = keys
-        r.computed = len(hit) * bs
+        r.computed, r.target = len(hit) * bs, len(seq)
         if not r.output:
             r.stats.cached_tokens = r.computed
             if self._cacheable(r) and self.pool.caching:
@@ -281,67 +343,83 @@ class Scheduler:
                 self.pool.stats.hit_tokens += r.computed
         return True
 
+    def _admit_next(self, first: bool) -> tuple[Request | None, TokenEvent | None]:
+        """Admit the first waiting request if a slot and its blocks are free: (it, None); (None,
+        its error event) if it failed to start; (None, None) if it cannot be admitted now."""
+        if not (self.waiting and self.free):
+            return None, None
+        r = self.waiting[0]
+        if not self._admit(r, first=first):
+            return None, None
+        self.waiting.popleft()
+        r.slot = heapq.heappop(self.free)
+        self.running[r.slot] = r
+        if r.stats.preempted:
+            return r, None  # its decoder, sampler and matcher carry on
+        r.stats.admitted = time.perf_counter()
+        try:
+            r.decoder = self.decoder_factory() if self.decoder_factory else None
+            self.sampler.add(r.id, r.params)
+        except Exception as e:  # noqa: BLE001 - this request's fault stays its own
+            return None, self._fail(r, e)
+        return r, None
+
     def _prefill(self) -> Scheduled | None:
-        admitted, failed = [], []
-        while self.waiting and self.free and len(admitted) < self.max_prefill_rows:
-            r = self.waiting[0]
-            if not self._admit(r, first=not admitted):
+        """The rest of every prompt under way, and newly admitted ones, whole."""
+        going = sorted((r for r in self.running.values() if r.prefilling),
+                       key=lambda r: (r.stats.admitted, r.slot))
+        rows, failed = list(going), []
+        while len(rows) < self.max_prefill_rows:
+            r, ev = self._admit_next(first=not rows)
+            if r is None and ev is None:
                 break
-            self.waiting.popleft()
-            r.slot = heapq.heappop(self.free)
-            self.running[r.slot] = r
-            if r.stats.preempted:
-                admitted.append(r)  # its decoder, sampler and matcher carry on
-                continue
-            r.stats.admitted = time.perf_counter()
-            try:
-                r.decoder = self.decoder_factory() if self.decoder_factory else None
-                self.sampler.add(r.id, r.params)
-            except Exception as e:  # noqa: BLE001 - this request's fault stays its own
-                failed.append(self._fail(r, e))
-                continue
-            admitted.append(r)
-        if not admitted and not failed:
+            rows += [r] if r else []
+            failed += [ev] if ev else []
+        if not rows and not failed:
             return None
-        done = self._step("prefill", admitted,
-                          [(r.prompt + r.output)[r.computed:] for r in admitted],
-                          [r.computed for r in admitted])
+        done = self._step("prefill", rows, [(r.prompt + r.output)[r.computed:r.target]
+                                            for r in rows], [r.computed for r in rows])
         done.events[:0] = failed
         return done
 
     def _step(self, kind: str, rows: list[Request], tokens: list[list[int]],
-              starts: list[int]) -> Scheduled:
+              starts: list[int], final: list[bool] | None = None) -> Scheduled:
         """One engine step for `rows`, then a token each: the step's own token ids, greedy or
-        sampled on the ranks under each row's parameters (ladder.engine.vocab).
+        sampled on the ranks under each row's parameters (ladder.engine.vocab). A row not
+        `final` (a prompt chunk with more to come) takes no token: it draws no seed, asks no
+        mask or log-probs, and its step's token is dropped.
 
         Each row's part of the step (its tokens and sampling row as int64s) is built before
         anything is broadcast, under its own guard: a row that cannot be built fails alone and
         the step runs without it."""
+        final = final or [True] * len(rows)
         penalized = any(r.params.penalized for r in rows)
-        greedy = all(r.params.greedy for r in rows) and not penalized
-        kept, toks, kept_starts, table, failed = [], [], [], [], []
-        for r, t, start in zip(rows, tokens, starts):
+        greedy = all(r.params.greedy or not f for r, f in zip(rows, final)) and not penalized
+        kept, toks, kept_starts, kept_final, table, failed = [], [], [], [], [], []
+        for r, t, start, f in zip(rows, tokens, starts, final):
             try:
                 row_toks = _int64s(t)
                 if not greedy:
-                    table.append(self.sampler.row(r.id, r.params))
+                    table.append(self.sampler.row(r.id, r.params) if f else _NO_DRAW)
             except Exception as e:  # noqa: BLE001
                 failed.append(self._fail(r, e))
                 continue
             kept.append(r)
             toks.append(row_toks)
             kept_starts.append(start)
+            kept_final.append(f)
         if not kept:
             return Scheduled(kind, 0, 0, failed)
-        guided = [r.matcher for r in kept]
+        guided = [r.matcher if f else None for r, f in zip(kept, kept_final)]
         # the prompt tokens among each row's (a recomputed output's are not; penalties' history)
         prompt_lens = [max(0, min(len(t), len(r.prompt) - st))
                        for r, t, st in zip(kept, toks, kept_starts)]
         # the masks are computed in their own thread while the step runs (ladder.engine.guided)
         masks = self.guide.masks(guided) if any(m is not None for m in guided) else None
-        asks = [-1 if r.params.logprobs is None else r.params.logprobs for r in kept]
-        prompt_asks = [-1 if r.params.prompt_logprobs is None or kind != "prefill" or r.output
-                       else r.params.prompt_logprobs for r in kept]
+        asks = [-1 if r.params.logprobs is None or not f else r.params.logprobs
+                for r, f in zip(kept, kept_final)]
+        prompt_asks = [-1 if r.params.prompt_logprobs is None or kind == "decode" or r.output
+                       or st else r.params.prompt_logprobs for r, st in zip(kept, kept_starts)]
         out = self.engine.step(StepBatch(
             tokens=toks, slots=[r.slot for r in kept], starts=kept_starts, greedy=greedy,
             tables=[r.blocks for r in kept],
@@ -349,18 +427,26 @@ class Scheduler:
             logprobs=asks if max(asks) >= 0 else None,
             prompt_logprobs=prompt_asks if max(prompt_asks) >= 0 else None,
             penalties=_penalties(kept, prompt_lens) if penalized else None, masks=masks))
-        if kind == "prefill":  # their full blocks are computed now: cached for later prompts
-            for r in kept:
-                self.pool.register(r.blocks, r.keys)
-        lps = self.engine.last_logprobs if max(asks) >= 0 else [None] * len(kept)
-        events = self._emit(kept, out.tolist(), lps)
+        for r, t, st in zip(kept, toks, kept_starts):
+            r.computed = st + len(t)
+            if kind != "decode":  # their full blocks computed now: cached for later prompts
+                n = r.computed // self.engine.block
+                self.pool.register(r.blocks[:n], r.keys[:n])
+        n_rows = len(kept)
+        lps = self.engine.last_logprobs if max(asks) >= 0 else [None] * n_rows
+        plps = self.engine.last_prompt_logprobs if max(prompt_asks) >= 0 else [None] * n_rows
+        toks_out = out.tolist()
+        if not all(kept_final):  # the chunks with more to come take no token
+            kept, toks_out, lps, plps = ([x for x, f in zip(xs, kept_final) if f]
+                                         for xs in (kept, toks_out, lps, plps))
+        events = self._emit(kept, toks_out, lps)
         if max(prompt_asks) >= 0:
-            for r, ev, plp in zip(kept, events, self.engine.last_prompt_logprobs):
+            for r, ev, plp in zip(kept, events, plps):
                 if plp is not None:  # the first token has no log-prob: nothing precedes it
                     first = Scored(r.prompt[0], self.token_text(r.prompt[0]), None)
                     ev.prompt_logprobs = [(first, None)] + [
                         scored(lp, t, self.token_text) for lp, t in zip(plp, r.prompt[1:])]
-        return Scheduled(kind, len(kept), sum(map(len, toks)), failed + events)
+        return Scheduled(kind, n_rows, sum(map(len, toks)), failed + events)
 
     def _emit(self, rows: list[Request], toks: list[int], lps: list) -> list[TokenEvent]:
         now = time.perf_counter()
@@ -432,6 +518,9 @@ class Scheduler:
             r.blocks = []
         self.sampler.remove(r.id)
         return TokenEvent(r.id, tok, delta, reason, r.stats)
+
+
+_NO_DRAW = (0.0, 0, 1.0, 0, 0.0)  # a sampling row that draws nothing: temperature 0
 
 
 def _penalties(rows: list[Request], prompt_lens: list[int]) -> Penalties:

@@ -22,7 +22,7 @@ from ladder.engine.logprobs import token_logprobs
 from ladder.engine.penalties import History, Penalties
 from ladder.engine.sampling import COLUMNS, SamplingRows
 from ladder.links.base import Communicator
-from ladder.model.layers import KVCache, StepContext, attention_mask
+from ladder.model.layers import KVCache, Packed, StepContext, attention_mask
 from ladder.model.transformer import Transformer
 
 OP_STEP, OP_STOP, OP_PING = 1, 2, 3
@@ -182,7 +182,8 @@ class ShardEngine:
         self.cache = KVCache(cfg.n_layers, n_blocks, spec.n_kv_heads, block, cfg.head_dim,
                              self.dtype, self.device, max_seq=max_seq)
         self.n_slots, self.max_seq, self.n_blocks, self.block = n_slots, max_seq, n_blocks, block
-        self.prefix_caching = prefix_caching  # the leader's scheduler's policy
+        self.prefix_caching = prefix_caching  # the leader's scheduler's policies
+        self.max_batched_tokens = 0  # chunked prefill's step budget (0: off)
         self.shard = vocab.Shard.of(model)
         self.timing = StepTiming()
         self.last = StepComm()
@@ -260,8 +261,17 @@ class ShardEngine:
         with torch.inference_mode():
             h = self.model.hidden(tokens, ctx)
             if batch.prompt_logprobs is not None and max(batch.prompt_logprobs) >= 0:
-                self.last_prompt_logprobs = self._prompt_logprobs(h, tokens, lens, batch)
-            if not batch.all_logits:
+                if ctx.packed is not None:  # [1, N, D]: the rows' own
+                    at = list(zip(ctx.packed.offsets, lens))
+                    rows, toks = [h[0, o:o + n] for o, n in at], [tokens[0, o:o + n]
+                                                                  for o, n in at]
+                else:
+                    rows = [h[b, :n] for b, n in enumerate(lens)]
+                    toks = [tokens[b, :n] for b, n in enumerate(lens)]
+                self.last_prompt_logprobs = self._prompt_logprobs(rows, toks, batch)
+            if ctx.packed is not None:
+                h = h[0, torch.tensor(ctx.packed.ends, device=h.device)]
+            elif not batch.all_logits:
                 h = h[torch.arange(h.shape[0]), torch.tensor(lens, device=h.device) - 1]
             # every rank: the LM head is vocabulary-parallel, and so are the decisions
             local = self.model.logits(h)
@@ -289,7 +299,7 @@ class ShardEngine:
         tm.steps += 1
         tm.exposed_s += stats.exposed_s
         tm.bytes += stats.bytes
-        decode = tokens.shape[1] == 1
+        decode = tokens.shape[1] == 1  # a packed step (decode rows and prompt chunks): prefill
         if decode:
             tm.decode_steps += 1
             tm.decode_tokens += tokens.shape[0]
@@ -321,18 +331,19 @@ class ShardEngine:
         x = x.float().clone() if x is local else x
         return guided.apply(x, masks, self.shard)
 
-    def _prompt_logprobs(self, h: torch.Tensor, tokens: torch.Tensor, lens: list[int],
+    def _prompt_logprobs(self, rows: list[torch.Tensor], toks: list[torch.Tensor],
                          batch: StepBatch) -> list:
         """Per row: None, or the log-probs of its prompt tokens after the first (each from the
-        position before it), every row in batch order on every rank."""
+        position before it), every row in batch order on every rank. `rows`: each row's hidden
+        states [n, D], `toks` its tokens [n]."""
         out: list = []
-        for b, k in enumerate(batch.prompt_logprobs):
-            if k < 0 or lens[b] < 2:
+        for h, t, k in zip(rows, toks, batch.prompt_logprobs):
+            n = len(t)
+            if k < 0 or n < 2:
                 out.append(None if k < 0 else [])
                 continue
-            local = self.model.logits(h[b, :lens[b] - 1])
-            out.append(token_logprobs(local, tokens[b, 1:lens[b]], [k] * (lens[b] - 1),
-                                      self.shard))
+            local = self.model.logits(h[:n - 1])
+            out.append(token_logprobs(local, t[1:], [k] * (n - 1), self.shard))
         return out
 
     def _on_every_rank(self, tokens: torch.Tensor | None, batch: StepBatch) -> torch.Tensor:
@@ -367,6 +378,8 @@ class ShardEngine:
             if len(tb) * bs < st + n or not all(0 <= x < self.n_blocks for x in tb):
                 raise ValueError(f"slot {s}: block table {tb} does not hold positions "
                                  f"0..{st + n - 1} in 0..{self.n_blocks - 1}")
+        if b > 1 and 1 in lens and t > 1 and not batch.all_logits:
+            return self._packed_context(batch, tables, lens)
         tokens = torch.zeros(b, t, dtype=torch.int64)
         for i, row in enumerate(batch.tokens):
             tokens[i, :len(row)] = torch.tensor(row)
@@ -395,3 +408,20 @@ class ShardEngine:
                           tables=table.to(self.device), kv_len=kv_len, causal=causal,
                           mask=None if mask is None else mask.to(self.device))
         return ctx, tokens.to(self.device), lens
+
+    def _packed_context(self, batch: StepBatch, tables: list[list[int]], lens: list[int]):
+        """Decode rows beside longer ones (prompt chunks): one sequence of all their tokens
+        (ladder.model.layers.Packed)."""
+        tokens = torch.tensor([x for row in batch.tokens for x in row], dtype=torch.int64)
+        positions = torch.cat([torch.arange(st, st + n) for st, n in zip(batch.starts, lens)])
+        kv_len = max(st + n for st, n in zip(batch.starts, lens))
+        width = -(-kv_len // self.block)
+        table = torch.full((len(lens), width), self.cache.scratch, dtype=torch.int64)
+        for i, tb in enumerate(tables):
+            table[i, :min(len(tb), width)] = torch.tensor(tb[:width], dtype=torch.int64)
+        positions = positions[None].to(self.device)
+        cos, sin = self.model.rope(positions, self.dtype)
+        ctx = StepContext(cos=cos, sin=sin, positions=positions, cache=self.cache,
+                          tables=table.to(self.device), kv_len=kv_len,
+                          packed=Packed.of(lens, batch.starts, self.device))
+        return ctx, tokens[None].to(self.device), lens

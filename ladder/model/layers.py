@@ -77,6 +77,40 @@ class StepContext:
     kv_len: int = 0
     mask: torch.Tensor | None = None  # [B, 1, T, kv_len] bool, None when causal or unmasked
     causal: bool = False
+    packed: "Packed | None" = None  # rows of different lengths as one sequence (see Packed)
+
+
+@dataclass(slots=True)
+class Packed:
+    """A step whose rows differ in length (decode rows beside prompt chunks) runs as one
+    sequence of all their tokens, [1, N] with N the sum of the rows' lengths, not as rows
+    padded to the longest: the weight products see N tokens. Row b's tokens are
+    `offsets[b]:offsets[b] + lens[b]`, at positions `starts[b]...`; attention runs per row:
+    the one-token rows (`decode_idx`, their rows `decode_rows`) as one decode batch, each
+    longer row (`spans`) on its own."""
+
+    offsets: list[int]
+    lens: list[int]
+    starts: list[int]
+    decode_idx: torch.Tensor  # int64 [Bd]
+    decode_rows: torch.Tensor  # int64 [Bd]
+    spans: list[int]
+
+    @classmethod
+    def of(cls, lens: list[int], starts: list[int], device) -> "Packed":
+        offsets = [0]
+        for n in lens[:-1]:
+            offsets.append(offsets[-1] + n)
+        one = [b for b, n in enumerate(lens) if n == 1]
+        return cls(offsets, lens, starts,
+                   torch.tensor([offsets[b] for b in one], dtype=torch.int64, device=device),
+                   torch.tensor(one, dtype=torch.int64, device=device),
+                   [b for b, n in enumerate(lens) if n > 1])
+
+    @property
+    def ends(self) -> list[int]:
+        """Each row's last token."""
+        return [o + n - 1 for o, n in zip(self.offsets, self.lens)]
 
 
 def attention_mask(positions: torch.Tensor, kv_len: int,
@@ -150,6 +184,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Partial output [B, T, D] of this rank's heads; the caller all-reduces it."""
+        if ctx.packed is not None:
+            return self.wo(self.packed(self.wqkv(x), ctx))
         b, t, _ = x.shape
         h, k_, e = self.n_heads, self.n_kv, self.head_dim
         qk, v = self.wqkv(x).split(((h + k_) * e, k_ * e), dim=-1)
@@ -161,11 +197,7 @@ class Attention(nn.Module):
             ctx.cache.write(self.layer_id, ctx.tables, ctx.positions, k, v)
             if not ctx.causal:  # a fresh prefill's keys are all its own: no need to read back
                 k, v = ctx.cache.read(self.layer_id, ctx.tables, ctx.kv_len)
-        if not self.grouped:  # one KV head per query head, in the query heads' order
-            idx = self._kv_index
-            if idx is None or idx.device != k.device:
-                idx = self._kv_index = torch.tensor(self.kv_map, device=k.device)
-            k, v = k.index_select(1, idx), v.index_select(1, idx)
+        k, v = self._by_query_head(k, v)
         if t == 1:
             y = _decode_attention(q, k, v, ctx.mask)
         else:
@@ -173,6 +205,67 @@ class Attention(nn.Module):
                                                is_causal=ctx.causal and ctx.mask is None,
                                                enable_gqa=h != k.shape[1])
         return self.wo(y.transpose(1, 2).reshape(b, t, h * e))
+
+    def _by_query_head(self, k: torch.Tensor, v: torch.Tensor):
+        if self.grouped:
+            return k, v
+        # one KV head per query head, in the query heads' order
+        idx = self._kv_index
+        if idx is None or idx.device != k.device:
+            idx = self._kv_index = torch.tensor(self.kv_map, device=k.device)
+        return k.index_select(1, idx), v.index_select(1, idx)
+
+    def _rows(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              pos: torch.Tensor, tables: torch.Tensor, cache: "KVCache"):
+        """n tokens' projections [n, (H + 2K) E] rotated, their keys and values written at
+        `pos` [n] of the blocks `tables` [n, W] lists: q [n, H, 1, E], k and v [n, K, 1, E]."""
+        n = qkv.shape[0]
+        h, k_, e = self.n_heads, self.n_kv, self.head_dim
+        qk, v = qkv.split(((h + k_) * e, k_ * e), dim=-1)
+        q, k = apply_rope(qk.reshape(n, h + k_, 1, e), cos.view(n, 1, 1, e),
+                          sin.view(n, 1, 1, e)).split((h, k_), dim=1)
+        v = v.reshape(n, k_, 1, e)
+        cache.write(self.layer_id, tables, pos[:, None], k, v)
+        return q, k, v
+
+    def packed(self, qkv: torch.Tensor, ctx: StepContext, decode=None) -> torch.Tensor:
+        """A packed step's attention (`Packed`): qkv [1, N, (H + 2K) E] -> [1, N, H E], before
+        `wo`. `decode(qkv, cos, sin, tables, pos)` may run the one-token rows (the native
+        kernel: rotation, cache write and attention at once); else they run here."""
+        pk, cache = ctx.packed, ctx.cache
+        h, e = self.n_heads, self.head_dim
+        y = qkv.new_empty(1, qkv.shape[1], h * e)
+        cos, sin, pos = ctx.cos[0, 0], ctx.sin[0, 0], ctx.positions[0]  # [N, E], [N]
+        i = pk.decode_idx
+        if len(i):
+            tables = ctx.tables[pk.decode_rows]
+            if decode is not None:
+                y[0, i] = decode(qkv[0, i].contiguous(), cos[i].contiguous(),
+                                 sin[i].contiguous(), tables.contiguous(), pos[i].contiguous())
+            else:
+                q, _, _ = self._rows(qkv[0, i], cos[i], sin[i], pos[i], tables, cache)
+                n = int(pos[i].max()) + 1
+                k, v = self._by_query_head(*cache.read(self.layer_id, tables, n))
+                mask = attention_mask(pos[i][:, None], n, self.window)
+                y[0, i] = _decode_attention(q, k, v, mask).reshape(len(i), h * e)
+        for r in pk.spans:
+            o, t, start = pk.offsets[r], pk.lens[r], pk.starts[r]
+            sl = slice(o, o + t)
+            q, k, v = self._rows(qkv[0, sl], cos[sl], sin[sl], pos[sl],
+                                 ctx.tables[r:r + 1].expand(t, -1), cache)
+            q = q.transpose(0, 2)  # [1, H, t, E]
+            if start == 0:  # its own new keys are all it sees
+                k, v = k.transpose(0, 2), v.transpose(0, 2)
+            else:
+                k, v = cache.read(self.layer_id, ctx.tables[r:r + 1], start + t)
+            mask = None
+            if start or (self.window is not None and t > self.window):
+                mask = attention_mask(pos[sl][None], start + t, self.window)
+            k, v = self._by_query_head(k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=h != k.shape[1])
+            y[0, sl] = out.transpose(1, 2).reshape(t, h * e)
+        return y
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -21,6 +21,8 @@ know it; training and the reference tests use the plain layout.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -136,25 +138,36 @@ class NativeAttention(nn.Module):
         cache = ctx.cache
         b, t, _ = x.shape
         code = native.DTYPE_CODES.get(x.dtype)
-        if t != 1 or cache is None or ctx.tables is None or code is None \
-                or cache.k.dtype != x.dtype or (self._window is not None
-                                                and ctx.kv_len > self._window):
+        if (t != 1 and ctx.packed is None) or cache is None or ctx.tables is None \
+                or code is None or cache.k.dtype != x.dtype \
+                or (self._window is not None and ctx.kv_len > self._window):
             return self._torch(x, ctx)  # the kernel reads every position up to the row's own
         qkv = self._wqkv(x).contiguous()  # [B, 1, (H + 2K) E]
+        if ctx.packed is not None:  # the one-token rows here, the others in torch
+            return self._wo(self.inner.packed(qkv, ctx, decode=functools.partial(
+                self._decode, code, cache)))
+        y = self._decode(code, cache, qkv.view(b, -1), ctx.cos, ctx.sin,
+                         ctx.tables.contiguous(), ctx.positions)
+        return self._wo(y.view(b, 1, -1))
+
+    def _decode(self, code: int, cache, qkv: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, tables: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One token a row, B rows: qkv [B, (H + 2K) E] -> [B, H E]; rotation, the cache
+        write and attention in one kernel call (every tensor contiguous)."""
         h, k_, e = self._shape
-        y = x.new_empty(b, 1, h * e)
+        b = pos.numel()
+        y = qkv.new_empty(b, h * e)
         threads = torch.get_num_threads()
         stride = cache.max_seq
         if self._scratch.numel() < threads * stride:
             self._scratch = torch.empty(threads, stride)
         layer = self._layer * cache.k.stride(0) * cache.k.element_size()
-        tables = ctx.tables.contiguous()
         self.lib.ladder_attn_decode(
-            code, qkv.data_ptr(), y.data_ptr(), b, h, k_, e, ctx.cos.data_ptr(),
-            ctx.sin.data_ptr(), cache.k.data_ptr() + layer, cache.v.data_ptr() + layer,
-            cache.block, tables.data_ptr(), tables.shape[1], ctx.positions.data_ptr(),
-            self._kv_map.data_ptr(), self.scale, self._scratch.data_ptr(), stride, threads)
-        return self._wo(y)
+            code, qkv.data_ptr(), y.data_ptr(), b, h, k_, e, cos.data_ptr(), sin.data_ptr(),
+            cache.k.data_ptr() + layer, cache.v.data_ptr() + layer, cache.block,
+            tables.data_ptr(), tables.shape[1], pos.data_ptr(), self._kv_map.data_ptr(),
+            self.scale, self._scratch.data_ptr(), stride, threads)
+        return y
 
 
 class NativeMLP(nn.Module):
