@@ -87,9 +87,10 @@ class GroupMetrics:
         if stats is None:
             return
         s["ladder_prompt_tokens_total"].inc(stats.prompt_tokens, tags=t)
-        if stats.cached_query:
+        if stats.cached_query:  # (Ray's counters refuse an increment of 0)
             s["ladder_prefix_cache_queries_total"].inc(stats.prompt_tokens, tags=t)
-            s["ladder_prefix_cache_hits_total"].inc(stats.cached_tokens, tags=t)
+            if stats.cached_tokens:
+                s["ladder_prefix_cache_hits_total"].inc(stats.cached_tokens, tags=t)
         if stats.preempted:
             s["ladder_preemptions_total"].inc(stats.preempted, tags=t)
         if stats.generated_tokens:

@@ -30,6 +30,8 @@ class Stream:
     sent: float  # perf_counter when the request was sent
     stamps: list[float]  # perf_counter of each chunk carrying content
     tokens: int  # completion tokens (usage report, else content chunks)
+    prompt_tokens: int = 0  # as the usage report says (0 without one)
+    cached_tokens: int = 0  # of which served from the prefix cache (usage.prompt_tokens_details)
 
 
 @dataclass
@@ -54,20 +56,29 @@ def summarize(start: float, streams: list[Stream]) -> StreamStats:
         aggregate_tok_s=tokens / (end - start), wall_s=end - start)
 
 
-async def one_stream(client, model: str, prompt: str, max_tokens: int, extra_body: dict) -> Stream:
+async def one_stream(client, model: str, prompt: str, max_tokens: int, extra_body: dict,
+                     system: str | None = None) -> Stream:
     sent = time.perf_counter()
     stamps, chunks, usage = [], 0, None
+    messages = [{"role": "user", "content": prompt}]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
     stream = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+        model=model, messages=messages, max_tokens=max_tokens,
         temperature=0.0, stream=True, stream_options={"include_usage": True},
         extra_body=extra_body)
     async for chunk in stream:
         if chunk.usage is not None:
-            usage = chunk.usage.completion_tokens
+            usage = chunk.usage
         if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
             chunks += 1
-    return Stream(sent=sent, stamps=stamps, tokens=usage if usage is not None else chunks)
+    if usage is None:
+        return Stream(sent=sent, stamps=stamps, tokens=chunks)
+    details = getattr(usage, "prompt_tokens_details", None)
+    return Stream(sent=sent, stamps=stamps, tokens=usage.completion_tokens,
+                  prompt_tokens=usage.prompt_tokens,
+                  cached_tokens=getattr(details, "cached_tokens", 0) or 0)
 
 
 async def _run(base_url: str, model: str, prompt: str, n: int, max_tokens: int,

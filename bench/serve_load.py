@@ -7,7 +7,10 @@
 (b) load      N concurrent streaming clients issue R requests in all (each client takes the next
               request when its last one ends), like the serving benchmarks users run against
               vLLM: TTFT and TPOT percentiles (p50/p90/p99), request and token throughput,
-              failed requests (must be 0).
+              failed requests (must be 0). With `--shared-prefix K` every request starts with
+              the same system prompt of about K tokens (a shared-prefix workload): the share of
+              prompt tokens served from the prefix cache, as the responses' usage reports it.
+              `--load-only` skips (a).
 
 Starts its own local Ray instance (token authentication on) and Serve on a free local port;
 SmolLM2, TP=2, `ladder:24-29`, shared memory, one replica. Ends with one JSON line.
@@ -36,6 +39,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=64, help="new tokens per request (forced)")
     p.add_argument("--overhead-tokens", type=int, default=96)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--shared-prefix", type=int, default=0,
+                   help="a system prompt of about this many tokens, the same for every request")
+    p.add_argument("--load-only", action="store_true", help="skip (a), the HTTP overhead")
     p.add_argument("--out", help="also write the JSON line to DIR/serve_load-<time>.json")
 
 
@@ -44,7 +50,17 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
 
 
-async def load(base_url: str, model: str, clients: int, requests: int, tokens: int) -> dict:
+def system_prompt(tokens: int) -> str | None:
+    """About `tokens` tokens of a plausible system prompt (SmolLM2's tokenizer: ~1.2 a word)."""
+    if not tokens:
+        return None
+    words = ("You are the support assistant of a bicycle shop. Answer politely, briefly and "
+             "only about bicycles, their parts, repairs, prices and opening hours. ").split()
+    return " ".join(words[i % len(words)] for i in range(int(tokens / 1.2)))
+
+
+async def load(base_url: str, model: str, clients: int, requests: int, tokens: int,
+               system: str | None = None) -> dict:
     from openai import AsyncOpenAI
     todo = list(range(requests))
     done, failures = [], []
@@ -55,7 +71,7 @@ async def load(base_url: str, model: str, clients: int, requests: int, tokens: i
                 i = todo.pop()
                 try:
                     done.append(await one_stream(client, model, f"{PROMPT} ({i})", tokens,
-                                                 forced_length(tokens)))
+                                                 forced_length(tokens), system=system))
                 except Exception as e:  # counted, never hidden
                     failures.append(repr(e))
         t0 = time.perf_counter()
@@ -64,7 +80,10 @@ async def load(base_url: str, model: str, clients: int, requests: int, tokens: i
     ttft = [s.stamps[0] - s.sent for s in done if s.stamps]
     tpot = [(s.stamps[-1] - s.stamps[0]) / (s.tokens - 1) for s in done if s.tokens > 1]
     toks = sum(s.tokens for s in done)
+    prompt = sum(s.prompt_tokens for s in done)
     return {"clients": clients, "requests": requests, "completed": len(done),
+            "prompt_tokens": prompt, "cached_tokens": sum(s.cached_tokens for s in done),
+            "cached_share": sum(s.cached_tokens for s in done) / prompt if prompt else 0.0,
             "failed": len(failures), "failures": failures[:5], "wall_s": wall,
             "req_s": len(done) / wall, "tok_s": toks / wall, "tokens": toks,
             **{f"ttft_p{q}_s": pct(ttft, q) for q in (50, 90, 99)},
@@ -112,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
     from deploy.server import ServerConfig, build_app
     cfg = {"model": "smollm2", "model_name": "smollm2", "tp": 2, "residual": "ladder:24-29",
-           "n_slots": 16, "max_seq": 512, "threads": 1}
+           "n_slots": 16, "max_seq": 2048 if args.shared_prefix else 512, "threads": 1}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -122,29 +141,37 @@ def run(args: argparse.Namespace) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         log("deploying the Serve app and a TP group with the same options beside it")
         serve.run(build_app({**cfg, "num_replicas": 1}), name="ladder", route_prefix="/")
-        h, d = stream_overhead(base, ServerConfig.from_dict(cfg).group_options(), args)
+        h, d = ([], []) if args.load_only else stream_overhead(
+            base, ServerConfig.from_dict(cfg).group_options(), args)
         log(f"load: {args.clients} clients, {args.requests} requests x {args.tokens} tokens")
-        res = asyncio.run(load(base, "smollm2", args.clients, args.requests, args.tokens))
+        res = asyncio.run(load(base, "smollm2", args.clients, args.requests, args.tokens,
+                               system_prompt(args.shared_prefix)))
     finally:
         serve.shutdown()
         ray.shutdown()
-    ratio, n = median(h) / median(d), args.overhead_tokens
-    out = {"bench": "serve_load", **cfg, "overhead_tokens": n,
-           "http_ms_per_token": 1e3 * median(h), "group_ms_per_token": 1e3 * median(d),
-           "http_vs_group": ratio, "load": res, "targets": TARGETS}
-    print(table("(a) One stream, time per output token: HTTP (Serve + SSE + openai client) vs "
+    n = args.overhead_tokens
+    out = {"bench": "serve_load", **cfg, "shared_prefix": args.shared_prefix, "load": res,
+           "targets": TARGETS}
+    if h:
+        ratio = median(h) / median(d)
+        out.update(overhead_tokens=n, http_ms_per_token=1e3 * median(h),
+                   group_ms_per_token=1e3 * median(d), http_vs_group=ratio)
+        print(table("(a) One stream, time per output token: HTTP (Serve + SSE + openai client) vs "
                 f"the TP group called directly, {n} tokens, {args.reps} interleaved reps",
                 ["path", "ms/token", "ratio", f"<= {TARGETS['http_vs_group']}"],
-                [["TP group direct", 1e3 * median(d), 1.0, None],
-                 ["HTTP streaming", 1e3 * median(h), ratio, ratio <= TARGETS["http_vs_group"]]]))
-    print()
+                    [["TP group direct", 1e3 * median(d), 1.0, None],
+                     ["HTTP streaming", 1e3 * median(h), ratio,
+                      ratio <= TARGETS["http_vs_group"]]]))
+        print()
+    shared = f", a shared {args.shared_prefix}-token system prompt" if args.shared_prefix else ""
     print(table(f"(b) Load: {res['clients']} concurrent streaming clients, {res['requests']} "
-                f"requests x {args.tokens} tokens",
+                f"requests x {args.tokens} tokens{shared}",
                 ["completed", "failed", "req/s", "tok/s", "TTFT p50 ms", "p90", "p99",
-                 "TPOT p50 ms", "p90", "p99"],
+                 "TPOT p50 ms", "p90", "p99", "cached"],
                 [[res["completed"], res["failed"], res["req_s"], res["tok_s"],
                   1e3 * res["ttft_p50_s"], 1e3 * res["ttft_p90_s"], 1e3 * res["ttft_p99_s"],
-                  1e3 * res["tpot_p50_s"], 1e3 * res["tpot_p90_s"], 1e3 * res["tpot_p99_s"]]]))
+                  1e3 * res["tpot_p50_s"], 1e3 * res["tpot_p90_s"], 1e3 * res["tpot_p99_s"],
+                  f"{res['cached_share']:.2f}"]]))
     emit(out, args.out, "serve_load")
     return 0 if res["failed"] == 0 else 1
 

@@ -255,3 +255,44 @@ def test_the_cache_is_sized_by_memory(tiny_llama):
         blocks(kv_cache_bytes=per - 1)
     with pytest.raises(ValueError, match="kv_cache_fraction"):
         GroupOptions(kv_cache_fraction=1.5)
+
+
+def test_metrics_record_the_cache_and_never_end_the_serving(tiny_llama):
+    """The cache's series take what a request reports (Ray's counters refuse an increment of 0:
+    a prompt looked up and not found once took the group down); and a metrics backend that
+    fails is logged while the group serves on."""
+    import threading
+
+    from actors.metrics import GroupMetrics
+    from ladder.engine.leader import Leader
+    from ladder.engine.scheduler import RequestStats
+    m = GroupMetrics("tiny", "standard", 1, "loopback")
+    m.on_finish(RequestStats(arrival=1.0, admitted=1.1, first_token=1.2, finished=1.5,
+                             prompt_tokens=5, generated_tokens=3, cached_query=True), "stop")
+    m.on_finish(RequestStats(arrival=1.0, prompt_tokens=5, cached_query=True, cached_tokens=4,
+                             preempted=2), "length")
+    m.set_load(1, 0, 4, 0.25)
+
+    class Broken:
+        def __getattr__(self, name):
+            def fail(*args):
+                raise RuntimeError("the metrics backend is down")
+            return fail
+
+    leader = Leader(_engine(tiny_llama), None, eos_token_ids=(), metrics=Broken(),
+                    heartbeat_s=0.05)
+    leader.start()
+    try:
+        done, got = threading.Event(), []
+
+        def sink(ev):
+            got.append(ev)
+            if isinstance(ev, BaseException) or ev.finish_reason:
+                done.set()
+
+        leader.submit([Request(prompt=PROMPTS[2], params=PARAMS[0], id="a")], [sink])
+        assert done.wait(60)
+        assert [e.finish_reason for e in got][-1] == "length" and len(got) == 14
+        assert leader.error is None
+    finally:
+        leader.stop()

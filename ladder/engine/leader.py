@@ -16,6 +16,7 @@ stops: the group is unhealthy for good, and its owner builds a new one.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -37,6 +38,8 @@ from ladder.engine.scheduler import (
 from ladder.engine.step import ShardEngine
 
 Sink = Callable[[object], None]  # receives TokenEvents, then possibly an exception
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -79,6 +82,7 @@ class Leader:
         self.error: str | None = None
         self.link_rtt_s = 0.0  # a collective round trip when idle (two small collectives)
         self._sinks: dict[object, Sink] = {}
+        self._metric_failures: set[str] = set()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopped = threading.Event()
@@ -119,8 +123,7 @@ class Leader:
             for r in reqs:
                 self.scheduler.prepare(r)
         except RequestError:
-            if self.metrics:
-                self.metrics.on_error("bad_request")
+            self._record("on_error", "bad_request")
             raise
         self._post(("add", reqs, sinks))
 
@@ -265,15 +268,14 @@ class Leader:
                              bytes=c.bytes, ops=c.ops, overlap=c.overlap)
             self.steps.append(rec)
             self.steps_total += 1
-            if self.metrics:
-                self.metrics.on_step(rec)
+            self._record("on_step", rec)
         self._deliver(done.events)
         self._publish_load()
 
     def _publish_load(self) -> None:
         if self.metrics:
             pool = self.scheduler.pool
-            self.metrics.set_load(*self.scheduler.load(), pool.used() / pool.n_blocks)
+            self._record("set_load", *self.scheduler.load(), pool.used() / pool.n_blocks)
 
     def _deliver(self, events: list[TokenEvent]) -> None:
         """Each event to its request's sink; a request that failed alone (finish_reason
@@ -282,15 +284,26 @@ class Leader:
             sink = self._sinks.get(ev.request_id)
             if ev.finish_reason is not None:
                 self._sinks.pop(ev.request_id, None)
-                if self.metrics and ev.finish_reason == "error":
-                    self.metrics.on_error("request_failed")
-                elif self.metrics:
-                    self.metrics.on_finish(ev.stats, ev.finish_reason)
+                if ev.finish_reason == "error":
+                    self._record("on_error", "request_failed")
+                else:
+                    self._record("on_finish", ev.stats, ev.finish_reason)
             if sink is not None:
                 sink(RequestFailed(f"request {ev.request_id}: {ev.error}")
                      if ev.finish_reason == "error" else ev)
         if self.after_step is not None:
             self.after_step()
+
+    def _record(self, what: str, *args) -> None:
+        """A metrics call that cannot take the group down: a failure is logged, once a kind."""
+        if not self.metrics:
+            return
+        try:
+            getattr(self.metrics, what)(*args)
+        except Exception:  # noqa: BLE001 - observability must not end the serving
+            if what not in self._metric_failures:
+                self._metric_failures.add(what)
+                log.exception("recording metrics (%s) failed; serving goes on", what)
 
     def _drop_all(self, error: BaseException | None) -> None:
         """End every request the loop holds: with `error`, or as cancelled on a clean stop."""
@@ -300,8 +313,8 @@ class Leader:
                 ev = sch.cancel(rid)
                 if ev is not None:
                     self._deliver([ev])
-        if error is not None and self.metrics and self._sinks:
-            self.metrics.on_error("group_failed", len(self._sinks))
+        if error is not None and self._sinks:
+            self._record("on_error", "group_failed", len(self._sinks))
         for sink in self._sinks.values():
             sink(error or GroupError("the group has stopped"))
         self._sinks.clear()
