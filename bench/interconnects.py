@@ -157,7 +157,8 @@ def group_options(a: argparse.Namespace, res: str, link: str, n_slots: int, plen
     from ladder.options import GroupOptions
     return GroupOptions(model=a.model, tp=2, residual=RESIDUALS.get(res, res), dtype=a.dtype,
                         comm="auto" if link == "shm" else a.comm, n_slots=n_slots,
-                        max_seq=max(plens) + a.tokens + 8, threads=1, head_split=a.head_split)
+                        max_seq=max(plens) + a.tokens + 8, threads=1, head_split=a.head_split,
+                        prefix_caching=False)  # each rep's time to first token from scratch
 
 
 def direct_sweep(a, link: str, kinds: list[str], batches: list[int], plens: list[int],

@@ -121,8 +121,11 @@ def run(a: argparse.Namespace) -> int:
                     skipped[link] = str(e)
                     continue
                 spaces, label = Namespaces(ns, hosts), f"veth {link}"
+            # every way prefills its prompts whole, none from the prefix cache: the steps
+            # compared differ only in how they choose tokens
             opts = GroupOptions(model=a.model, tp=2, comm="tcp", threads=1, n_slots=max(batches),
-                                max_seq=128 + a.tokens, interconnect=label)
+                                max_seq=128 + a.tokens, interconnect=label,
+                                prefix_caching=False, max_num_batched_tokens=0)
             g = stack.enter_context(LocalTPGroup(opts, namespaces=spaces))
             ids = g.encode(PROMPT, chat=True)
             for n in batches:

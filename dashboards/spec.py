@@ -107,8 +107,18 @@ SERVING = (
               f"running {G}"),
         Query(f"sum by (model, tp, interconnect) (ray_ladder_requests_waiting{{{SEL}}})",
               f"waiting {G}"))),
-    PanelSpec("KV slots in use", "percentunit", (
-        Query(f"avg by (model, tp, interconnect) (ray_ladder_kv_slots_used_ratio{{{SEL}}})", G),)),
+    PanelSpec("KV cache in use: blocks and sequence slots", "percentunit", (
+        Query(f"avg by (model, tp, interconnect) (ray_ladder_kv_blocks_used_ratio{{{SEL}}})",
+              f"blocks {G}"),
+        Query(f"avg by (model, tp, interconnect) (ray_ladder_kv_slots_used_ratio{{{SEL}}})",
+              f"slots {G}"))),
+    # hits over lookups; no hit yet (its counter not exported yet) reads as 0
+    PanelSpec("Prefix cache: share of prompt tokens found", "percentunit", (
+        Query(f"(sum by (model, tp, interconnect) (rate(ray_ladder_prefix_cache_hits_total"
+              f"{{{SEL}}}[{RATE}])) or sum by (model, tp, interconnect) (rate("
+              f"ray_ladder_prefix_cache_queries_total{{{SEL}}}[{RATE}])) * 0) / sum by (model, "
+              f"tp, interconnect) (rate(ray_ladder_prefix_cache_queries_total{{{SEL}}}"
+              f"[{RATE}]))", G),)),
     PanelSpec("Request errors per second by kind", "reqps", (
         Query(f"sum by (kind) (rate(ray_ladder_request_errors_total{{{SEL}}}[{RATE}]))",
               "{{kind}}"),)),

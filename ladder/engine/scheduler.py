@@ -155,7 +155,7 @@ class Scheduler:
         self.free = list(range(engine.n_slots))
         self.pool = BlockPool(engine.n_blocks, engine.block, caching=prefix_caching)
         # blocks a prefill leaves for the running sequences' next blocks (vLLM's watermark)
-        self.watermark = max(1, engine.n_blocks // 100)
+        self.watermark = engine.n_blocks // 100
         self.sampler = Sampler()
         self._ids = itertools.count()
 
