@@ -296,3 +296,13 @@ def test_metrics_record_the_cache_and_never_end_the_serving(tiny_llama):
         assert leader.error is None
     finally:
         leader.stop()
+
+
+def test_the_next_turn_finds_the_answers_blocks(tiny_llama):
+    """Blocks filled by the output are cached too: a prompt that repeats the last prompt and its
+    answer (a chat's next turn) finds both, and decodes as it would from scratch."""
+    out, reqs, sched, _ = _run(_engine(tiny_llama), [PROMPTS[2]], [PARAMS[0]])
+    turn = PROMPTS[2] + out[0] + [12, 13]  # 5 + 14 + 2 tokens; 18 of them were run (written)
+    again, reqs2, _, _ = _run_in(sched, [turn], [PARAMS[0]])
+    assert reqs2[0].stats.cached_tokens == 16  # 4 full blocks of 4
+    assert again == _run(_engine(tiny_llama, prefix_caching=False), [turn], [PARAMS[0]])[0]

@@ -19,10 +19,12 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 
-def block_keys(tokens: list[int], block: int) -> list[bytes]:
-    """The keys of the full blocks of `tokens` (a chain of 128-bit hashes)."""
-    keys, prev = [], b""
-    for i in range(len(tokens) // block):
+def block_keys(tokens: list[int], block: int, keys: list[bytes] | None = None) -> list[bytes]:
+    """The keys of the full blocks of `tokens` (a chain of 128-bit hashes); given `keys`, those
+    of its first blocks already, the chain goes on from them."""
+    keys = list(keys or [])
+    prev = keys[-1] if keys else b""
+    for i in range(len(keys), len(tokens) // block):
         h = hashlib.blake2b(prev, digest_size=16)
         h.update(",".join(map(str, tokens[i * block:(i + 1) * block])).encode())
         prev = h.digest()

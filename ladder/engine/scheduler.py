@@ -427,10 +427,15 @@ class Scheduler:
             logprobs=asks if max(asks) >= 0 else None,
             prompt_logprobs=prompt_asks if max(prompt_asks) >= 0 else None,
             penalties=_penalties(kept, prompt_lens) if penalized else None, masks=masks))
+        bs = self.engine.block
         for r, t, st in zip(kept, toks, kept_starts):
             r.computed = st + len(t)
-            if kind != "decode":  # their full blocks computed now: cached for later prompts
-                n = r.computed // self.engine.block
+            n = r.computed // bs
+            if n > len(r.keys) and not r.prefilling:  # a block of its output filled up
+                r.keys = block_keys((r.prompt + r.output)[:n * bs], bs, r.keys)
+            if kind != "decode" or len(t) == 1 and r.computed % bs == 0:
+                # full blocks computed now (a prompt's, or the output's last): cached for
+                # later prompts that repeat them (the next turn of a chat)
                 self.pool.register(r.blocks[:n], r.keys[:n])
         n_rows = len(kept)
         lps = self.engine.last_logprobs if max(asks) >= 0 else [None] * n_rows
