@@ -150,8 +150,8 @@ class Scheduler:
         self.max_batched_tokens = max_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
-        # a heap: the lowest free slot first, so running requests stay in consecutive slots,
-        # which decode attention reads in place (scattered slots are gathered: a copy)
+        # a heap of free sequence slots, the lowest first (a slot indexes the penalties'
+        # history; the KV lives in the pool's blocks)
         self.free = list(range(engine.n_slots))
         self.pool = BlockPool(engine.n_blocks, engine.block, caching=prefix_caching)
         # blocks a prefill leaves for the running sequences' next blocks (vLLM's watermark)
@@ -300,10 +300,7 @@ class Scheduler:
         and output as one prefill) when it is admitted again."""
         log.info("preempting request %s (%d tokens): the KV cache is full", r.id,
                  len(r.prompt) + len(r.output))
-        self.pool.release(r.blocks)
-        r.blocks = []
-        del self.running[r.slot]
-        heapq.heappush(self.free, r.slot)
+        self._release(r)
         r.slot = -1
         r.stats.preempted += 1
         self.pool.stats.preemptions += 1
@@ -433,10 +430,9 @@ class Scheduler:
             n = r.computed // bs
             if n > len(r.keys) and not r.prefilling:  # a block of its output filled up
                 r.keys = block_keys((r.prompt + r.output)[:n * bs], bs, r.keys)
-            if kind != "decode" or len(t) == 1 and r.computed % bs == 0:
-                # full blocks computed now (a prompt's, or the output's last): cached for
-                # later prompts that repeat them (the next turn of a chat)
-                self.pool.register(r.blocks[:n], r.keys[:n])
+            # the blocks this step filled (a prompt's, or the output's): cached for later
+            # prompts that repeat them (the next turn of a chat)
+            self.pool.register(r.blocks[st // bs:n], r.keys[st // bs:n])
         n_rows = len(kept)
         lps = self.engine.last_logprobs if max(asks) >= 0 else [None] * n_rows
         plps = self.engine.last_prompt_logprobs if max(prompt_asks) >= 0 else [None] * n_rows
@@ -506,6 +502,13 @@ class Scheduler:
             raise RequestFailed(f"token {tok} broke the grammar: {r.matcher.get_error()}")
         return r.matcher.is_stopped()
 
+    def _release(self, r: Request) -> None:
+        """Running `r` gives back its slot and blocks."""
+        del self.running[r.slot]
+        heapq.heappush(self.free, r.slot)
+        self.pool.release(r.blocks)
+        r.blocks = []
+
     def _fail(self, r: Request, e: BaseException) -> TokenEvent:
         """End `r` alone with an error event (finish_reason "error"), its slot freed."""
         log.exception("request %s failed in its part of a step", r.id, exc_info=e)
@@ -517,10 +520,7 @@ class Scheduler:
         r.stats.finished = time.perf_counter()
         r.stats.generated_tokens = len(r.output)
         if r.slot >= 0 and self.running.get(r.slot) is r:
-            del self.running[r.slot]
-            heapq.heappush(self.free, r.slot)
-            self.pool.release(r.blocks)
-            r.blocks = []
+            self._release(r)
         self.sampler.remove(r.id)
         return TokenEvent(r.id, tok, delta, reason, r.stats)
 
