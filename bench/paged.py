@@ -30,8 +30,7 @@ from bench.table import table
 from bench.timed import OtherLoad, emit, log, median
 from ladder.engine.local import LocalTPGroup
 from ladder.engine.sampling import SamplingParams
-from ladder.engine.step import block_bytes
-from ladder.options import DTYPES, GroupOptions
+from ladder.options import GroupOptions
 
 SERVED = dict(model="smollm2", tp=2, residual="ladder:24-29", head_split="even", threads=1,
               dtype="float32", max_seq=2048)
@@ -53,11 +52,10 @@ def add_args(p) -> None:
 
 def served_kv_bytes() -> int:
     """The KV bytes a rank of the served default holds: 16 slots of 2048 tokens."""
+    from ladder.engine.build import kv_block_bytes
     from ladder.loaders import open_checkpoint
-    from ladder.model.tp import ShardSpec
-    cfg = open_checkpoint("smollm2").config
-    heads = max(ShardSpec.make(cfg, r, 2, "even").n_kv_heads for r in range(2))
-    return 16 * 2048 // 16 * block_bytes(cfg, heads, 16, DTYPES["float32"])
+    opts = GroupOptions(**SERVED)
+    return 16 * 2048 // opts.block_size * kv_block_bytes(opts, open_checkpoint("smollm2").config)
 
 
 def prompt(i: int, n: int) -> list[int]:

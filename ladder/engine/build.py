@@ -33,6 +33,13 @@ def build_engine(opts: GroupOptions, rank: int, comm: Communicator):
     return ckpt, engine
 
 
+def kv_block_bytes(opts: GroupOptions, cfg) -> int:
+    """Bytes of a KV-cache block on the group's rank with the most KV heads."""
+    heads = max(ShardSpec.make(cfg, r, opts.tp, opts.head_split).n_kv_heads
+                for r in range(opts.tp))
+    return block_bytes(cfg, heads, opts.block_size, DTYPES[opts.dtype])
+
+
 def kv_blocks(opts: GroupOptions, cfg, comm: Communicator, device: torch.device,
               max_seq: int) -> int:
     """The KV cache's blocks, the same on every rank: its bytes (`kv_cache_bytes`, or the
@@ -42,9 +49,7 @@ def kv_blocks(opts: GroupOptions, cfg, comm: Communicator, device: torch.device,
     bs = opts.block_size
     if not (opts.kv_cache_bytes or opts.kv_cache_fraction):
         return opts.n_slots * -(-max_seq // bs)
-    heads = max(ShardSpec.make(cfg, r, opts.tp, opts.head_split).n_kv_heads
-                for r in range(opts.tp))
-    per_block = block_bytes(cfg, heads, bs, DTYPES[opts.dtype])
+    per_block = kv_block_bytes(opts, cfg)
     if opts.kv_cache_bytes:
         budget = opts.kv_cache_bytes
     elif device.type == "cuda":

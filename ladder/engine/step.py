@@ -387,10 +387,7 @@ class ShardEngine:
         positions = starts[:, None] + torch.arange(t)[None, :]
         kv_len = max(st + n for st, n in zip(batch.starts, lens))
         # padded to the padding's last position; the padding writes into the scratch block
-        width = -(-(max(batch.starts) + t) // bs)
-        table = torch.full((b, width), self.cache.scratch, dtype=torch.int64)
-        for i, tb in enumerate(tables):
-            table[i, :min(len(tb), width)] = torch.tensor(tb[:width], dtype=torch.int64)
+        table = self._table(tables, max(batch.starts) + t)
         mask = None
         causal = False
         window = self.model.config.sliding_window
@@ -405,7 +402,7 @@ class ShardEngine:
         positions = positions.to(self.device)
         cos, sin = self.model.rope(positions, self.dtype)
         ctx = StepContext(cos=cos, sin=sin, positions=positions, cache=self.cache,
-                          tables=table.to(self.device), kv_len=kv_len, causal=causal,
+                          tables=table, kv_len=kv_len, causal=causal,
                           mask=None if mask is None else mask.to(self.device))
         return ctx, tokens.to(self.device), lens
 
@@ -415,13 +412,19 @@ class ShardEngine:
         tokens = torch.tensor([x for row in batch.tokens for x in row], dtype=torch.int64)
         positions = torch.cat([torch.arange(st, st + n) for st, n in zip(batch.starts, lens)])
         kv_len = max(st + n for st, n in zip(batch.starts, lens))
-        width = -(-kv_len // self.block)
-        table = torch.full((len(lens), width), self.cache.scratch, dtype=torch.int64)
-        for i, tb in enumerate(tables):
-            table[i, :min(len(tb), width)] = torch.tensor(tb[:width], dtype=torch.int64)
+        table = self._table(tables, kv_len)
         positions = positions[None].to(self.device)
         cos, sin = self.model.rope(positions, self.dtype)
         ctx = StepContext(cos=cos, sin=sin, positions=positions, cache=self.cache,
-                          tables=table.to(self.device), kv_len=kv_len,
+                          tables=table, kv_len=kv_len,
                           packed=Packed.of(lens, batch.starts, self.device))
         return ctx, tokens[None].to(self.device), lens
+
+    def _table(self, tables: list[list[int]], n: int) -> torch.Tensor:
+        """The rows' block tables as int64 [B, W] on the device, W blocks enough for positions
+        0..n-1; entries past a row's own blocks name the scratch block."""
+        width = -(-n // self.block)
+        table = torch.full((len(tables), width), self.cache.scratch, dtype=torch.int64)
+        for i, tb in enumerate(tables):
+            table[i, :min(len(tb), width)] = torch.tensor(tb[:width], dtype=torch.int64)
+        return table.to(self.device)
