@@ -228,10 +228,12 @@ class Attention(nn.Module):
         cache.write(self.layer_id, tables, pos[:, None], k, v)
         return q, k, v
 
-    def packed(self, qkv: torch.Tensor, ctx: StepContext, decode=None) -> torch.Tensor:
+    def packed(self, qkv: torch.Tensor, ctx: StepContext, decode=None,
+               chunk=None) -> torch.Tensor:
         """A packed step's attention (`Packed`): qkv [1, N, (H + 2K) E] -> [1, N, H E], before
-        `wo`. `decode(qkv, cos, sin, tables, pos)` may run the one-token rows (the native
-        kernel: rotation, cache write and attention at once); else they run here."""
+        `wo`. `decode(qkv, cos, sin, tables, pos)` may run the one-token rows and
+        `chunk(qkv, cos, sin, table, start)` each longer one (the native kernels: rotation,
+        cache write and attention at once); else they run here."""
         pk, cache = ctx.packed, ctx.cache
         h, e = self.n_heads, self.head_dim
         y = qkv.new_empty(1, qkv.shape[1], h * e)
@@ -251,6 +253,10 @@ class Attention(nn.Module):
         for r in pk.spans:
             o, t, start = pk.offsets[r], pk.lens[r], pk.starts[r]
             sl = slice(o, o + t)
+            if chunk is not None:
+                y[0, sl] = chunk(qkv[0, sl].contiguous(), cos[sl].contiguous(),
+                                 sin[sl].contiguous(), ctx.tables[r].contiguous(), start)
+                continue
             q, k, v = self._rows(qkv[0, sl], cos[sl], sin[sl], pos[sl],
                                  ctx.tables[r:r + 1].expand(t, -1), cache)
             q = q.transpose(0, 2)  # [1, H, t, E]

@@ -38,6 +38,7 @@ SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared"]
 LIBS = ["-lmvec", "-lm"]
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+CHUNK_TILE = 32  # tokens a task of ladder_attn_chunk scores together (CHUNK_TILE in native.c)
 KEEP = 4  # libraries kept in the directory: this source's and a few other checkouts' or CPUs'
 
 _lib: ctypes.CDLL | None = None
@@ -54,6 +55,8 @@ _SIGNATURES = {
     "ladder_silu_mul": ([_I, _P, _P, _L, _L, _I], None),
     "ladder_attn_decode": ([_I, _P, _P, _L, _L, _L, _L, _P, _P, _P, _P, _L, _P, _L, _P, _P, _F,
                             _P, _L, _I], None),
+    "ladder_attn_chunk": ([_I, _P, _P, _L, _L, _L, _L, _P, _P, _P, _P, _L, _P, _L, _L, _P, _F,
+                           _P, _L, _I], None),
 }
 
 

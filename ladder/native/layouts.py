@@ -120,9 +120,12 @@ class NativeNorm(nn.Module):
 
 
 class NativeAttention(nn.Module):
-    """Attention whose decode step (one new token per row, with a KV cache) runs rotary
-    embedding, the cache write and attention as one `ladder_attn_decode` call between the two
-    weight products; prefill and cache-less forwards run the torch module."""
+    """Attention with a KV cache as one kernel call between the two weight products: rotary
+    embedding, the cache write and attention; `ladder_attn_decode` for the one-token rows,
+    `ladder_attn_chunk` for a prompt or a prompt's chunk (causal over the cached positions and
+    its own, within a sliding window if the model has one; 1.4-20x faster than torch's gather,
+    mask and SDPA on these cores). Cache-less forwards, and decode steps once a row outgrows a
+    sliding window, run the torch module."""
 
     def __init__(self, attention: Attention, lib) -> None:
         super().__init__()
@@ -138,17 +141,53 @@ class NativeAttention(nn.Module):
         cache = ctx.cache
         b, t, _ = x.shape
         code = native.DTYPE_CODES.get(x.dtype)
-        if (t != 1 and ctx.packed is None) or cache is None or ctx.tables is None \
-                or code is None or cache.k.dtype != x.dtype \
-                or (self._window is not None and ctx.kv_len > self._window):
-            return self._torch(x, ctx)  # the kernel reads every position up to the row's own
-        qkv = self._wqkv(x).contiguous()  # [B, 1, (H + 2K) E]
-        if ctx.packed is not None:  # the one-token rows here, the others in torch
-            return self._wo(self.inner.packed(qkv, ctx, decode=functools.partial(
-                self._decode, code, cache)))
+        if cache is None or ctx.tables is None or code is None or cache.k.dtype != x.dtype \
+                or (self._window is not None and ctx.kv_len > self._window
+                    and (t == 1 or ctx.packed is not None)):
+            return self._torch(x, ctx)  # the decode kernel reads every position up to the row's
+        qkv = self._wqkv(x).contiguous()  # [B, T, (H + 2K) E]
+        if ctx.packed is not None:
+            return self._wo(self.inner.packed(
+                qkv, ctx, decode=functools.partial(self._decode, code, cache),
+                chunk=functools.partial(self._chunk, code, cache)))
+        if t > 1:  # prompts: row by row (a shorter row's padding as torch's path writes it)
+            starts = ctx.positions[:, 0].tolist()
+            cos, sin = ctx.cos[:, 0], ctx.sin[:, 0]
+            y = torch.stack([self._chunk(code, cache, qkv[i], cos[i].contiguous(),
+                                         sin[i].contiguous(), ctx.tables[i].contiguous(), st)
+                             for i, st in enumerate(starts)])
+            return self._wo(y)
         y = self._decode(code, cache, qkv.view(b, -1), ctx.cos, ctx.sin,
                          ctx.tables.contiguous(), ctx.positions)
         return self._wo(y.view(b, 1, -1))
+
+    def _chunk(self, code: int, cache, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               table: torch.Tensor, start: int) -> torch.Tensor:
+        """A prompt chunk, T tokens of one sequence from position `start`: qkv [T, (H + 2K) E]
+        -> [T, H E] (every tensor contiguous); rotation, the cache write and attention over the
+        cached positions and the chunk's own, causally, in one kernel call."""
+        h, k_, e = self._shape
+        t = qkv.shape[0]
+        y = qkv.new_empty(t, h * e)
+        stride = (h * native.CHUNK_TILE + 16) * (3 * e + start + t + 1)
+        threads, scratch = self._scratch_for(stride)
+        self.lib.ladder_attn_chunk(
+            code, qkv.data_ptr(), y.data_ptr(), t, h, k_, e, cos.data_ptr(), sin.data_ptr(),
+            *self._layer_cache(cache), cache.block, table.data_ptr(), start, self._window or 0,
+            self._kv_map.data_ptr(), self.scale, scratch, stride, threads)
+        return y
+
+    def _scratch_for(self, stride: int) -> tuple[int, int]:
+        """(torch's thread count, the address of `stride` float32 of scratch for each)."""
+        threads = torch.get_num_threads()
+        if self._scratch.numel() < threads * stride:
+            self._scratch = torch.empty(threads * stride)
+        return threads, self._scratch.data_ptr()
+
+    def _layer_cache(self, cache) -> tuple[int, int]:
+        """The addresses of this layer's keys and values in the cache."""
+        layer = self._layer * cache.k.stride(0) * cache.k.element_size()
+        return cache.k.data_ptr() + layer, cache.v.data_ptr() + layer
 
     def _decode(self, code: int, cache, qkv: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, tables: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -157,16 +196,12 @@ class NativeAttention(nn.Module):
         h, k_, e = self._shape
         b = pos.numel()
         y = qkv.new_empty(b, h * e)
-        threads = torch.get_num_threads()
         stride = cache.max_seq
-        if self._scratch.numel() < threads * stride:
-            self._scratch = torch.empty(threads, stride)
-        layer = self._layer * cache.k.stride(0) * cache.k.element_size()
+        threads, scratch = self._scratch_for(stride)
         self.lib.ladder_attn_decode(
             code, qkv.data_ptr(), y.data_ptr(), b, h, k_, e, cos.data_ptr(), sin.data_ptr(),
-            cache.k.data_ptr() + layer, cache.v.data_ptr() + layer, cache.block,
-            tables.data_ptr(), tables.shape[1], pos.data_ptr(), self._kv_map.data_ptr(),
-            self.scale, self._scratch.data_ptr(), stride, threads)
+            *self._layer_cache(cache), cache.block, tables.data_ptr(), tables.shape[1],
+            pos.data_ptr(), self._kv_map.data_ptr(), self.scale, scratch, stride, threads)
         return y
 
 

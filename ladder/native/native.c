@@ -50,7 +50,7 @@ static inline void st(int dt, void *p, long i, float v) {
     else ((float *)p)[i] = v;
 }
 
-int ladder_native_version(void) { return 2; } /* 2: paged KV cache */
+int ladder_native_version(void) { return 3; } /* 2: paged KV cache; 3: prompt chunks */
 
 /* y[m] = w * rms_norm(x[m]) for M rows of D: as RMSNorm.forward, normalised in float32, rounded
  * to the dtype, then multiplied by the weight (one more rounding). */
@@ -158,6 +158,23 @@ static inline void rope(int dt, const void *x, long xo, const void *cs, const vo
     }
 }
 
+/* Row r of qkv [rows, (H + 2K) E]: its K keys, rotated (cos, sin row r), and its K values into
+ * the cache at position p of the blocks `table` lists. */
+static void write_kv(int dt, const void *qkv, long r, long H, long K, long E, const void *cs,
+                     const void *sn, void *ck, void *cv, long block, const int64_t *table,
+                     long p) {
+    long qw = (H + 2 * K) * E, per_block = K * block * E, blk = table[p / block];
+    size_t el = dt ? 2 : 4;
+    float kr[E];
+    for (long j = 0; j < K; j++) {
+        long at = blk * per_block + (j * block + p % block) * E;
+        rope(dt, qkv, r * qw + (H + j) * E, cs, sn, r * E, E, kr);
+        for (long i = 0; i < E; i++) st(dt, ck, at + i, kr[i]);
+        memcpy((char *)cv + at * el, (const char *)qkv + (r * qw + (H + K + j) * E) * el,
+               E * el);
+    }
+}
+
 /* One decode step of a layer's attention for B rows of one new token each.
  *
  * qkv   [B, (H + 2K) * E]   this rank's projections: H query heads, K key heads, K value heads
@@ -178,18 +195,8 @@ void ladder_attn_decode(int dt, const void *qkv, void *out, long B, long H, long
                         const int64_t *tables, long width, const int64_t *pos,
                         const int64_t *kv_map, float scale, float *scratch, long stride, int nt) {
     long qw = (H + 2 * K) * E, per_block = K * block * E;
-    size_t el = dt ? 2 : 4;
-    for (long b = 0; b < B; b++) { /* the new keys (rotated) and values into the cache */
-        float kr[E];
-        long p = pos[b], blk = tables[b * width + p / block];
-        for (long j = 0; j < K; j++) {
-            long at = blk * per_block + (j * block + p % block) * E;
-            rope(dt, qkv, b * qw + (H + j) * E, cs, sn, b * E, E, kr);
-            for (long i = 0; i < E; i++) st(dt, ck, at + i, kr[i]);
-            memcpy((char *)cv + at * el, (const char *)qkv + (b * qw + (H + K + j) * E) * el,
-                   E * el);
-        }
-    }
+    for (long b = 0; b < B; b++) /* the new keys (rotated) and values into the cache */
+        write_kv(dt, qkv, b, H, K, E, cs, sn, ck, cv, block, tables + b * width, pos[b]);
     long work = 0;
     for (long b = 0; b < B; b++) work += (pos[b] + 1) * H;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && work * E > 65536)
@@ -239,6 +246,192 @@ void ladder_attn_decode(int dt, const void *qkv, void *out, long B, long H, long
             }
         }
         for (long i = 0; i < E; i++) st(dt, out, b * H * E + h * E + i, acc[i]);
+    }
+}
+
+/* A prompt chunk's attention: T new tokens of one sequence, at positions start..start+T-1.
+ *
+ * qkv [T, (H + 2K) * E], cos, sin [T, E], ck, cv, block, kv_map, scale: as ladder_attn_decode;
+ * table [width]             the sequence's blocks
+ * window                    a query sees only the last `window` positions up to its own (0: all)
+ * out [T, H * E]            per token, the heads side by side
+ * scratch                   `stride` floats for each of the nt threads, stride >=
+ *                           (H * CHUNK_TILE + 16) * (3 * E + start + T + 1)
+ *
+ * The chunk's keys and values are written first, so each token sees the chunk's earlier tokens
+ * as cached positions: causal attention within the chunk and over everything before it. A task
+ * is one KV head and up to CHUNK_TILE tokens: the queries of every query head that reads it
+ * (M of them), scored together so that each key and value is read once a task, not once a
+ * query. With AVX-512 (and E a multiple of 16) the queries lie across the vector lanes: a key's
+ * element broadcast against 16 queries' at once, 8 keys in registers; the softmax across the
+ * lanes; the values 4 queries by 64 elements in registers. The softmax and the weighted sum in
+ * float32 as in the decode kernel (the products fused: this is not torch's order of additions
+ * either way), the result rounded to the dtype once. */
+#define CHUNK_TILE 32
+
+typedef struct {
+    int dt;
+    const void *ck, *cv;
+    long per_block, block, j, E, window;
+    const int64_t *table;
+    float scale;
+} chunk_kv;
+
+/* the offset of position p of KV head j in the layer's cache */
+static inline long kv_at(const chunk_kv *c, long p) {
+    return c->table[p / c->block] * c->per_block + (c->j * c->block + p % c->block) * c->E;
+}
+
+/* M queries q [M, E] at positions qpos [M] over cached positions lo..hi-1: y [M, E] (float);
+ * sc: scratch of M * (hi - lo) floats */
+static void chunk_plain(const chunk_kv *c, const float *q, const long *qpos, long M, long lo,
+                        long hi, float *y, float *sc) {
+    long E = c->E;
+    for (long m = 0; m < M; m++) {
+        long pos = qpos[m], first = lo;
+        if (c->window > 0 && pos - c->window + 1 > first) first = pos - c->window + 1;
+        long n = pos + 1 - first;
+        float *row = sc + m * (hi - lo), mx = -INFINITY;
+        for (long p = 0; p < n; p++) {
+            long kp = kv_at(c, first + p);
+            float s = 0.f;
+            for (long e = 0; e < E; e++) s += q[m * E + e] * ld(c->dt, c->ck, kp + e);
+            row[p] = s * c->scale;
+            if (row[p] > mx) mx = row[p];
+        }
+        float inv = 1.f / softmax_exp(row, n, mx), *a = y + m * E;
+        for (long e = 0; e < E; e++) a[e] = 0.f;
+        for (long p = 0; p < n; p++) {
+            long vp = kv_at(c, first + p);
+            for (long e = 0; e < E; e++) a[e] += row[p] * ld(c->dt, c->cv, vp + e);
+        }
+        for (long e = 0; e < E; e++) a[e] *= inv;
+    }
+}
+
+#ifdef __AVX512F__
+static inline __m512 kv_load16(int dt, const void *base, long at, __mmask16 k) {
+    return dt ? bf16x16_load((const bf16 *)base + at, k)
+              : _mm512_maskz_loadu_ps(k, (const float *)base + at);
+}
+
+/* as chunk_plain, for E % 16 == 0; scratch: (M + 15) * (E + hi - lo + 1) floats */
+static void chunk_avx512(const chunk_kv *c, const float *q, const long *qpos, long M, long lo,
+                         long hi, float *y, float *scratch) {
+    long E = c->E, Mp = (M + 15) / 16 * 16, n = hi - lo;
+    float *qt = scratch, *sc = qt + E * Mp, *inv = sc + n * Mp; /* qt [E, Mp], sc [n, Mp] */
+    for (long e = 0; e < E; e++)
+        for (long m = 0; m < Mp; m++) qt[e * Mp + m] = m < M ? q[m * E + e] : 0.f;
+    const __m512 scale = _mm512_set1_ps(c->scale);
+    for (long g = 0; g < Mp; g += 16) {
+        /* scores: 8 keys by 16 queries in registers */
+        for (long p = lo; p < hi; p += 8) {
+            __m512 acc[8];
+            long kp[8];
+            for (int u = 0; u < 8; u++) {
+                acc[u] = _mm512_setzero_ps();
+                kp[u] = kv_at(c, p + u < hi ? p + u : hi - 1);
+            }
+            for (long e = 0; e < E; e++) {
+                __m512 qv = _mm512_loadu_ps(qt + e * Mp + g);
+#pragma GCC unroll 8
+                for (int u = 0; u < 8; u++)
+                    acc[u] = _mm512_fmadd_ps(_mm512_set1_ps(ld(c->dt, c->ck, kp[u] + e)), qv,
+                                             acc[u]);
+            }
+            for (int u = 0; u < 8 && p + u < hi; u++)
+                _mm512_storeu_ps(sc + (p + u - lo) * Mp + g, _mm512_mul_ps(acc[u], scale));
+        }
+        /* softmax across the lanes: each query over its positions (first..pos) */
+        int32_t pv[16];
+        for (int l = 0; l < 16; l++) pv[l] = (int32_t)(g + l < M ? qpos[g + l] : qpos[M - 1]);
+        __m512i posv = _mm512_loadu_si512(pv);
+        __m512i firstv = c->window > 0 ? _mm512_sub_epi32(posv, _mm512_set1_epi32(
+                                             (int32_t)c->window - 1))
+                                       : _mm512_set1_epi32((int32_t)lo);
+        __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        for (long p = lo; p < hi; p++) {
+            __m512i pp = _mm512_set1_epi32((int32_t)p);
+            __mmask16 ok = _mm512_cmple_epi32_mask(pp, posv) & _mm512_cmpge_epi32_mask(pp, firstv);
+            mx = _mm512_mask_max_ps(mx, ok, mx, _mm512_loadu_ps(sc + (p - lo) * Mp + g));
+        }
+        for (long p = lo; p < hi; p++) {
+            __m512i pp = _mm512_set1_epi32((int32_t)p);
+            __mmask16 ok = _mm512_cmple_epi32_mask(pp, posv) & _mm512_cmpge_epi32_mask(pp, firstv);
+            float *at = sc + (p - lo) * Mp + g;
+            __m512 ex = _mm512_maskz_mov_ps(ok, _ZGVeN16v_expf(_mm512_sub_ps(
+                                                    _mm512_loadu_ps(at), mx)));
+            _mm512_storeu_ps(at, ex);
+            sum = _mm512_add_ps(sum, ex);
+        }
+        _mm512_storeu_ps(inv + g, _mm512_div_ps(_mm512_set1_ps(1.f), sum));
+    }
+    /* values: 4 queries by 64 elements in registers */
+    for (long m = 0; m < M; m += 4) {
+        for (long e0 = 0; e0 < E; e0 += 64) {
+            __mmask16 kc[4];
+            for (int v = 0; v < 4; v++) kc[v] = e0 + 16 * v < E ? (__mmask16)0xffff : 0;
+            __m512 acc[4][4];
+            for (int r = 0; r < 4; r++)
+                for (int v = 0; v < 4; v++) acc[r][v] = _mm512_setzero_ps();
+            for (long p = lo; p < hi; p++) {
+                long vp = kv_at(c, p) + e0;
+                __m512 vr[4];
+                for (int v = 0; v < 4; v++) vr[v] = kv_load16(c->dt, c->cv, vp + 16 * v, kc[v]);
+                const float *w = sc + (p - lo) * Mp + m;
+#pragma GCC unroll 4
+                for (int r = 0; r < 4; r++) {
+                    __m512 wr = _mm512_set1_ps(w[r]);
+                    for (int v = 0; v < 4; v++) acc[r][v] = _mm512_fmadd_ps(wr, vr[v], acc[r][v]);
+                }
+            }
+            for (int r = 0; r < 4 && m + r < M; r++) {
+                __m512 iv = _mm512_set1_ps(inv[m + r]);
+                for (int v = 0; v < 4; v++)
+                    _mm512_mask_storeu_ps(y + (m + r) * E + e0 + 16 * v, kc[v],
+                                          _mm512_mul_ps(acc[r][v], iv));
+            }
+        }
+    }
+}
+#endif
+
+void ladder_attn_chunk(int dt, const void *qkv, void *out, long T, long H, long K, long E,
+                       const void *cs, const void *sn, void *ck, void *cv, long block,
+                       const int64_t *table, long start, long window, const int64_t *kv_map,
+                       float scale, float *scratch, long stride, int nt) {
+    long qw = (H + 2 * K) * E, per_block = K * block * E, n_all = start + T;
+    for (long i = 0; i < T; i++) /* the new keys (rotated) and values into the cache */
+        write_kv(dt, qkv, i, H, K, E, cs, sn, ck, cv, block, table, start + i);
+    long tiles = (T + CHUNK_TILE - 1) / CHUNK_TILE;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && K * tiles > 1 && \
+                                                             T * n_all * E > 65536)
+    for (long task = 0; task < K * tiles; task++) {
+        long j = task % K, i0 = (task / K) * CHUNK_TILE;
+        long nq = T - i0 < CHUNK_TILE ? T - i0 : CHUNK_TILE, hi = start + i0 + nq;
+        long heads[H], G = 0;
+        for (long h = 0; h < H; h++)
+            if (kv_map[h] == j) heads[G++] = h;
+        if (!G) continue;
+        long M = G * nq; /* query m: head heads[m / nq], token i0 + m % nq */
+        long lo = 0, qpos[M]; /* the task's first position any of its queries sees */
+        if (window > 0 && start + i0 - window + 1 > 0) lo = start + i0 - window + 1;
+        float *q = scratch + omp_get_thread_num() * stride, *y = q + M * E, *rest = y + M * E;
+        for (long m = 0; m < M; m++) {
+            long i = i0 + m % nq;
+            qpos[m] = start + i;
+            rope(dt, qkv, i * qw + heads[m / nq] * E, cs, sn, i * E, E, q + m * E);
+        }
+        chunk_kv c = {dt, ck, cv, per_block, block, j, E, window, table, scale};
+#ifdef __AVX512F__
+        if (E % 16 == 0) chunk_avx512(&c, q, qpos, M, lo, hi, y, rest);
+        else
+#endif
+            chunk_plain(&c, q, qpos, M, lo, hi, y, rest);
+        for (long m = 0; m < M; m++) {
+            long i = i0 + m % nq, h = heads[m / nq];
+            for (long e = 0; e < E; e++) st(dt, out, i * H * E + h * E + e, y[m * E + e]);
+        }
     }
 }
 
