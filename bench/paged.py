@@ -40,7 +40,7 @@ TARGETS = {"layout": 0.95, "concurrency": 4.0, "throughput_64_over_16": 1.5, "pr
 
 def add_args(p) -> None:
     p.add_argument("--parts", default="layout,concurrency,prefix,chunked")
-    p.add_argument("--budgets", default="0,32,64", help="max_num_batched_tokens (chunked)")
+    p.add_argument("--budgets", default="0,16,24,32", help="max_num_batched_tokens (chunked)")
     p.add_argument("--long", type=int, default=1500, help="the late prompt's tokens (chunked)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--tokens", type=int, default=24, help="new tokens a stream (layout)")

@@ -13,7 +13,10 @@
               `--load-only` skips (a).
 
 Starts its own local Ray instance (token authentication on) and Serve on a free local port;
-SmolLM2, TP=2, `ladder:24-29`, shared memory, one replica. Ends with one JSON line.
+SmolLM2, TP=2, `ladder:24-29`, shared memory, one replica. With `--url` it starts nothing and
+drives a server already running there instead, `ladder serve deploy/smollm2.yaml` for one (the
+load part only; `--model`, and `--api-key` or $OPENAI_API_KEY where the server wants a key).
+Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -42,10 +45,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shared-prefix", type=int, default=0,
                    help="a system prompt of about this many tokens, the same for every request")
     p.add_argument("--load-only", action="store_true", help="skip (a), the HTTP overhead")
+    p.add_argument("--url", help="drive the server at this base URL (e.g. "
+                   "http://127.0.0.1:8000/v1) instead of starting one; (b) only")
+    p.add_argument("--model", default="smollm2", help="the model name the server serves")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "EMPTY"))
     p.add_argument("--out", help="also write the JSON line to DIR/serve_load-<time>.json")
 
 
 def pct(xs: list[float], q: float) -> float:
+    if not xs:  # every request failed
+        return float("nan")
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
 
@@ -60,11 +69,11 @@ def system_prompt(tokens: int) -> str | None:
 
 
 async def load(base_url: str, model: str, clients: int, requests: int, tokens: int,
-               system: str | None = None) -> dict:
+               system: str | None = None, api_key: str = "EMPTY") -> dict:
     from openai import AsyncOpenAI
     todo = list(range(requests))
     done, failures = [], []
-    async with AsyncOpenAI(base_url=base_url, api_key="EMPTY", timeout=600,
+    async with AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=600,
                            max_retries=0) as client:
         async def worker():
             while todo:
@@ -124,6 +133,14 @@ def stream_overhead(base: str, opts, args: argparse.Namespace) -> tuple[list[flo
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.url:
+        log(f"load on {args.url}: {args.clients} clients, {args.requests} requests x "
+            f"{args.tokens} tokens")
+        res = asyncio.run(load(args.url, args.model, args.clients, args.requests, args.tokens,
+                               system_prompt(args.shared_prefix), args.api_key))
+        return report({"bench": "serve_load", "url": args.url, "model": args.model,
+                       "shared_prefix": args.shared_prefix, "load": res, "targets": TARGETS},
+                      res, args)
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
     import ray
@@ -163,6 +180,11 @@ def run(args: argparse.Namespace) -> int:
                      ["HTTP streaming", 1e3 * median(h), ratio,
                       ratio <= TARGETS["http_vs_group"]]]))
         print()
+    return report(out, res, args)
+
+
+def report(out: dict, res: dict, args: argparse.Namespace) -> int:
+    """Print (b)'s table and the JSON line; 1 where a request failed."""
     shared = f", a shared {args.shared_prefix}-token system prompt" if args.shared_prefix else ""
     print(table(f"(b) Load: {res['clients']} concurrent streaming clients, {res['requests']} "
                 f"requests x {args.tokens} tokens{shared}",

@@ -44,7 +44,7 @@ class ServerConfig:
     kv_cache_fraction: float = 0.0
     block_size: int = 16
     prefix_caching: bool = True  # prompts that start alike share their full blocks
-    max_num_batched_tokens: int = 32  # a step's tokens while others decode (0: no chunking)
+    max_num_batched_tokens: int = 24  # a step's tokens while others decode (0: no chunking)
     threads: int = 1  # torch threads per rank
     head_split: str = "groups"  # groups | even: how attention heads are split over the ranks
     strategy: str = "PACK"  # placement of the ranks (the deployment's placement group)

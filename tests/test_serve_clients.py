@@ -4,6 +4,9 @@ tiny chat model, an API key):
 - the README's monitoring path: Prometheus started with dashboards/prometheus.yml exactly as
   shipped finds the server (the service-discovery file its local Ray's head wrote) and a
   serving panel's query returns the server's series;
+- `bench.serve_load --url` (the project's serving benchmark client) drives it with a
+  shared-prefix workload: every request completes and the later ones find the system prompt in
+  the prefix cache, as the responses' usage reports it;
 - lm-evaluation-harness's `local-completions` model runs a loglikelihood (multiple-choice) task
   of our own, from a local JSONL file, through the completions API (token ids, `echo` with
   `logprobs`); every loglikelihood it computes equals transformers' for the same tokens.
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -72,6 +77,20 @@ def test_the_readme_monitoring_path(server, tmp_path):
             result = [r for r in query(prom, expr) if float(r["value"][1]) > 0]
     assert result, f"no data for the panel query {expr} through {SHIPPED}"
     assert {r["metric"].get("model") for r in result} == {MODEL}
+
+
+def test_serve_load_drives_ladder_serve_with_a_shared_prefix(server):
+    url, _ = server
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.serve_load", "--url", url + "/v1", "--model", MODEL,
+         "--api-key", KEY, "--shared-prefix", "60", "--clients", "3", "--requests", "6",
+         "--tokens", "6"], capture_output=True, text=True, timeout=300,
+        cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    res = json.loads(run.stdout.strip().splitlines()[-1])["load"]
+    assert res["completed"] == 6 and res["failed"] == 0 and res["tokens"] == 36, res
+    # three clients start together (each prefills the prompt itself), the next three find it
+    assert 0 < res["cached_tokens"] < res["prompt_tokens"] and res["cached_share"] > 0.2, res
 
 
 def write_task(folder: Path) -> None:
