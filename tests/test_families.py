@@ -82,6 +82,36 @@ def test_logits_and_greedy_tokens_equal_transformers(family, tp):
     assert [o["tokens"] for o in got] == want, kind
 
 
+@pytest.mark.parametrize("tp, fast", [(1, True), (2, True), (1, False)],
+                         ids=["tp1", "tp2", "tp1-torch"])
+def test_the_window_bounds_the_kv_cache(tmp_path, tp, fast):
+    """Mistral with blocks of 2 and a KV cache of 12 blocks: the two sequences run to 23 and
+    25 positions (24 blocks without the window) side by side, each holding its window's blocks only
+    (the ones before it go back to the pool as it moves on), nothing preempted, and the greedy
+    tokens still transformers' (the native kernels and torch's); at the end every block is
+    back."""
+    import asyncio
+
+    from ladder.engine.build import kv_block_bytes
+    hf = _tiny("mistral")
+    hf.save_pretrained(tmp_path)
+    with torch.no_grad():
+        want = [hf_greedy(hf, p, N) for p in PROMPTS]
+    opts = GroupOptions(model=str(tmp_path), tp=tp, max_seq=64, block_size=2, n_slots=2,
+                        fast_kernels=fast)
+    opts = GroupOptions(**{**opts.__dict__, "kv_cache_bytes": 12 * kv_block_bytes(
+        opts, open_checkpoint(tmp_path).config)})
+    with LocalTPGroup(opts) as g:
+        got = g.generate(PROMPTS, [SamplingParams(max_tokens=N, temperature=0,
+                                                  ignore_eos=True)] * len(PROMPTS))
+        stats = asyncio.run(g.stats())
+    assert [o["tokens"] for o in got] == want
+    kv = stats["kv_cache"]
+    assert kv["blocks"] == 12 and kv["preemptions"] == 0 and kv["blocks_used"] == 0, kv
+    together = [s for s in stats["steps"] if s["kind"] == "decode" and s["rows"] == 2]
+    assert len(together) >= N - 2, stats["steps"]  # side by side (the first step mixed)
+
+
 def test_the_window_matters(tmp_path):
     """The same Mistral weights without the window give other logits past it: the tests above
     exercise the window, not a model that never reaches it."""

@@ -197,7 +197,7 @@ def test_prompt_chunks_fused_equal_torch_operators(config):
     """Prompts in pieces beside decode rows (packed steps), a prompt continued alone from a
     cached start, and a fresh prompt longer than a tile of the chunk kernel: the fused engine's
     logits match torch's within float32's summation-order noise, step by step; with a head
-    size the vector path does not take (24) and with a sliding window (prompt steps)."""
+    size the vector path does not take (24) and with a sliding window."""
     plain, fused = _engines(torch.float32, **config)
     long = [(7 * i) % 90 + 3 for i in range(40)]  # > CHUNK_TILE tokens in one step
     steps = [
@@ -207,6 +207,8 @@ def test_prompt_chunks_fused_equal_torch_operators(config):
         StepBatch(tokens=[[12], [1] * 9, [3]], slots=[1, 2, 0], starts=[9, 0, 41]),
         # one row, from a cached start (a prefix hit's rest)
         StepBatch(tokens=[[2, 3, 4, 5, 6]], slots=[2], starts=[9]),
+        # a plain decode step, every row past the window where there is one
+        StepBatch(tokens=[[3], [4], [5]], slots=[0, 1, 2], starts=[42, 10, 14]),
     ]
     for batch in steps:
         want, got = (eng.step(batch).float() for eng in (plain, fused))

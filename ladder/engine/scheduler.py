@@ -154,6 +154,10 @@ class Scheduler:
         # history; the KV lives in the pool's blocks)
         self.free = list(range(engine.n_slots))
         self.pool = BlockPool(engine.n_blocks, engine.block, caching=prefix_caching)
+        # a sliding window (Mistral): the blocks a sequence's next token no longer sees go
+        # back to the pool, their places in its table naming the engine's scratch block
+        self.window = engine.model.config.sliding_window
+        self.scratch = engine.n_blocks
         # blocks a prefill leaves for the running sequences' next blocks (vLLM's watermark)
         self.watermark = engine.n_blocks // 100
         self.sampler = Sampler()
@@ -433,6 +437,8 @@ class Scheduler:
             # the blocks this step filled (a prompt's, or the output's): cached for later
             # prompts that repeat them (the next turn of a chat)
             self.pool.register(r.blocks[st // bs:n], r.keys[st // bs:n])
+            if self.window is not None:
+                self._slide(r)
         n_rows = len(kept)
         lps = self.engine.last_logprobs if max(asks) >= 0 else [None] * n_rows
         plps = self.engine.last_prompt_logprobs if max(prompt_asks) >= 0 else [None] * n_rows
@@ -506,8 +512,18 @@ class Scheduler:
         """Running `r` gives back its slot and blocks."""
         del self.running[r.slot]
         heapq.heappush(self.free, r.slot)
-        self.pool.release(r.blocks)
+        self.pool.release([b for b in r.blocks if b != self.scratch])
         r.blocks = []
+
+    def _slide(self, r: Request) -> None:
+        """Give back `r`'s blocks wholly before the sliding window of its next token (at
+        position r.computed): its KV holds a window's blocks at most, however long it runs.
+        Cached ones stay findable for prompts that start alike until evicted."""
+        gone = max(0, r.computed - self.window + 1) // self.engine.block
+        old = [b for b in r.blocks[:gone] if b != self.scratch]
+        if old:
+            self.pool.release(old)
+            r.blocks[:gone] = [self.scratch] * gone
 
     def _fail(self, r: Request, e: BaseException) -> TokenEvent:
         """End `r` alone with an error event (finish_reason "error"), its slot freed."""

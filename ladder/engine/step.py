@@ -370,14 +370,18 @@ class ShardEngine:
         t = max(lens)
         tables = batch.tables or [self.fixed_table(s) for s in batch.slots]
         bs = self.block
+        window = self.model.config.sliding_window
         for s, st, n, tb in zip(batch.slots, batch.starts, lens, tables):
             if not 0 <= s < self.n_slots:
                 raise ValueError(f"slot {s} outside 0..{self.n_slots - 1}")
             if st + n > self.max_seq:
                 raise ValueError(f"slot {s}: {st + n} tokens exceed the cache's {self.max_seq}")
-            if len(tb) * bs < st + n or not all(0 <= x < self.n_blocks for x in tb):
+            # the blocks wholly before the row's sliding window may name the scratch block
+            gone = 0 if window is None else max(0, st - window + 1) // bs
+            if len(tb) * bs < st + n or not all(0 <= x < self.n_blocks for x in tb[gone:]) \
+                    or not all(0 <= x <= self.n_blocks for x in tb[:gone]):
                 raise ValueError(f"slot {s}: block table {tb} does not hold positions "
-                                 f"0..{st + n - 1} in 0..{self.n_blocks - 1}")
+                                 f"{gone * bs}..{st + n - 1} in 0..{self.n_blocks - 1}")
         if b > 1 and 1 in lens and t > 1 and not batch.all_logits:
             return self._packed_context(batch, tables, lens)
         tokens = torch.zeros(b, t, dtype=torch.int64)
@@ -390,7 +394,6 @@ class ShardEngine:
         table = self._table(tables, max(batch.starts) + t)
         mask = None
         causal = False
-        window = self.model.config.sliding_window
         if window is not None and kv_len > window:  # some position sees only its window
             mask = attention_mask(positions, kv_len, window)
         elif b == 1 and t == 1:

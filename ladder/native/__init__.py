@@ -53,8 +53,8 @@ _SIGNATURES = {
     "ladder_gemm_bf16": ([_P, _P, _P, _L, _L, _L, _I], None),
     "ladder_rmsnorm": ([_I, _P, _P, _P, _L, _L, _F], None),
     "ladder_silu_mul": ([_I, _P, _P, _L, _L, _I], None),
-    "ladder_attn_decode": ([_I, _P, _P, _L, _L, _L, _L, _P, _P, _P, _P, _L, _P, _L, _P, _P, _F,
-                            _P, _L, _I], None),
+    "ladder_attn_decode": ([_I, _P, _P, _L, _L, _L, _L, _P, _P, _P, _P, _L, _P, _L, _P, _L, _P,
+                            _F, _P, _L, _I], None),
     "ladder_attn_chunk": ([_I, _P, _P, _L, _L, _L, _L, _P, _P, _P, _P, _L, _P, _L, _L, _P, _F,
                            _P, _L, _I], None),
 }

@@ -123,9 +123,8 @@ class NativeAttention(nn.Module):
     """Attention with a KV cache as one kernel call between the two weight products: rotary
     embedding, the cache write and attention; `ladder_attn_decode` for the one-token rows,
     `ladder_attn_chunk` for a prompt or a prompt's chunk (causal over the cached positions and
-    its own, within a sliding window if the model has one; 1.4-20x faster than torch's gather,
-    mask and SDPA on these cores). Cache-less forwards, and decode steps once a row outgrows a
-    sliding window, run the torch module."""
+    its own; 1.4-20x faster than torch's gather, mask and SDPA on these cores); both honour a
+    sliding window and read no block before it. Cache-less forwards run the torch module."""
 
     def __init__(self, attention: Attention, lib) -> None:
         super().__init__()
@@ -141,10 +140,8 @@ class NativeAttention(nn.Module):
         cache = ctx.cache
         b, t, _ = x.shape
         code = native.DTYPE_CODES.get(x.dtype)
-        if cache is None or ctx.tables is None or code is None or cache.k.dtype != x.dtype \
-                or (self._window is not None and ctx.kv_len > self._window
-                    and (t == 1 or ctx.packed is not None)):
-            return self._torch(x, ctx)  # the decode kernel reads every position up to the row's
+        if cache is None or ctx.tables is None or code is None or cache.k.dtype != x.dtype:
+            return self._torch(x, ctx)
         qkv = self._wqkv(x).contiguous()  # [B, T, (H + 2K) E]
         if ctx.packed is not None:
             return self._wo(self.inner.packed(
@@ -201,7 +198,8 @@ class NativeAttention(nn.Module):
         self.lib.ladder_attn_decode(
             code, qkv.data_ptr(), y.data_ptr(), b, h, k_, e, cos.data_ptr(), sin.data_ptr(),
             *self._layer_cache(cache), cache.block, tables.data_ptr(), tables.shape[1],
-            pos.data_ptr(), self._kv_map.data_ptr(), self.scale, scratch, stride, threads)
+            pos.data_ptr(), self._window or 0, self._kv_map.data_ptr(), self.scale, scratch,
+            stride, threads)
         return y
 
 

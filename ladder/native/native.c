@@ -50,7 +50,7 @@ static inline void st(int dt, void *p, long i, float v) {
     else ((float *)p)[i] = v;
 }
 
-int ladder_native_version(void) { return 3; } /* 2: paged KV cache; 3: prompt chunks */
+int ladder_native_version(void) { return 3; } /* 2: paged KV cache; 3: prompt chunks, windows */
 
 /* y[m] = w * rms_norm(x[m]) for M rows of D: as RMSNorm.forward, normalised in float32, rounded
  * to the dtype, then multiplied by the weight (one more rounding). */
@@ -183,6 +183,8 @@ static void write_kv(int dt, const void *qkv, long r, long H, long K, long E, co
  * tables [B, width], pos [B] row b writes its key and value at position pos[b], that is at
  *                           pos[b] % block of block tables[b, pos[b] / block], and attends to
  *                           its positions 0..pos[b], block by block
+ * window                    a row sees only its last `window` positions (0: all); the blocks
+ *                           before them are not read (the table may name any block there)
  * out   [B, H * E]          per row, the heads side by side (as y.transpose(1, 2).reshape)
  * kv_map [H]                the KV head each query head reads: h / (H / K) for grouped-query
  *                           attention, any map for the 'even' head split (ladder.tp)
@@ -192,24 +194,26 @@ static void write_kv(int dt, const void *qkv, long r, long H, long K, long E, co
  * float32, the result rounded to the dtype once, as _decode_attention computes them. */
 void ladder_attn_decode(int dt, const void *qkv, void *out, long B, long H, long K, long E,
                         const void *cs, const void *sn, void *ck, void *cv, long block,
-                        const int64_t *tables, long width, const int64_t *pos,
+                        const int64_t *tables, long width, const int64_t *pos, long window,
                         const int64_t *kv_map, float scale, float *scratch, long stride, int nt) {
     long qw = (H + 2 * K) * E, per_block = K * block * E;
     for (long b = 0; b < B; b++) /* the new keys (rotated) and values into the cache */
         write_kv(dt, qkv, b, H, K, E, cs, sn, ck, cv, block, tables + b * width, pos[b]);
     long work = 0;
-    for (long b = 0; b < B; b++) work += (pos[b] + 1) * H;
+    for (long b = 0; b < B; b++) work += (window > 0 && pos[b] >= window ? window : pos[b] + 1) * H;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && work * E > 65536)
     for (long bh = 0; bh < B * H; bh++) {
-        long b = bh / H, h = bh % H, j = kv_map[h], n = pos[b] + 1;
+        long b = bh / H, h = bh % H, j = kv_map[h], last = pos[b];
+        long first = window > 0 && last - window + 1 > 0 ? last - window + 1 : 0;
         const int64_t *tb = tables + b * width;
         int t = omp_get_thread_num();
-        float *sc = scratch + t * stride;
+        float *sc = scratch + t * stride; /* sc[p - first] */
         float q[E], acc[E];
         rope(dt, qkv, b * qw + h * E, cs, sn, b * E, E, q);
         float mx = -INFINITY;
-        for (long p0 = 0, c = 0; p0 < n; p0 += block, c++) { /* block by block */
-            long base = tb[c] * per_block + j * block * E, m = n - p0 < block ? n - p0 : block;
+        for (long at = first, m; at <= last; at += m) { /* block by block */
+            long off = at % block, base = tb[at / block] * per_block + (j * block + off) * E;
+            m = last + 1 - at < block - off ? last + 1 - at : block - off;
             for (long p = 0; p < m; p++) {
                 long kp = base + p * E;
                 float s = 0.f;
@@ -223,16 +227,17 @@ void ladder_attn_decode(int dt, const void *qkv, void *out, long B, long H, long
                     for (long i = 0; i < E; i++) s += q[i] * k[i];
                 }
                 s *= scale;
-                sc[p0 + p] = s;
+                sc[at - first + p] = s;
                 if (s > mx) mx = s;
             }
         }
-        float sum = softmax_exp(sc, n, mx);
+        float sum = softmax_exp(sc, last + 1 - first, mx);
         for (long i = 0; i < E; i++) acc[i] = 0.f;
-        for (long p0 = 0, c = 0; p0 < n; p0 += block, c++) {
-            long base = tb[c] * per_block + j * block * E, m = n - p0 < block ? n - p0 : block;
+        for (long at = first, m; at <= last; at += m) {
+            long off = at % block, base = tb[at / block] * per_block + (j * block + off) * E;
+            m = last + 1 - at < block - off ? last + 1 - at : block - off;
             for (long p = 0; p < m; p++) {
-                float a = sc[p0 + p] / sum;
+                float a = sc[at - first + p] / sum;
                 long vp = base + p * E;
                 if (dt) {
                     const bf16 *v = (const bf16 *)cv + vp;
