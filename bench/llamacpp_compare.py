@@ -27,10 +27,10 @@ import os
 import subprocess
 from pathlib import Path
 
+from bench.engine_speed import prefix_match
 from bench.openai_stream import PROMPT, Stream, summarize
 from bench.table import table
 from bench.timed import OtherLoad, emit, log
-from bench.engine_speed import prefix_match
 from bench.vllm_compare import _engine_streams
 
 HERE = Path(__file__).resolve().parent

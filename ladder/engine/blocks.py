@@ -19,6 +19,12 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 
+def blocks_behind(position: int, window: int | None, block: int) -> int:
+    """How many of a sequence's blocks lie wholly before the sliding window of its token at
+    `position` (0 without a window): nothing reads them from that token on."""
+    return 0 if window is None else max(0, position - window + 1) // block
+
+
 def block_keys(tokens: list[int], block: int, keys: list[bytes] | None = None) -> list[bytes]:
     """The keys of the full blocks of `tokens` (a chain of 128-bit hashes); given `keys`, those
     of its first blocks already, the chain goes on from them."""

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ladder.engine.blocks import BlockPool, block_keys
+from ladder.engine.blocks import BlockPool, block_keys, blocks_behind
 from ladder.engine.logprobs import Scored, scored
 from ladder.engine.penalties import Penalties
 from ladder.engine.sampling import Sampler, SamplingParams, SamplingRows
@@ -157,7 +157,7 @@ class Scheduler:
         # a sliding window (Mistral): the blocks a sequence's next token no longer sees go
         # back to the pool, their places in its table naming the engine's scratch block
         self.window = engine.model.config.sliding_window
-        self.scratch = engine.n_blocks
+        self.scratch = engine.cache.scratch
         # blocks a prefill leaves for the running sequences' next blocks (vLLM's watermark)
         self.watermark = engine.n_blocks // 100
         self.sampler = Sampler()
@@ -519,7 +519,7 @@ class Scheduler:
         """Give back `r`'s blocks wholly before the sliding window of its next token (at
         position r.computed): its KV holds a window's blocks at most, however long it runs.
         Cached ones stay findable for prompts that start alike until evicted."""
-        gone = max(0, r.computed - self.window + 1) // self.engine.block
+        gone = blocks_behind(r.computed, self.window, self.engine.block)
         old = [b for b in r.blocks[:gone] if b != self.scratch]
         if old:
             self.pool.release(old)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ladder.engine import guided, vocab
+from ladder.engine.blocks import blocks_behind
 from ladder.engine.logprobs import token_logprobs
 from ladder.engine.penalties import History, Penalties
 from ladder.engine.sampling import COLUMNS, SamplingRows
@@ -377,7 +378,7 @@ class ShardEngine:
             if st + n > self.max_seq:
                 raise ValueError(f"slot {s}: {st + n} tokens exceed the cache's {self.max_seq}")
             # the blocks wholly before the row's sliding window may name the scratch block
-            gone = 0 if window is None else max(0, st - window + 1) // bs
+            gone = blocks_behind(st, window, bs)
             if len(tb) * bs < st + n or not all(0 <= x < self.n_blocks for x in tb[gone:]) \
                     or not all(0 <= x <= self.n_blocks for x in tb[:gone]):
                 raise ValueError(f"slot {s}: block table {tb} does not hold positions "

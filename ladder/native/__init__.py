@@ -38,7 +38,6 @@ SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared"]
 LIBS = ["-lmvec", "-lm"]
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
-CHUNK_TILE = 32  # tokens a task of ladder_attn_chunk scores together (CHUNK_TILE in native.c)
 KEEP = 4  # libraries kept in the directory: this source's and a few other checkouts' or CPUs'
 
 _lib: ctypes.CDLL | None = None
@@ -55,6 +54,7 @@ _SIGNATURES = {
     "ladder_silu_mul": ([_I, _P, _P, _L, _L, _I], None),
     "ladder_attn_decode": ([_I, _P, _P, _L, _L, _L, _L, _P, _P, _P, _P, _L, _P, _L, _P, _L, _P,
                             _F, _P, _L, _I], None),
+    "ladder_attn_chunk_stride": ([_L, _L, _L], _L),
     "ladder_attn_chunk": ([_I, _P, _P, _L, _L, _L, _L, _P, _P, _P, _P, _L, _P, _L, _L, _P, _F,
                            _P, _L, _I], None),
 }

@@ -166,7 +166,7 @@ class NativeAttention(nn.Module):
         h, k_, e = self._shape
         t = qkv.shape[0]
         y = qkv.new_empty(t, h * e)
-        stride = (h * native.CHUNK_TILE + 16) * (3 * e + start + t + 1)
+        stride = self.lib.ladder_attn_chunk_stride(h, e, start + t)
         threads, scratch = self._scratch_for(stride)
         self.lib.ladder_attn_chunk(
             code, qkv.data_ptr(), y.data_ptr(), t, h, k_, e, cos.data_ptr(), sin.data_ptr(),

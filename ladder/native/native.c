@@ -261,7 +261,7 @@ void ladder_attn_decode(int dt, const void *qkv, void *out, long B, long H, long
  * window                    a query sees only the last `window` positions up to its own (0: all)
  * out [T, H * E]            per token, the heads side by side
  * scratch                   `stride` floats for each of the nt threads, stride >=
- *                           (H * CHUNK_TILE + 16) * (3 * E + start + T + 1)
+ *                           ladder_attn_chunk_stride(H, E, start + T)
  *
  * The chunk's keys and values are written first, so each token sees the chunk's earlier tokens
  * as cached positions: causal attention within the chunk and over everything before it. A task
@@ -273,6 +273,12 @@ void ladder_attn_decode(int dt, const void *qkv, void *out, long B, long H, long
  * float32 as in the decode kernel (the products fused: this is not torch's order of additions
  * either way), the result rounded to the dtype once. */
 #define CHUNK_TILE 32
+
+/* the scratch floats a thread of ladder_attn_chunk needs for n = start + T positions: a task's
+ * M <= H * CHUNK_TILE queries, their results and the vector path's scores (chunk_avx512) */
+long ladder_attn_chunk_stride(long H, long E, long n) {
+    return (H * CHUNK_TILE + 16) * (3 * E + n + 1);
+}
 
 typedef struct {
     int dt;
