@@ -39,7 +39,7 @@ PROMPT = ("Explain in two sentences why overlapping communication with compute s
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "q8_0", "q4_1"])
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top", type=int, default=15, help="rows per table")

@@ -14,7 +14,7 @@ from ladder.engine.scheduler import RequestError
 from ladder.engine.local import LocalTPGroup
 from ladder.engine.sampling import SamplingParams
 from ladder.model.tp import HEAD_SPLITS
-from ladder.options import COMMS, DTYPES, GroupOptions
+from ladder.options import COMMS, DTYPES, QUANT_DTYPES, GroupOptions
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +40,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--residual", default=None,
                    help="standard | ladder | ladder:A-B[,C] | parallel | desync (default: the "
                    "checkpoint's own plan where it records one, else standard)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES) + list(QUANT_DTYPES))
     p.add_argument("--comm", default="auto", choices=COMMS,
                    help="how ranks all-reduce (auto: none at TP=1, nccl on CUDA, else shm; tcp: "
                    "TCP progressed by the ranks; gloo: torch.distributed's)")

@@ -15,6 +15,14 @@ from ladder.model.tp import HEAD_SPLITS
 
 COMMS = ("auto", "gloo", "tcp", "shm", "nccl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# weights kept quantized as GGUF blocks (CPU, ladder.native.quant), activations in float32;
+# q4_0 and q4_1 keep the LM head in q8_0, as llama.cpp's files of those types do
+QUANT_DTYPES = ("q4_0", "q4_1", "q8_0")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The dtype of activations, KV cache and unquantized weights under `--dtype name`."""
+    return torch.float32 if name in QUANT_DTYPES else DTYPES[name]
 
 
 @dataclass(kw_only=True)
@@ -48,8 +56,12 @@ class GroupOptions:
     op_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.dtype not in DTYPES and self.dtype not in QUANT_DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of "
+                             f"{sorted(DTYPES) + list(QUANT_DTYPES)}")
+        if self.dtype in QUANT_DTYPES and (self.device != "cpu" or not self.fast_kernels):
+            raise ValueError(f"dtype {self.dtype!r} (weights kept quantized) runs on the CPU with "
+                             "fast_kernels on")
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
         if self.comm not in COMMS:

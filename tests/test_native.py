@@ -245,7 +245,7 @@ def test_builds_into_its_directory(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_tried", False)
     monkeypatch.setattr(native, "_lib", None)
     lib = native.load()
-    assert lib is not None and lib.ladder_native_version() == 3
+    assert lib is not None and lib.ladder_native_version() == 4
     built = list(tmp_path.iterdir())
     assert [p.name for p in built] == [native.library_path().name]
     mtime = built[0].stat().st_mtime_ns
@@ -307,7 +307,7 @@ def test_untrusted_cache_is_not_loaded(monkeypatch, tmp_path, caplog, how):
     with caplog.at_level(logging.WARNING, logger="ladder.native"):
         got = native.load()
     assert got is not None, native.unavailable_reason()
-    assert got.ladder_native_version() == 3
+    assert got.ladder_native_version() == 4
     assert caplog.records and re.search(f"cached at {bad}: {why}; building a private copy",
                                         caplog.text), caplog.text
     assert list(scratch.iterdir()) == []  # the private directory is gone

@@ -10,7 +10,7 @@ from ladder.engine.step import ShardEngine, block_bytes
 from ladder.links.base import Communicator
 from ladder.model.tp import ShardSpec
 from ladder.model.transformer import build_model
-from ladder.options import DTYPES, GroupOptions
+from ladder.options import QUANT_DTYPES, GroupOptions, torch_dtype
 
 
 def build_engine(opts: GroupOptions, rank: int, comm: Communicator):
@@ -19,12 +19,13 @@ def build_engine(opts: GroupOptions, rank: int, comm: Communicator):
     ckpt = open_checkpoint(opts.model)
     cfg = ckpt.config
     spec = ShardSpec.make(cfg, rank, opts.tp, opts.head_split)
-    state = load_shard(ckpt, spec, DTYPES[opts.dtype])
+    state = load_shard(ckpt, spec, torch_dtype(opts.dtype))
     device = opts.cuda_device(rank) if opts.device == "cuda" else torch.device("cpu")
     model = build_model(cfg, spec, ckpt.plan(opts.residual), state, comm, device=device)
     if opts.fast_kernels and device.type == "cpu":
         from ladder.native.layouts import decode_layout
-        model = decode_layout(model)
+        model = decode_layout(
+            model, quant=opts.dtype if opts.dtype in QUANT_DTYPES else None)
     max_seq = min(opts.max_seq, cfg.max_seq_len)
     engine = ShardEngine(model, comm, n_slots=opts.n_slots, max_seq=max_seq,
                          n_blocks=kv_blocks(opts, cfg, comm, device, max_seq),
@@ -37,7 +38,7 @@ def kv_block_bytes(opts: GroupOptions, cfg) -> int:
     """Bytes of a KV-cache block on the group's rank with the most KV heads."""
     heads = max(ShardSpec.make(cfg, r, opts.tp, opts.head_split).n_kv_heads
                 for r in range(opts.tp))
-    return block_bytes(cfg, heads, opts.block_size, DTYPES[opts.dtype])
+    return block_bytes(cfg, heads, opts.block_size, torch_dtype(opts.dtype))
 
 
 def kv_blocks(opts: GroupOptions, cfg, comm: Communicator, device: torch.device,

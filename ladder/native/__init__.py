@@ -55,6 +55,10 @@ _SIGNATURES = {
     "ladder_attn_decode": ([_I, _P, _P, _L, _L, _L, _L, _P, _P, _P, _P, _L, _P, _L, _P, _L, _P,
                             _F, _P, _L, _I], None),
     "ladder_attn_chunk_stride": ([_L, _L, _L], _L),
+    "ladder_qgemm_scratch": ([_L, _L], _L),
+    "ladder_qgemm_vnni": ([], ctypes.c_int),
+    "ladder_qgemm": ([_P, _P, _P, _L, _L, _L, _I, _P, _I], None),
+    "ladder_qgemm_reference": ([_P, _P, _P, _L, _L, _L, _I, _P], None),
     "ladder_attn_chunk": ([_I, _P, _P, _L, _L, _L, _L, _P, _P, _P, _P, _L, _P, _L, _L, _P, _F,
                            _P, _L, _I], None),
 }

@@ -30,6 +30,7 @@ from torch import nn
 from ladder import native
 from ladder.model.layers import MLP, Attention, RMSNorm, StepContext
 from ladder.model.transformer import Transformer
+from ladder.native import quant as qformat
 
 
 def _mkldnn_ok() -> bool:
@@ -42,17 +43,27 @@ class FastLinear(nn.Module):
     `mode`: "native" (ladder.native's blocked layout, with `lib`, where the CPU has the
     instructions: AVX-512 for float32, AVX512-BF16 for bfloat16),
     "packed" (oneDNN blocked, float32 or bfloat16), "t" (float32 [in, out], where oneDNN is
-    missing) or "plain" (F.linear).
+    missing), "plain" (F.linear), or with `quant` that GGUF block format ("q8_0", "q4_0",
+    "q4_1"; `ladder_qgemm`, float32 inputs quantized to int8 per block of 32 as llama.cpp's).
     """
 
     PACK_ROWS = 16  # the row count oneDNN blocks the weight for (see the module docstring)
 
-    def __init__(self, weight: torch.Tensor, lib=None, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, lib=None, bias: torch.Tensor | None = None,
+                 quant: str | None = None) -> None:
         super().__init__()
         self.bias = bias  # added after the product (Qwen2's q/k/v)
         out_f, in_f = weight.shape
         self.in_features, self.out_features = in_f, out_f
-        if weight.dtype in native.gemm_dtypes(lib):
+        if quant is not None:
+            if lib is None:
+                raise ValueError(f"weights kept quantized ({quant}) need the native library: "
+                                 f"{native.unavailable_reason()}")
+            self.mode, self.bits = quant, qformat.BITS[quant]
+            self.weight = qformat.pack(*qformat.quantize(weight, quant), self.bits)
+            self._qgemm, self._scratch = lib.ladder_qgemm, torch.empty(0, dtype=torch.uint8)
+            self._scratch_bytes = lib.ladder_qgemm_scratch
+        elif weight.dtype in native.gemm_dtypes(lib):
             self.mode = "native"
             self._gemm = (lib.ladder_gemm_f32 if weight.dtype == torch.float32
                           else lib.ladder_gemm_bf16)
@@ -73,6 +84,8 @@ class FastLinear(nn.Module):
         return y if self.bias is None else y.add_(self.bias)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode in qformat.BITS:
+            return self._quantized(x)
         if self.mode == "native":
             if x.dtype != self.weight.dtype:
                 raise TypeError(f"FastLinear: input is {x.dtype}, the weight {self.weight.dtype}")
@@ -87,6 +100,20 @@ class FastLinear(nn.Module):
         if self.mode == "t":
             return x @ self.weight
         return F.linear(x, self.weight)
+
+    def _quantized(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            raise TypeError(f"FastLinear ({self.mode}): input is {x.dtype}, not torch.float32")
+        x = x.contiguous()
+        m = x.numel() // self.in_features
+        need = self._scratch_bytes(m, self.in_features)
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(need, dtype=torch.uint8)
+        y = x.new_empty(*x.shape[:-1], self.out_features)
+        self._qgemm(x.data_ptr(), self.weight.data_ptr(), y.data_ptr(), m, self.out_features,
+                    self.in_features, self.bits, self._scratch.data_ptr(),
+                    torch.get_num_threads())
+        return y
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, mode={self.mode}"
@@ -224,25 +251,39 @@ class NativeMLP(nn.Module):
         return self._w2(a)
 
 
-def decode_layout(model: Transformer, fused: bool = True) -> Transformer:
+def decode_layout(model: Transformer, fused: bool = True,
+                  quant: str | None = None) -> Transformer:
     """Re-lay out a CPU model's weights for decode speed (in place; returns the model).
 
     Same outputs up to the order of additions (the weight products alone are bit-identical in
     bfloat16; the fused operators sum squares, dot products and softmax terms in their own
     order). A tied LM head gets its own copy in the fast layout (the embedding lookup needs the
     rows); an untied one moves. `fused=False` keeps torch's small operators (comparisons).
+
+    `quant` ("q8_0", "q4_0", "q4_1"; a float32 model): the layers' weight products kept in that
+    GGUF block format (ladder.native.quant), the LM head in q8_0 (llama.cpp's files of the Q4
+    types keep it there too); each rank's slice of an input dimension must be whole blocks of 32.
     """
     if model.tok_embeddings.weight.device.type != "cpu":
         return model
-    lib = native.load() if fused else None
-    for layer in model.layers:
+    lib = native.load() if fused or quant else None
+    if quant is not None and model.tok_embeddings.weight.dtype != torch.float32:
+        raise ValueError(f"weights kept quantized ({quant}) run with float32 activations, not "
+                         f"{model.tok_embeddings.weight.dtype}")
+    for i, layer in enumerate(model.layers):
         for parent, name in ((layer.attention, "wqkv"), (layer.attention, "wo"),
                              (layer.mlp, "w13"), (layer.mlp, "w2")):
             lin = getattr(parent, name)
             if isinstance(lin, nn.Linear):
+                if quant and lin.in_features % qformat.BLOCK:
+                    raise ValueError(
+                        f"layers.{i}.{type(parent).__name__.lower()}.{name}: this rank's "
+                        f"{lin.in_features} inputs are not whole {qformat.BLOCK}-input quant "
+                        f"blocks ({quant}); choose a TP size or head split that keeps them so")
                 setattr(parent, name, FastLinear(lin.weight.detach(), lib, None if lin.bias is None
-                                                 else lin.bias.detach()))
-    model.output = FastLinear(model.lm_head_weight().detach(), lib)
+                                                 else lin.bias.detach(), quant=quant))
+    model.output = FastLinear(model.lm_head_weight().detach(), lib,
+                              quant="q8_0" if quant else None)
     if lib is not None:
         for layer in model.layers:
             if isinstance(layer.attention, Attention):

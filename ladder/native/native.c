@@ -50,7 +50,7 @@ static inline void st(int dt, void *p, long i, float v) {
     else ((float *)p)[i] = v;
 }
 
-int ladder_native_version(void) { return 3; } /* 2: paged KV cache; 3: prompt chunks, windows */
+int ladder_native_version(void) { return 4; } /* 2: paged KV; 3: prompt chunks, windows; 4: Q8/Q4 */
 
 /* y[m] = w * rms_norm(x[m]) for M rows of D: as RMSNorm.forward, normalised in float32, rounded
  * to the dtype, then multiplied by the weight (one more rounding). */
@@ -599,3 +599,225 @@ int ladder_native_features(void) { return 1 | BF16_GEMM; } /* bits: gemm_f32, ge
 #else
 int ladder_native_features(void) { return 0; }
 #endif
+
+/* ---- quantized weight products: Q8_0, Q4_0, Q4_1 kept quantized (AVX512-VNNI) ---------------
+ *
+ * GGUF's block formats hold 32 inputs of one output column as small integers and a scale:
+ * Q8_0 w = d q (q in -127..127), Q4_0 w = d (u - 8), Q4_1 w = d u + m (u in 0..15). All three are
+ * w = d u + m with u unsigned (Q8_0: u = q + 128, m = -128 d; Q4_0: m = -8 d), so one product
+ * serves them, as llama.cpp's does: each row of x is quantized to int8 per block of 32
+ * (x ~ dx xq, dx = max |x| / 127), and a block's share of y is
+ *
+ *     dx (d dot(u, xq) + m sum(xq))
+ *
+ * with dot(u, xq) exact in int32 (vpdpbusd: unsigned bytes times signed bytes, four a lane).
+ * The weights are laid out for it, Wq [ceil(out / 16)][in / 32][S]: for 16 output columns and
+ * one block of 32 inputs, their integers (u8: 8 groups of 64 bytes, byte 4c + t of group g is
+ * column c's input 4g + t; u4: 4 groups, byte 4c + t of group k holds column c's inputs 8k + t in
+ * its low and 8k + 4 + t in its high nibble), then the 16 columns' d and m as float16: S = 576
+ * bytes (u8) or 320 (u4), 1.125 and 0.625 bytes a weight. A weight is never widened in memory:
+ * one 64-byte load feeds 64 (u8) or 128 (u4) products of every row of the tile.
+ *
+ * `bits` is 8 or 4; x [M, in] float32 (in a multiple of 32), y [M, out] float32. `xq` is the
+ * caller's scratch of ladder_qgemm_scratch(M, in) bytes for the quantized rows. */
+
+long ladder_qgemm_scratch(long M, long in) { return M * in + 2 * M * (in / 32) * 4 + 64; }
+
+static float h2f(uint16_t h) { /* float16 -> float32 (the scales; normal, subnormal, zero) */
+    uint32_t s = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31, f = h & 1023;
+    union { uint32_t u; float f; } c;
+    if (e == 0) { c.f = (float)f * (1.0f / 16777216.0f); c.u |= s; return c.f; }
+    c.u = s | (e == 31 ? 0x7f800000u | (f << 13) : ((e + 112) << 23) | (f << 13));
+    return c.f;
+}
+
+/* x rows -> int8 per block of 32 (to nearest, ties to even), with each block's dx and
+ * dx * sum(xq); rows shared among the threads where there are many */
+static void quantize_rows(const float *x, long M, long in, int8_t *xq, float *dx, float *sx,
+                          int nt) {
+    long nblk = in / 32;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && M * in >= 16384)
+    for (long r = 0; r < M; r++)
+        for (long j = 0; j < nblk; j++) {
+            const float *v = x + r * in + j * 32;
+            int8_t *q = xq + r * in + j * 32;
+            int sum = 0;
+            float d;
+#ifdef __AVX512F__
+            __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+            d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b))) / 127.0f;
+            __m512 id = _mm512_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+            __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, id));
+            __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, id));
+            _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(qa));
+            _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(qb));
+            sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+#else
+            float amax = 0.0f;
+            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(v[i]));
+            d = amax / 127.0f;
+            float id = d != 0.0f ? 1.0f / d : 0.0f;
+            for (int i = 0; i < 32; i++) {
+                int qi = (int)nearbyintf(v[i] * id);
+                q[i] = (int8_t)qi;
+                sum += qi;
+            }
+#endif
+            dx[r * nblk + j] = d;
+            sx[r * nblk + j] = d * (float)sum;
+        }
+}
+
+/* The plain-C product (any CPU; also the reference of the vector one): the same int32 dots,
+ * the same float terms, added in the same order. */
+static void qgemm_plain(const int8_t *xq, const float *dx, const float *sx, const uint8_t *wq,
+                        float *y, long M, long out, long in, int bits, long b0, long b1) {
+    long nblk = in / 32, S = bits == 8 ? 576 : 320, data = S - 64;
+    for (long r = 0; r < M; r++)
+        for (long b = b0; b < b1; b++)
+            for (int c = 0; c < 16 && b * 16 + c < out; c++) {
+                float acc = 0.0f;
+                for (long j = 0; j < nblk; j++) {
+                    const uint8_t *blk = wq + (b * nblk + j) * S;
+                    const int8_t *xv = xq + r * in + j * 32;
+                    int dot = 0;
+                    for (int i = 0; i < 32; i++) {
+                        int u;
+                        if (bits == 8) u = blk[(i / 4) * 64 + 4 * c + i % 4];
+                        else {
+                            uint8_t two = blk[(i / 8) * 64 + 4 * c + i % 4];
+                            u = i % 8 < 4 ? two & 15 : two >> 4;
+                        }
+                        dot += u * xv[i];
+                    }
+                    const uint16_t *sc = (const uint16_t *)(blk + data);
+                    float t = (float)dot * dx[r * nblk + j];
+                    acc = acc + t * h2f(sc[c]);
+                    acc = acc + h2f(sc[16 + c]) * sx[r * nblk + j];
+                }
+                y[r * out + b * 16 + c] = acc;
+            }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+/* R rows by NB column blocks: the integers of a block of 32 inputs are loaded (and, for u4,
+ * split into nibbles) once and fed to every row; each row's int32 dot becomes float once a
+ * block, scaled by dx, then d, plus m dx sum(xq). */
+INLINE void qtile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *wq,
+                  float *y, long out, long in, const int bits, const int R, const int NB,
+                  long b0) {
+    long nblk = in / 32, S = bits == 8 ? 576 : 320, data = S - 64;
+    const __m512i low4 = _mm512_set1_epi8(15);
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+    for (long j = 0; j < nblk; j++) {
+        __m512i dot[4][4], two[4][4]; /* two chains a tile place: half the dependent latency */
+        for (int r = 0; r < R; r++)
+            for (int b = 0; b < NB; b++) dot[r][b] = two[r][b] = _mm512_setzero_si512();
+        for (int g = 0; g < (bits == 8 ? 8 : 4); g++) {
+            for (int b = 0; b < NB; b++) {
+                __m512i w = _mm512_loadu_si512(wq + ((b0 + b) * nblk + j) * S + g * 64);
+                if (bits == 8) {
+                    for (int r = 0; r < R; r++) {
+                        int32_t four;
+                        memcpy(&four, xq + r * in + j * 32 + 4 * g, 4);
+                        if (g % 2)
+                            two[r][b] = _mm512_dpbusd_epi32(two[r][b], w, _mm512_set1_epi32(four));
+                        else
+                            dot[r][b] = _mm512_dpbusd_epi32(dot[r][b], w, _mm512_set1_epi32(four));
+                    }
+                } else {
+                    __m512i lo = _mm512_and_si512(w, low4);
+                    __m512i hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+                    for (int r = 0; r < R; r++) {
+                        int32_t a, c;
+                        memcpy(&a, xq + r * in + j * 32 + 8 * g, 4);
+                        memcpy(&c, xq + r * in + j * 32 + 8 * g + 4, 4);
+                        dot[r][b] = _mm512_dpbusd_epi32(dot[r][b], lo, _mm512_set1_epi32(a));
+                        two[r][b] = _mm512_dpbusd_epi32(two[r][b], hi, _mm512_set1_epi32(c));
+                    }
+                }
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int b = 0; b < NB; b++) dot[r][b] = _mm512_add_epi32(dot[r][b], two[r][b]);
+        for (int b = 0; b < NB; b++) {
+            const uint8_t *sc = wq + ((b0 + b) * nblk + j) * S + data;
+            __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
+            __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 32)));
+            for (int r = 0; r < R; r++) {
+                __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(dot[r][b]),
+                                         _mm512_set1_ps(dx[r * nblk + j]));
+                acc[r][b] = _mm512_fmadd_ps(t, d, acc[r][b]);
+                acc[r][b] = _mm512_fmadd_ps(m, _mm512_set1_ps(sx[r * nblk + j]), acc[r][b]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++)
+            _mm512_mask_storeu_ps(y + r * out + (b0 + b) * 16, cols_mask(out, b0 + b), acc[r][b]);
+}
+
+#define QTILE_ROWS(BITS, NB)                                                                  \
+    switch (R) {                                                                              \
+    case 1: qtile(xq, dx, sx, wq, y, out, in, BITS, 1, NB, b0); break;                        \
+    case 2: qtile(xq, dx, sx, wq, y, out, in, BITS, 2, NB, b0); break;                        \
+    case 3: qtile(xq, dx, sx, wq, y, out, in, BITS, 3, NB, b0); break;                        \
+    default: qtile(xq, dx, sx, wq, y, out, in, BITS, 4, NB, b0); }
+
+/* R rows (1-4) by NB blocks (4 for one row, 2 for more, 1 for the blocks left over) */
+static void qtile_any(const int8_t *xq, const float *dx, const float *sx, const uint8_t *wq,
+                      float *y, long out, long in, int bits, int R, int NB, long b0) {
+    if (bits == 8) {
+        if (NB == 4) { QTILE_ROWS(8, 4) } else if (NB == 2) { QTILE_ROWS(8, 2) }
+        else { QTILE_ROWS(8, 1) }
+    } else {
+        if (NB == 4) { QTILE_ROWS(4, 4) } else if (NB == 2) { QTILE_ROWS(4, 2) }
+        else { QTILE_ROWS(4, 1) }
+    }
+}
+#define QGEMM_VNNI 1
+#else
+#define QGEMM_VNNI 0
+#endif
+
+int ladder_qgemm_vnni(void) { return QGEMM_VNNI; }
+
+void ladder_qgemm(const float *x, const uint8_t *wq, float *y, long M, long out, long in,
+                  int bits, void *scratch, int nt) {
+    long nblk = in / 32, nb = (out + 15) / 16;
+    int8_t *xq = scratch;
+    float *dx = (float *)(((uintptr_t)(xq + M * in) + 63) & ~(uintptr_t)63), *sx = dx + M * nblk;
+    quantize_rows(x, M, in, xq, dx, sx, nt);
+#if QGEMM_VNNI
+    int NB = M == 1 ? 4 : 2;
+    long groups = (nb + NB - 1) / NB;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nb * 16 * in >= 65536)
+    for (long g = 0; g < groups; g++) {
+        long b0 = g * NB, n = nb - b0 < NB ? nb - b0 : NB;
+        for (long r0 = 0; r0 < M; r0 += 4) {
+            int R = M - r0 < 4 ? (int)(M - r0) : 4;
+            const int8_t *xr = xq + r0 * in;
+            const float *dr = dx + r0 * nblk, *sr = sx + r0 * nblk;
+            if (n == NB) qtile_any(xr, dr, sr, wq, y + r0 * out, out, in, bits, R, NB, b0);
+            else
+                for (long b = b0; b < b0 + n; b++)
+                    qtile_any(xr, dr, sr, wq, y + r0 * out, out, in, bits, R, 1, b);
+        }
+    }
+#else
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nb * 16 * in >= 65536)
+    for (long b = 0; b < nb; b++) qgemm_plain(xq, dx, sx, wq, y, M, out, in, bits, b, b + 1);
+#endif
+}
+
+/* The plain-C product on any CPU (tests compare the vector one with it). */
+void ladder_qgemm_reference(const float *x, const uint8_t *wq, float *y, long M, long out,
+                            long in, int bits, void *scratch) {
+    long nblk = in / 32;
+    int8_t *xq = scratch;
+    float *dx = (float *)(((uintptr_t)(xq + M * in) + 63) & ~(uintptr_t)63), *sx = dx + M * nblk;
+    quantize_rows(x, M, in, xq, dx, sx, 1);
+    qgemm_plain(xq, dx, sx, wq, y, M, out, in, bits, 0, (out + 15) / 16);
+}
