@@ -37,6 +37,8 @@ def test_what_cannot_be_predicted_says_why():
     assert p.ms(1) is None and "no device preset for 'cuda'" in p.describe()
     p = smollm2(plan="ladder:40-41")
     assert p.ms(1) is None and "out of range" in p.describe()
+    p = smollm2(dtype="q4_1")
+    assert p.ms(1) is None and "weights kept quantized (q4_1)" in p.describe()
 
 
 def test_steps_beside_the_prediction():

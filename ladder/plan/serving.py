@@ -15,6 +15,7 @@ from dataclasses import fields
 from statistics import median
 
 from ladder.model.config import ConfigError, ModelConfig, ResidualPlan
+from ladder.plan.hardware import DTYPE_BYTES
 from ladder.plan.measured import resolve_hardware, resolve_link
 from ladder.plan.sweep import Setup
 
@@ -41,7 +42,9 @@ class Prediction:
         self.why = ""
         link = LINK_PRESETS.get(interconnect)
         hardware = device_preset(device, device_name)
-        if link is None:
+        if dtype not in DTYPE_BYTES:
+            self.why = f"no cost model for weights kept quantized ({dtype}) yet"
+        elif link is None:
             self.why = f"no link preset for the interconnect {interconnect!r}"
         elif hardware is None:
             self.why = f"no device preset for {device_name or device!r}"
