@@ -37,8 +37,20 @@ def test_what_cannot_be_predicted_says_why():
     assert p.ms(1) is None and "no device preset for 'cuda'" in p.describe()
     p = smollm2(plan="ladder:40-41")
     assert p.ms(1) is None and "out of range" in p.describe()
-    p = smollm2(dtype="q4_1")
-    assert p.ms(1) is None and "weights kept quantized (q4_1)" in p.describe()
+    p = smollm2(dtype="int3")
+    assert p.ms(1) is None and "no cost model for dtype 'int3'" in p.describe()
+
+
+def test_weights_kept_quantized_are_predicted_by_their_bytes():
+    """q4_1 reads 0.625 bytes a weight (its head q8_0's 1.125), activations float32: at batch
+    1, where the step is the weights' bytes, it is predicted faster than bfloat16, and that
+    than float32; the bytes a weight are those ladder.native.quant lays out."""
+    from ladder.native import quant
+    from ladder.plan.hardware import QUANT_WEIGHT_BYTES
+    ms = {d: smollm2(dtype=d).ms(1) for d in ("float32", "bfloat16", "q8_0", "q4_1")}
+    assert ms["q4_1"] < ms["q8_0"] < ms["bfloat16"] < ms["float32"], ms
+    for kind, b in QUANT_WEIGHT_BYTES.items():
+        assert quant.packed_bytes(576, 1536, quant.BITS[kind]) == 576 * 1536 * b
 
 
 def test_steps_beside_the_prediction():

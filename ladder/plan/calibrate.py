@@ -38,7 +38,7 @@ from typing import Callable
 
 from ladder.model.config import ConfigError
 from ladder.plan import costs
-from ladder.plan.hardware import DTYPE_BYTES
+from ladder.plan.hardware import act_bytes
 from ladder.plan.links import LINKS
 from ladder.plan.measured import FORMAT
 from ladder.plan.rank_timing import Grid, time_compute
@@ -134,7 +134,7 @@ def link_section(name: str, timed: dict, tp: int) -> dict:
 def message_sizes(dim: int, grid: Grid) -> list[int]:
     """The sizes to time: a module's [batch, dim] partial sums and the token pick's
     [tp, 2, batch] float32 table, at every batch of the grid."""
-    return sorted({b * dim * DTYPE_BYTES[grid.dtype] for b in grid.batches}
+    return sorted({b * dim * act_bytes(grid.dtype) for b in grid.batches}
                   | {8 * grid.tp * b for b in grid.batches})
 
 

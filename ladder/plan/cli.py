@@ -27,7 +27,7 @@ import sys
 from ladder.model.config import ConfigError
 from ladder.model.tp import HEAD_SPLITS
 from ladder.plan import calibrate, measured, plot, quality
-from ladder.plan.hardware import DTYPE_BYTES, HARDWARE, measured_path
+from ladder.plan.hardware import HARDWARE, PLAN_DTYPES, measured_path
 from ladder.plan.links import LINKS
 from ladder.plan.models import load_model, model_names
 from ladder.plan.sweep import Setup, memory_notes, parse_plans, rows, table
@@ -63,9 +63,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-split", choices=HEAD_SPLITS, default=None,
                    help="attention heads by KV-head groups or evenly, as `ladder generate "
                    "--head-split` (default: groups where the TP size allows, else even)")
-    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=None,
+    p.add_argument("--dtype", choices=PLAN_DTYPES, default=None,
                    help="weights and KV cache (default: the hardware's: bfloat16 on GPUs, "
-                   "float32 on this CPU)")
+                   "float32 on this CPU); q8_0/q4_0/q4_1: weights kept quantized (CPU), "
+                   "activations and KV cache float32")
     p.add_argument("--json", action="store_true", help="one JSON object with the rows")
     p.add_argument("--png", metavar="FILE", help="speedup against link bandwidth")
     p.add_argument("--quality", metavar="FILE",

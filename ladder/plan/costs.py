@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from ladder.model.config import ModelConfig
 from ladder.model.tp import ShardSpec
-from ladder.plan.hardware import DTYPE_BYTES, ComputeSample, Hardware
+from ladder.plan.hardware import ComputeSample, Hardware, act_bytes, weight_bytes
 from ladder.plan.models import shape_key
 
 
@@ -47,18 +47,19 @@ def shards(config: ModelConfig, tp: int, head_split: str | None = None) -> list[
 def module_work(config: ModelConfig, spec: ShardSpec, module: str, batch: int, context: int,
                 dtype: str, replicated_head: bool = False) -> Work:
     """One rank's work in `module` (attention, mlp, lm_head) for one decode step."""
-    nb, d, e = DTYPE_BYTES[dtype], config.dim, config.head_dim
+    wb, nb, d, e = weight_bytes(dtype), act_bytes(dtype), config.dim, config.head_dim
     if module == "attention":
         q, kv = spec.n_heads, spec.n_kv_heads
         weights = (2 * q + 2 * kv) * e * d
         cache = 2 * kv * e * context * batch
-        return Work((weights + cache) * nb, 2 * batch * weights + 4 * batch * q * e * context)
+        return Work(weights * wb + cache * nb,
+                    2 * batch * weights + 4 * batch * q * e * context)
     if module == "mlp":
         weights = 3 * spec.ffn_size * d
-        return Work(weights * nb, 2 * batch * weights)
+        return Work(weights * wb, 2 * batch * weights)
     if module == "lm_head":
         rows = config.vocab_size if replicated_head else spec.vocab_size
-        return Work(rows * d * nb, 2 * batch * rows * d)
+        return Work(rows * d * weight_bytes(dtype, head=True), 2 * batch * rows * d)
     raise ValueError(f"unknown module {module!r}")
 
 
@@ -115,7 +116,7 @@ def rank_bytes(config: ModelConfig, specs: list[ShardSpec], batch: int, context:
                dtype: str) -> float:
     """The most any rank holds: its layers' slices with their KV cache, the whole embedding
     table (every rank looks tokens up) and, untied, its LM head rows."""
-    embed = config.vocab_size * config.dim * DTYPE_BYTES[dtype]
+    embed = config.vocab_size * config.dim * act_bytes(dtype)
     most = 0.0
     for s in specs:
         per_layer = sum(module_work(config, s, m, batch, context, dtype).bytes

@@ -17,6 +17,23 @@ from pathlib import Path
 from ladder.model.config import ConfigError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Weights kept quantized (`--dtype q4_1` etc., ladder.native.quant's layout): bytes a weight, a
+# block of 32 with its float16 scale (and, in our layout, its float16 minimum or offset); the
+# activations, KV cache and embedding stay float32, and the Q4 types keep the LM head in q8_0.
+QUANT_WEIGHT_BYTES = {"q4_0": 0.625, "q4_1": 0.625, "q8_0": 1.125}
+PLAN_DTYPES = sorted(DTYPE_BYTES) + sorted(QUANT_WEIGHT_BYTES)
+
+
+def act_bytes(dtype: str) -> int:
+    """Bytes of an activation or KV-cache element under `dtype`."""
+    return 4 if dtype in QUANT_WEIGHT_BYTES else DTYPE_BYTES[dtype]
+
+
+def weight_bytes(dtype: str, head: bool = False) -> float:
+    """Bytes a weight (of the LM head with `head`) under `dtype`."""
+    if dtype in QUANT_WEIGHT_BYTES:
+        return QUANT_WEIGHT_BYTES["q8_0" if head else dtype]
+    return DTYPE_BYTES[dtype]
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from dataclasses import fields
 from statistics import median
 
 from ladder.model.config import ConfigError, ModelConfig, ResidualPlan
-from ladder.plan.hardware import DTYPE_BYTES
+from ladder.plan.hardware import PLAN_DTYPES
 from ladder.plan.measured import resolve_hardware, resolve_link
 from ladder.plan.sweep import Setup
 
@@ -42,8 +42,8 @@ class Prediction:
         self.why = ""
         link = LINK_PRESETS.get(interconnect)
         hardware = device_preset(device, device_name)
-        if dtype not in DTYPE_BYTES:
-            self.why = f"no cost model for weights kept quantized ({dtype}) yet"
+        if dtype not in PLAN_DTYPES:
+            self.why = f"no cost model for dtype {dtype!r}"
         elif link is None:
             self.why = f"no link preset for the interconnect {interconnect!r}"
         elif hardware is None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from ladder.model.config import ModelConfig, ResidualPlan
 from ladder.model.tp import ShardSpec
 from ladder.plan.costs import module_seconds
-from ladder.plan.hardware import DTYPE_BYTES, Hardware
+from ladder.plan.hardware import Hardware, act_bytes
 from ladder.plan.links import Link, allreduce_seconds
 
 
@@ -122,7 +122,7 @@ def step(config: ModelConfig, specs: list[ShardSpec], hw: Hardware, link: Link,
                               opts.replicated_head, split)
 
     tp = len(specs)
-    reduce_s = allreduce_seconds(link, tp, batch * config.dim * DTYPE_BYTES[dtype])
+    reduce_s = allreduce_seconds(link, tp, batch * config.dim * act_bytes(dtype))
     layers = play(plan, config.n_layers, times("attention"), times("mlp"), reduce_s,
                   link.overlap_cost)
     pick = 0.0
