@@ -326,3 +326,29 @@ def test_gpu_link_label_from_uuids():
     def no_nvml(a, b):
         raise OSError("NVML Shared Library Not Found")
     assert gpu_link([("h", "GPU-a"), ("h", "GPU-b")], no_nvml) == "pcie"
+
+
+def test_a_taken_rendezvous_port_starts_again_on_another(tiny_llama, monkeypatch):
+    """The rendezvous port is probed free, then listened on by rank 0 in its own process:
+    another socket can take it in between (seen in CI as EADDRINUSE). The group starts again on
+    a fresh port rather than failing."""
+    import socket
+
+    import ladder.engine.local as local
+    from ladder.links.factory import free_port
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    probes = []
+
+    def probe(host: str = "127.0.0.1") -> int:
+        probes.append(taken.getsockname()[1] if not probes else free_port(host))
+        return probes[-1]
+
+    monkeypatch.setattr(local, "free_port", probe)
+    try:
+        with LocalTPGroup(GroupOptions(model=str(tiny_llama), tp=2, max_seq=32)) as g:
+            assert g.logits([[3, 4, 5]])[0].shape[0] == 3
+    finally:
+        taken.close()
+    assert len(probes) == 2 and probes[0] != probes[1]

@@ -6,8 +6,9 @@ without dequantizing (native.c's ladder_qgemm).
 - The product is the arithmetic it claims (int8 rows per block of 32, exact int32 dots, the
   scales applied in float), on the vector path and the plain-C one, for any row count, column
   count and thread count.
-- Served: a TP=1 and a TP=2 group of SmolLM2 in q4_1 agree token for token, and its held-out
-  perplexity is within 1% of the dequantized float32 model's; bad requests for it fail clearly.
+- Served: a TP=2 group of SmolLM2 in q4_1 agrees with TP=1 in q4_1 and stays within
+  quantization noise of the dequantized float32 model, and its held-out perplexity is within 1%
+  of that model's; what cannot be served quantized fails clearly.
 """
 
 from __future__ import annotations
@@ -148,23 +149,39 @@ def test_bad_shapes_and_options_fail_clearly():
         decode_layout(model, quant="q4_1")
 
 
+def _models(ckpt, residual: str):
+    """SmolLM2 at TP=1 in this process, the same weights twice: dequantized to float32 (the
+    plain model) and kept in q4_1 (the decode layout)."""
+    from ladder.loaders import load_shard
+    from ladder.model.config import ResidualPlan
+    from ladder.model.tp import ShardSpec
+    from ladder.model.transformer import build_model
+    spec = ShardSpec.make(ckpt.config, 0, 1)
+    state = load_shard(ckpt, spec, torch.float32)
+    plan = ResidualPlan.parse(residual, ckpt.config.n_layers)
+    return (build_model(ckpt.config, spec, plan, state),
+            decode_layout(build_model(ckpt.config, spec, plan, state), quant="q4_1"))
+
+
 @pytest.fixture(scope="module")
-def served():
+def served(smollm2):
     """The served default's plan (top six layers laddered) in q4_1 at TP=2 over shared memory:
-    its greedy continuation of a question, then the full-sequence logits of prompt and
-    continuation from that group, a TP=1 one in q4_1 and a TP=1 one in float32 (the same
-    weights dequantized)."""
+    its greedy continuation of a question and its full-sequence logits of prompt and
+    continuation; the same sequence's logits at TP=1 in this process, kept in q4_1 and
+    dequantized to float32."""
     from ladder.engine.local import LocalTPGroup
     from ladder.engine.sampling import SamplingParams
     out = {}
-    for key, tp, dtype in (("tp2", 2, "q4_1"), ("tp1", 1, "q4_1"), ("float", 1, "float32")):
-        with LocalTPGroup(GroupOptions(model="smollm2", tp=tp, dtype=dtype, comm="shm",
-                                       residual="ladder:24-29", max_seq=256)) as g:
-            if key == "tp2":
-                out["prompt"] = g.encode("Name the planets of the solar system.", chat=True)
-                out["gen"] = g.generate([out["prompt"]], [SamplingParams(
-                    max_tokens=24, temperature=0, ignore_eos=True)])[0]
-            out[key] = g.logits([out["prompt"] + out["gen"]["tokens"]])[0].float()
+    with LocalTPGroup(GroupOptions(model="smollm2", tp=2, dtype="q4_1", comm="shm",
+                                   residual="ladder:24-29", max_seq=256)) as g:
+        out["prompt"] = g.encode("Name the planets of the solar system.", chat=True)
+        out["gen"] = g.generate([out["prompt"]], [SamplingParams(
+            max_tokens=24, temperature=0, ignore_eos=True)])[0]
+        seq = out["prompt"] + out["gen"]["tokens"]
+        out["tp2"] = g.logits([seq])[0].float()
+    ref, kept = _models(smollm2, "ladder:24-29")
+    with torch.no_grad():
+        out["float"], out["tp1"] = (m(torch.tensor([seq]))[0].float() for m in (ref, kept))
     return out
 
 
@@ -175,9 +192,9 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
 
 def test_served_q4_1_decodes_its_weights(served):
     """Each rank holds its slice's blocks: TP=2's decode steps pick what its own prefill of the
-    same sequence ranks first, TP=2 and TP=1 agree (int8 rows re-round where the all-reduce
-    adds in another order: agreement, not identity), and both stay within quantization noise
-    of the dequantized float32 model (KL per position)."""
+    same sequence ranks first, TP=2 and TP=1 (a cache-less forward) agree (int8 rows re-round
+    where the all-reduce adds in another order: agreement, not identity), and both stay within
+    quantization noise of the dequantized float32 model (KL per position)."""
     n = len(served["prompt"])
     gen = torch.tensor(served["gen"]["tokens"])
     steps = slice(n - 1, n - 1 + len(gen))  # the logits that chose each generated token
@@ -196,14 +213,7 @@ def test_q4_1_perplexity_within_one_percent_of_dequantized(smollm2):
     perplexity within 1%, top-1 agreement high."""
     from adapt.data import DEFAULT_DATA, prepare
     from adapt.distill import held_out_sums, summarize
-    from ladder.loaders import load_shard
-    from ladder.model.config import ResidualPlan
-    from ladder.model.tp import ShardSpec
-    from ladder.model.transformer import build_model
-    spec = ShardSpec.make(smollm2.config, 0, 1)
-    state = load_shard(smollm2, spec, torch.float32)
-    ref = build_model(smollm2.config, spec, ResidualPlan(), state)
-    kept = decode_layout(build_model(smollm2.config, spec, ResidualPlan(), state), quant="q4_1")
+    ref, kept = _models(smollm2, "standard")
     packed = prepare(DEFAULT_DATA, smollm2.tokenizer(), seq_len=128,
                      max_seq_len=smollm2.config.max_seq_len, parts=("held_out",))
     rows = torch.from_numpy(packed.held_out[:6]).long()

@@ -31,6 +31,7 @@ from ladder.links.netns import Namespaces
 from ladder.options import GroupOptions
 
 ACCEPTED = "accepted"  # the first item of a request's channel when rank 0 took it
+STARTS = 3  # start-ups tried when the rendezvous port turns out taken
 
 
 class LocalTPGroup(Group):
@@ -41,13 +42,35 @@ class LocalTPGroup(Group):
         self.opts = opts or GroupOptions(**kw)
         if namespaces is not None:
             namespaces.check(self.opts.tp)
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        status = ctx.Queue()
+        self._send_lock = threading.Lock()
+        self._channels: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._calls: dict[int, Future] = {}
+        self._ids = itertools.count()
+        self.procs: list = []
+        self._closed = False
         # rank 0 hosts the rendezvous; in a namespace, at its address there (a fresh namespace
         # has every port free)
         host = namespaces.hosts[0] if namespaces else "127.0.0.1"
-        init = f"tcp://{host}:{free_port()}"
+        for attempt in range(1, STARTS + 1):
+            try:
+                self._start(f"tcp://{host}:{free_port()}", namespaces)
+                break
+            except GroupError as e:
+                self.shutdown()
+                # the probed port was taken (by any process's socket) before rank 0 listened
+                # on it: start again on another
+                if attempt == STARTS or "EADDRINUSE" not in str(e):
+                    raise
+        self._reader = threading.Thread(target=self._read, daemon=True, name="ladder-pipe")
+        self._reader.start()
+        self.info = self._call("info")
+
+    def _start(self, init: str, namespaces: Namespaces | None) -> None:
+        """Spawn the ranks with rendezvous `init` and wait until every one is ready."""
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        status = ctx.Queue()
+        self._closed = False
         self.procs = [ctx.Process(target=rank_main, args=(r, self.opts, init, status,
                                                            child if r == 0 else None,
                                                            namespaces),
@@ -55,19 +78,7 @@ class LocalTPGroup(Group):
                       for r in range(self.opts.tp)]
         for p in self.procs:
             p.start()
-        self._send_lock = threading.Lock()
-        self._channels: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._calls: dict[int, Future] = {}
-        self._ids = itertools.count()
-        self._closed = False
-        try:
-            _wait_ready(self.procs, status, self.opts.startup_timeout_s)
-        except GroupError:
-            self.shutdown()
-            raise
-        self._reader = threading.Thread(target=self._read, daemon=True, name="ladder-pipe")
-        self._reader.start()
-        self.info = self._call("info")
+        _wait_ready(self.procs, status, self.opts.startup_timeout_s)
 
     # -- the contract --------------------------------------------------------------------------
     async def open(self, prompt: list[int], params: SamplingParams,
