@@ -12,12 +12,13 @@ from dataclasses import dataclass
 import torch
 
 from ladder.model.tp import HEAD_SPLITS
+from ladder.native.quant import BITS as QUANT_BITS
 
 COMMS = ("auto", "gloo", "tcp", "shm", "nccl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # weights kept quantized as GGUF blocks (CPU, ladder.native.quant), activations in float32;
 # q4_0 and q4_1 keep the LM head in q8_0, as llama.cpp's files of those types do
-QUANT_DTYPES = ("q4_0", "q4_1", "q8_0")
+QUANT_DTYPES = tuple(sorted(QUANT_BITS))
 
 
 def torch_dtype(name: str) -> torch.dtype:

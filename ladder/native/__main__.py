@@ -7,4 +7,6 @@ if lib is None:
     print(f"ladder.native: unavailable ({unavailable_reason()}); torch's operators are used")
 else:
     names = sorted(str(d).removeprefix("torch.") for d in gemm_dtypes(lib))
-    print(f"ladder.native: {library_path()} (weight products: {', '.join(names) or 'none'})")
+    quant = "AVX512-VNNI" if lib.ladder_qgemm_vnni() else "plain C"
+    print(f"ladder.native: {library_path()} (weight products: {', '.join(names) or 'none'}; "
+          f"quantized: {quant})")

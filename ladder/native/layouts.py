@@ -63,8 +63,6 @@ class FastLinear(nn.Module):
             self.weight = qformat.pack(*qformat.quantize(weight, quant), self.bits)
             self._qgemm, self._scratch_bytes = lib.ladder_qgemm, lib.ladder_qgemm_scratch
             self._scratch, self._rows = torch.empty(0, dtype=torch.uint8), 0  # rows it fits
-            self._w = self.weight.data_ptr()
-            self.forward = self._quantized  # one Python call a product (121 a token)
         elif weight.dtype in native.gemm_dtypes(lib):
             self.mode = "native"
             self._gemm = (lib.ladder_gemm_f32 if weight.dtype == torch.float32
@@ -86,6 +84,8 @@ class FastLinear(nn.Module):
         return y if self.bias is None else y.add_(self.bias)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode in qformat.BITS:
+            return self._quantized(x)
         if self.mode == "native":
             if x.dtype != self.weight.dtype:
                 raise TypeError(f"FastLinear: input is {x.dtype}, the weight {self.weight.dtype}")
@@ -111,9 +111,10 @@ class FastLinear(nn.Module):
                                         dtype=torch.uint8)
             self._rows = m
         y = x.new_empty(*x.shape[:-1], self.out_features)
-        self._qgemm(x.data_ptr(), self._w, y.data_ptr(), m, self.out_features, self.in_features,
-                    self.bits, self._scratch.data_ptr(), torch.get_num_threads())
-        return y if self.bias is None else y.add_(self.bias)
+        self._qgemm(x.data_ptr(), self.weight.data_ptr(), y.data_ptr(), m, self.out_features,
+                    self.in_features, self.bits, self._scratch.data_ptr(),
+                    torch.get_num_threads())
+        return y
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, mode={self.mode}"

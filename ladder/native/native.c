@@ -623,6 +623,16 @@ int ladder_native_features(void) { return 0; }
 
 long ladder_qgemm_scratch(long M, long in) { return M * in + 2 * M * (in / 32) * 4 + 64; }
 
+/* The scratch's parts: xq [M, in] int8, then (aligned to 64) dx and dx sum(xq) [M, in / 32] */
+typedef struct { int8_t *xq; float *dx, *sx; } qrows;
+
+static qrows qrows_in(void *scratch, long M, long in) {
+    qrows q = {.xq = scratch};
+    q.dx = (float *)(((uintptr_t)(q.xq + M * in) + 63) & ~(uintptr_t)63);
+    q.sx = q.dx + M * (in / 32);
+    return q;
+}
+
 static float h2f(uint16_t h) { /* float16 -> float32 (the scales; normal, subnormal, zero) */
     uint32_t s = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31, f = h & 1023;
     union { uint32_t u; float f; } c;
@@ -787,8 +797,9 @@ int ladder_qgemm_vnni(void) { return QGEMM_VNNI; }
 void ladder_qgemm(const float *x, const uint8_t *wq, float *y, long M, long out, long in,
                   int bits, void *scratch, int nt) {
     long nblk = in / 32, nb = (out + 15) / 16;
-    int8_t *xq = scratch;
-    float *dx = (float *)(((uintptr_t)(xq + M * in) + 63) & ~(uintptr_t)63), *sx = dx + M * nblk;
+    qrows q = qrows_in(scratch, M, in);
+    int8_t *xq = q.xq;
+    float *dx = q.dx, *sx = q.sx;
     quantize_rows(x, M, in, xq, dx, sx, nt);
 #if QGEMM_VNNI
     int NB = M == 1 ? 4 : 2;
@@ -815,9 +826,7 @@ void ladder_qgemm(const float *x, const uint8_t *wq, float *y, long M, long out,
 /* The plain-C product on any CPU (tests compare the vector one with it). */
 void ladder_qgemm_reference(const float *x, const uint8_t *wq, float *y, long M, long out,
                             long in, int bits, void *scratch) {
-    long nblk = in / 32;
-    int8_t *xq = scratch;
-    float *dx = (float *)(((uintptr_t)(xq + M * in) + 63) & ~(uintptr_t)63), *sx = dx + M * nblk;
-    quantize_rows(x, M, in, xq, dx, sx, 1);
-    qgemm_plain(xq, dx, sx, wq, y, M, out, in, bits, 0, (out + 15) / 16);
+    qrows q = qrows_in(scratch, M, in);
+    quantize_rows(x, M, in, q.xq, q.dx, q.sx, 1);
+    qgemm_plain(q.xq, q.dx, q.sx, wq, y, M, out, in, bits, 0, (out + 15) / 16);
 }
