@@ -23,7 +23,7 @@ from ladder.model.config import ModelConfig, ResidualPlan
 from ladder.model.layers import Attention, KVCache, RMSNorm, StepContext
 from ladder.model.tp import ShardSpec
 from ladder.model.transformer import Transformer
-from ladder.native.layouts import FastLinear, NativeAttention, decode_layout
+from ladder.native.layouts import FastLinear, NativeAttention, NativeBlock, decode_layout
 
 LIB = native.load()
 pytestmark = pytest.mark.skipif(LIB is None, reason=f"no native library: "
@@ -143,22 +143,31 @@ def test_attention_decode_step(dtype, slots, split):
     torch.testing.assert_close(got, ref, **tol)
 
 
-def _engines(dtype, tp_plan="ladder", **config):
+def _random_model(dtype, plan: str, config: dict, rank: int = 0, tp: int = 1, seed: int = 0):
+    """A 3-layer model of this rank's shapes ('even' head split beyond one rank) with random
+    weights in `dtype`: (config, spec, plan, state dict)."""
     cfg = ModelConfig(**{**dict(vocab_size=96, dim=64, intermediate_size=128, n_layers=3,
                                 n_heads=4, n_kv_heads=2, max_seq_len=64), **config})
-    spec = ShardSpec.make(cfg, 0, 1)
-    torch.manual_seed(0)
-    base = Transformer(cfg, spec, ResidualPlan.parse(tp_plan, 3))
+    spec = ShardSpec.make(cfg, rank, tp, "even" if tp > 1 else "groups")
+    torch.manual_seed(seed)
+    base = Transformer(cfg, spec, ResidualPlan.parse(plan, 3))
     for p in base.parameters():
         p.data.normal_(0, 0.2)
     state = {k: v.to(dtype) for k, v in base.state_dict().items() if k != "inv_freq"}
-    out = []
-    for fused in (False, True):
-        model = Transformer(cfg, spec, ResidualPlan.parse(tp_plan, 3)).to(dtype)
-        model.load_state_dict(state, strict=False)
-        model = decode_layout(model.eval().requires_grad_(False), fused=fused)
-        out.append(ShardEngine(model, NoComm(), n_slots=4, max_seq=48))
-    return out
+    return cfg, spec, ResidualPlan.parse(plan, 3), state
+
+
+def _engine(model_parts, dtype, **layout) -> ShardEngine:
+    cfg, spec, plan, state = model_parts
+    model = Transformer(cfg, spec, plan).to(dtype)
+    model.load_state_dict(state, strict=False)
+    model = decode_layout(model.eval().requires_grad_(False), **layout)
+    return ShardEngine(model, NoComm(), n_slots=4, max_seq=48)
+
+
+def _engines(dtype, tp_plan="ladder", **config):
+    parts = _random_model(dtype, tp_plan, config)
+    return [_engine(parts, dtype, fused=fused) for fused in (False, True)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -188,6 +197,42 @@ def test_engine_decode_fused_equals_torch_operators(dtype):
         batch = StepBatch(tokens=[[t] for t in nxt], slots=list(prompts),
                           starts=[len(toks[s]) - 1 for s in prompts])
     assert clear >= 13  # a third of the choices or more are clear: the check tests something
+
+
+@pytest.mark.parametrize("case", [
+    dict(dtype=torch.float32), dict(dtype=torch.bfloat16, qkv_bias=True),
+    dict(dtype=torch.float32, quant="q4_1", plan="ladder:1-2"),
+    dict(dtype=torch.float32, quant="q8_0", qkv_bias=True, sliding_window=6, plan="parallel"),
+    dict(dtype=torch.float32, quant="q4_0", rank=1, tp=2, dim=192, n_heads=6, n_kv_heads=3),
+], ids=["float32", "bfloat16-bias", "q4_1-partial-ladder", "q8_0-bias-window-parallel",
+        "q4_0-even-split-rank"])
+def test_whole_modules_equal_separate_calls(case):
+    """A decode step's attention and MLP as one C call each (NativeBlock) give the logits and
+    the KV cache of the separate calls to the bit, prompt and every decode step, several rows at
+    different positions; with biases, a sliding window that the rows pass, quantized products,
+    ladder and parallel plans, and a rank of the 'even' head split (its own KV head map)."""
+    case = dict(case)
+    dtype, quant = case.pop("dtype"), case.pop("quant", None)
+    plan, rank, tp = case.pop("plan", "ladder"), case.pop("rank", 0), case.pop("tp", 1)
+    parts = _random_model(dtype, plan, case, rank, tp, seed=1)
+    engines = [_engine(parts, dtype, quant=quant) for _ in range(2)]
+    for eng in engines:
+        assert all(isinstance(layer, NativeBlock) for layer in eng.model.layers)
+    layers = engines[1].model.layers
+    for i, layer in enumerate(layers):  # the second: the block's own modules, call by call
+        layers[i] = layer.inner
+    steps = [StepBatch(tokens=[[5, 9, 2, 11, 3, 3, 8], [7, 1]], slots=[2, 0], starts=[0, 0],
+                       all_logits=True)]
+    toks = {2: 7, 0: 2}
+    for i in range(12):
+        steps.append(StepBatch(tokens=[[(3 * i + s) % 90 + 1] for s in toks], slots=list(toks),
+                               starts=[toks[s] + i for s in toks]))
+    for batch in steps:
+        a, b = (eng.step(batch) for eng in engines)
+        assert torch.equal(a, b)
+    assert engines[0].model.layers[0]._step.bind(engines[0]._context(steps[-1])[0])
+    assert torch.equal(engines[0].cache.k, engines[1].cache.k)
+    assert torch.equal(engines[0].cache.v, engines[1].cache.v)
 
 
 @pytest.mark.parametrize("config", [{}, dict(dim=96, n_heads=4, n_kv_heads=1),
@@ -245,7 +290,7 @@ def test_builds_into_its_directory(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_tried", False)
     monkeypatch.setattr(native, "_lib", None)
     lib = native.load()
-    assert lib is not None and lib.ladder_native_version() == 4
+    assert lib is not None and lib.ladder_native_version() == 5
     built = list(tmp_path.iterdir())
     assert [p.name for p in built] == [native.library_path().name]
     mtime = built[0].stat().st_mtime_ns
@@ -307,7 +352,7 @@ def test_untrusted_cache_is_not_loaded(monkeypatch, tmp_path, caplog, how):
     with caplog.at_level(logging.WARNING, logger="ladder.native"):
         got = native.load()
     assert got is not None, native.unavailable_reason()
-    assert got.ladder_native_version() == 4
+    assert got.ladder_native_version() == 5
     assert caplog.records and re.search(f"cached at {bad}: {why}; building a private copy",
                                         caplog.text), caplog.text
     assert list(scratch.iterdir()) == []  # the private directory is gone

@@ -313,5 +313,9 @@ class Block(nn.Module):
         self.mlp = MLP(config, spec)
 
     def modules_in_order(self, ctx: StepContext):
-        """The block's two residual modules as (norm, fn) pairs, attention first."""
-        return ((self.attn_norm, lambda x: self.attention(x, ctx)), (self.mlp_norm, self.mlp))
+        """The block's two residual modules, attention first, each a function of the residual
+        stream h (its norm included) to the module's partial output, which the caller
+        all-reduces. (A layout step may replace the block with one whose functions are faster
+        for some steps: `ladder.native.layouts.NativeBlock`.)"""
+        return (lambda h: self.attention(self.attn_norm(h), ctx),
+                lambda h: self.mlp(self.mlp_norm(h)))

@@ -111,17 +111,18 @@ class Transformer(nn.Module):
         reduce = self.reduce
         pending: InFlight | None = None
         for i, layer in enumerate(self.layers):
+            modules = layer.modules_in_order(ctx)
             if self.plan.kind == "parallel":
-                y = layer.attention(layer.attn_norm(h), ctx) + layer.mlp(layer.mlp_norm(h))
-                h = h + reduce.all_reduce(y, "module").wait()
+                attention, mlp = modules
+                h = h + reduce.all_reduce(attention(h) + mlp(h), "module").wait()
                 continue
             ladder = self.plan.is_ladder(i)
-            for j, (norm, fn) in enumerate(layer.modules_in_order(ctx)):
+            for j, fn in enumerate(modules):
                 if not ladder and pending is not None:
                     h, pending = pending.add_to(h), None
                 # the MLP before a ladder layer: its attention reads the stream without it
                 defer = ladder or (j == 1 and self.plan.is_ladder(i + 1))
-                work = reduce.all_reduce(fn(norm(h)), "ladder" if defer else "module")
+                work = reduce.all_reduce(fn(h), "ladder" if defer else "module")
                 if defer:
                     if pending is not None:
                         h = pending.add_to(h)

@@ -61,7 +61,32 @@ _SIGNATURES = {
     "ladder_qgemm_reference": ([_P, _P, _P, _L, _L, _L, _I, _P], None),
     "ladder_attn_chunk": ([_I, _P, _P, _L, _L, _L, _L, _P, _P, _P, _P, _L, _P, _L, _L, _P, _F,
                            _P, _L, _I], None),
+    "ladder_module_work": ([_P, _L], _L),
+    "ladder_attn_module": ([_P, _P, _P, _P], None),
+    "ladder_mlp_module": ([_P, _P, _P, _P], None),
 }
+
+
+class Linear(ctypes.Structure):
+    """native.c's ladder_linear: a weight product of a whole module (ladder.native.layouts)."""
+
+    _fields_ = [("kind", _I), ("out", _L), ("inp", _L), ("w", _P), ("bias", _P)]
+
+
+class Module(ctypes.Structure):
+    """native.c's ladder_module: a layer's attention or MLP, described once."""
+
+    _fields_ = [("dt", _I), ("dim", _L), ("norm", _P), ("eps", _F), ("first", Linear),
+                ("second", Linear), ("H", _L), ("K", _L), ("E", _L), ("kv_map", _P),
+                ("scale", _F), ("window", _L), ("layer", _L)]
+
+
+class Step(ctypes.Structure):
+    """native.c's ladder_step: a decode step's rows, cache and scratch, described once a step."""
+
+    _fields_ = [("B", _L), ("cos", _P), ("sin", _P), ("k", _P), ("v", _P), ("layer_bytes", _L),
+                ("block", _L), ("tables", _P), ("width", _L), ("pos", _P), ("scores", _P),
+                ("stride", _L), ("work", _P), ("nt", _I)]
 
 
 def _cpu_id() -> str:

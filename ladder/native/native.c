@@ -50,7 +50,8 @@ static inline void st(int dt, void *p, long i, float v) {
     else ((float *)p)[i] = v;
 }
 
-int ladder_native_version(void) { return 4; } /* 2: paged KV; 3: prompt chunks, windows; 4: Q8/Q4 */
+int ladder_native_version(void) { return 5; } /* 2: paged KV; 3: prompt chunks, windows; 4: Q8/Q4;
+                                               5: whole decode modules */
 
 /* y[m] = w * rms_norm(x[m]) for M rows of D: as RMSNorm.forward, normalised in float32, rounded
  * to the dtype, then multiplied by the weight (one more rounding). */
@@ -829,4 +830,112 @@ void ladder_qgemm_reference(const float *x, const uint8_t *wq, float *y, long M,
     qrows q = qrows_in(scratch, M, in);
     quantize_rows(x, M, in, q.xq, q.dx, q.sx, 1);
     qgemm_plain(q.xq, q.dx, q.sx, wq, y, M, out, in, bits, 0, (out + 15) / 16);
+}
+
+/* ---- a decode step's module in one call ------------------------------------------------------
+ *
+ * A layer's attention (norm, q/k/v product, rotary + cache write + attention, o product) and its
+ * MLP (norm, gate/up product, silu(gate) * up, down product) each as one call, for steps of one
+ * new token a row: the same kernels as the separate calls above, in the same order, so the same
+ * results to the bit; what goes is the ~40 us of Python and ctypes a module spent between them
+ * (ladder/native/layouts.py, NativeBlock). The module's weights and shapes are described once
+ * (ladder_module), the step's rows, cache and scratch once a step (ladder_step). */
+
+typedef struct {
+    int kind;          /* 0: float32 blocked, 1: bfloat16 blocked, 8 / 4: quantized (bits) */
+    long out, in;
+    const void *w;
+    const void *bias;  /* [out] in the activation dtype, added after the product; or NULL */
+} ladder_linear;
+
+typedef struct {
+    int dt;            /* the activations' dtype code */
+    long dim;
+    const void *norm;  /* [dim], the activations' dtype */
+    float eps;
+    ladder_linear first, second; /* attention: wqkv, wo; MLP: w13 (gate rows, then up), w2 */
+    long H, K, E;      /* attention: this rank's query and KV heads, the head dim */
+    const int64_t *kv_map;
+    float scale;
+    long window, layer;
+} ladder_module;
+
+typedef struct {
+    long B;                      /* rows, one new token each */
+    const void *cos, *sin;       /* [B, E] */
+    char *k, *v;                 /* the cache's keys and values, all layers */
+    long layer_bytes, block;     /* one layer's bytes of each; positions a block */
+    const int64_t *tables;       /* [B, width] */
+    long width;
+    const int64_t *pos;          /* [B] */
+    float *scores;               /* `stride` floats for each of the nt threads */
+    long stride;
+    char *work;                  /* ladder_module_work(module, B) bytes */
+    int nt;
+} ladder_step;
+
+static long align64(long n) { return (n + 63) & ~63L; }
+
+/* The work bytes a module needs for B rows: its normed input, the first product's output, the
+ * second's input, and the quantized products' scratch. */
+long ladder_module_work(const ladder_module *m, long B) {
+    long el = m->dt ? 2 : 4;
+    long q1 = m->first.kind >= 4 ? ladder_qgemm_scratch(B, m->first.in) : 0;
+    long q2 = m->second.kind >= 4 ? ladder_qgemm_scratch(B, m->second.in) : 0;
+    return align64(B * m->dim * el) + align64(B * m->first.out * el) +
+           align64(B * m->second.in * el) + align64(q1 > q2 ? q1 : q2);
+}
+
+static void linear(const ladder_linear *l, int dt, const void *x, void *y, long M, void *qs,
+                   int nt) {
+    switch (l->kind) {
+#ifdef __AVX512F__
+    case 0: ladder_gemm_f32(x, l->w, y, M, l->out, l->in, nt); break;
+#endif
+#if BF16_GEMM
+    case 1: ladder_gemm_bf16(x, l->w, y, M, l->out, l->in, nt); break;
+#endif
+    default: ladder_qgemm(x, l->w, y, M, l->out, l->in, l->kind, qs, nt);
+    }
+    if (l->bias) /* as y.add_(bias): the sum rounded to the dtype */
+        for (long r = 0; r < M; r++)
+            for (long o = 0; o < l->out; o++)
+                st(dt, y, r * l->out + o, ld(dt, y, r * l->out + o) + ld(dt, l->bias, o));
+}
+
+/* The work's parts: normed input, first product's output, second product's input, scratch */
+static void work_parts(const ladder_module *m, const ladder_step *s, char **p) {
+    long el = m->dt ? 2 : 4, B = s->B;
+    p[0] = s->work;
+    p[1] = p[0] + align64(B * m->dim * el);
+    p[2] = p[1] + align64(B * m->first.out * el);
+    p[3] = p[2] + align64(B * m->second.in * el);
+}
+
+/* y [B, dim] = this rank's partial output of the module for x [B, dim] (the residual stream):
+ * norm, first product, attention (rotation, cache write, attention) or silu(gate) * up, second
+ * product */
+static void run_module(const ladder_module *m, const ladder_step *s, const void *x, void *y,
+                       int attention) {
+    char *p[4];
+    work_parts(m, s, p);
+    long B = s->B;
+    ladder_rmsnorm(m->dt, x, m->norm, p[0], B, m->dim, m->eps);
+    linear(&m->first, m->dt, p[0], p[1], B, p[3], s->nt);
+    if (attention)
+        ladder_attn_decode(m->dt, p[1], p[2], B, m->H, m->K, m->E, s->cos, s->sin,
+                           s->k + m->layer * s->layer_bytes, s->v + m->layer * s->layer_bytes,
+                           s->block, s->tables, s->width, s->pos, m->window, m->kv_map,
+                           m->scale, s->scores, s->stride, s->nt);
+    else
+        ladder_silu_mul(m->dt, p[1], p[2], B, m->second.in, s->nt);
+    linear(&m->second, m->dt, p[2], y, B, p[3], s->nt);
+}
+
+void ladder_attn_module(const ladder_module *m, const ladder_step *s, const void *x, void *y) {
+    run_module(m, s, x, y, 1);
+}
+
+void ladder_mlp_module(const ladder_module *m, const ladder_step *s, const void *x, void *y) {
+    run_module(m, s, x, y, 0);
 }

@@ -71,15 +71,17 @@ def _decode_input(engine, batch: int, context: int):
 
 
 def _pass(model, ctx, x) -> dict[str, list[float]]:
-    """One pass over the layers' attention and MLP (each after its norm, as the model calls
-    them), then the LM head's slice with its row maxima: each call's seconds."""
+    """One pass over the layers' attention and MLP (each with its norm, as the model calls
+    them: `modules_in_order`), then the LM head's slice with its row maxima: each call's
+    seconds."""
     clock = time.perf_counter
     got: dict[str, list[float]] = {"attention": [], "mlp": [], "lm_head": []}
     for layer in model.layers:
+        attention, mlp = layer.modules_in_order(ctx)
         t0 = clock()
-        layer.attention(layer.attn_norm(x), ctx)
+        attention(x)
         t1 = clock()
-        layer.mlp(layer.mlp_norm(x))
+        mlp(x)
         got["attention"].append(t1 - t0)
         got["mlp"].append(clock() - t1)
     t0 = clock()
