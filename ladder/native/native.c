@@ -176,6 +176,15 @@ static void write_kv(int dt, const void *qkv, long r, long H, long K, long E, co
     }
 }
 
+/* The positions at.. that lie in one cache block of the table `tb` (at most up to `last`): how
+ * many, and in *base the offset of the first one's row of KV head j ([blocks, K, block, E]) */
+static inline long cached_run(const int64_t *tb, long at, long last, long block, long per_block,
+                              long j, long E, long *base) {
+    long off = at % block;
+    *base = tb[at / block] * per_block + (j * block + off) * E;
+    return last + 1 - at < block - off ? last + 1 - at : block - off;
+}
+
 #ifdef __AVX512F__
 static int decode_head_avx512(int dt, const float *q, const void *ck, const void *cv,
                               const int64_t *tb, long per_block, long j, long block, long E,
@@ -225,9 +234,9 @@ void ladder_attn_decode(int dt, const void *qkv, void *out, long B, long H, long
             continue;
 #endif
         float mx = -INFINITY;
-        for (long at = first, m; at <= last; at += m) { /* block by block */
-            long off = at % block, base = tb[at / block] * per_block + (j * block + off) * E;
-            m = last + 1 - at < block - off ? last + 1 - at : block - off;
+        for (long at = first, m = 0; at <= last; at += m) { /* block by block */
+            long base;
+            m = cached_run(tb, at, last, block, per_block, j, E, &base);
             for (long p = 0; p < m; p++) {
                 long kp = base + p * E;
                 float s = 0.f;
@@ -247,9 +256,9 @@ void ladder_attn_decode(int dt, const void *qkv, void *out, long B, long H, long
         }
         float sum = softmax_exp(sc, last + 1 - first, mx);
         for (long i = 0; i < E; i++) acc[i] = 0.f;
-        for (long at = first, m; at <= last; at += m) {
-            long off = at % block, base = tb[at / block] * per_block + (j * block + off) * E;
-            m = last + 1 - at < block - off ? last + 1 - at : block - off;
+        for (long at = first, m = 0; at <= last; at += m) {
+            long base;
+            m = cached_run(tb, at, last, block, per_block, j, E, &base);
             for (long p = 0; p < m; p++) {
                 float a = sc[at - first + p] / sum;
                 long vp = base + p * E;
@@ -355,9 +364,9 @@ static inline __attribute__((always_inline)) void decode_head_nv(
         acc[c] = _mm512_setzero_ps();
     }
     float mx = -INFINITY;
-    for (long at = first, m; at <= last; at += m) { /* block by block */
-        long off = at % block, base = tb[at / block] * per_block + (j * block + off) * E;
-        m = last + 1 - at < block - off ? last + 1 - at : block - off;
+    for (long at = first, m = 0; at <= last; at += m) { /* block by block */
+        long base;
+        m = cached_run(tb, at, last, block, per_block, j, E, &base);
         for (long p = 0; p < m; p++) {
             long kp = base + p * E;
             __m512 d = _mm512_mul_ps(qv[0], kv_load16(dt, ck, kp, 0xffff));
@@ -369,9 +378,9 @@ static inline __attribute__((always_inline)) void decode_head_nv(
         }
     }
     float sum = softmax_exp(sc, last + 1 - first, mx);
-    for (long at = first, m; at <= last; at += m) {
-        long off = at % block, base = tb[at / block] * per_block + (j * block + off) * E;
-        m = last + 1 - at < block - off ? last + 1 - at : block - off;
+    for (long at = first, m = 0; at <= last; at += m) {
+        long base;
+        m = cached_run(tb, at, last, block, per_block, j, E, &base);
         for (long p = 0; p < m; p++) {
             __m512 a = _mm512_set1_ps(sc[at - first + p] / sum);
             for (int c = 0; c < NV; c++)
