@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import subprocess
+import threading
 import time
 
 import pytest
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from ladder import native
 from ladder.engine.step import ShardEngine, StepBatch
 from ladder.links.base import NoComm
+from ladder.links.shm import CommTimeout, ShmComm
 from ladder.model.config import ModelConfig, ResidualPlan
 from ladder.model.layers import Attention, KVCache, RMSNorm, StepContext
 from ladder.model.tp import ShardSpec
@@ -157,12 +160,14 @@ def _random_model(dtype, plan: str, config: dict, rank: int = 0, tp: int = 1, se
     return cfg, spec, ResidualPlan.parse(plan, 3), state
 
 
-def _engine(model_parts, dtype, **layout) -> ShardEngine:
+def _engine(model_parts, dtype, comm=None, **layout) -> ShardEngine:
     cfg, spec, plan, state = model_parts
     model = Transformer(cfg, spec, plan).to(dtype)
     model.load_state_dict(state, strict=False)
     model = decode_layout(model.eval().requires_grad_(False), **layout)
-    return ShardEngine(model, NoComm(), n_slots=4, max_seq=48)
+    comm = comm or NoComm()
+    model.set_comm(comm)
+    return ShardEngine(model, comm, n_slots=4, max_seq=48)
 
 
 def _engines(dtype, tp_plan="ladder", **config):
@@ -204,12 +209,14 @@ def test_engine_decode_fused_equals_torch_operators(dtype):
     dict(dtype=torch.float32, quant="q4_1", plan="ladder:1-2"),
     dict(dtype=torch.float32, quant="q8_0", qkv_bias=True, sliding_window=6, plan="parallel"),
     dict(dtype=torch.float32, quant="q4_0", rank=1, tp=2, dim=192, n_heads=6, n_kv_heads=3),
+    dict(dtype=torch.bfloat16, plan="standard"), dict(dtype=torch.float32, plan="ladder:0-0"),
 ], ids=["float32", "bfloat16-bias", "q4_1-partial-ladder", "q8_0-bias-window-parallel",
-        "q4_0-even-split-rank"])
+        "q4_0-even-split-rank", "bfloat16-standard", "float32-first-layer-ladder"])
 def test_whole_modules_equal_separate_calls(case):
-    """A decode step's attention and MLP as one C call each (NativeBlock) give the logits and
-    the KV cache of the separate calls to the bit, prompt and every decode step, several rows at
-    different positions; with biases, a sliding window that the rows pass, quantized products,
+    """A decode step's layers as one C call (NativeLayers), or at least each attention and MLP
+    as one (NativeBlock, the parallel plan), give the logits and the KV cache of the separate
+    calls to the bit, prompt and every decode step, several rows at different positions; with
+    biases, a sliding window that the rows pass, quantized products, standard, ladder, partial
     ladder and parallel plans, and a rank of the 'even' head split (its own KV head map)."""
     case = dict(case)
     dtype, quant = case.pop("dtype"), case.pop("quant", None)
@@ -218,6 +225,8 @@ def test_whole_modules_equal_separate_calls(case):
     engines = [_engine(parts, dtype, quant=quant) for _ in range(2)]
     for eng in engines:
         assert all(isinstance(layer, NativeBlock) for layer in eng.model.layers)
+        assert (eng.model.fused_layers is None) == (plan == "parallel")
+    engines[1].model.fused_layers = None
     layers = engines[1].model.layers
     for i, layer in enumerate(layers):  # the second: the block's own modules, call by call
         layers[i] = layer.inner
@@ -233,6 +242,128 @@ def test_whole_modules_equal_separate_calls(case):
     assert engines[0].model.layers[0]._step.bind(engines[0]._context(steps[-1])[0])
     assert torch.equal(engines[0].cache.k, engines[1].cache.k)
     assert torch.equal(engines[0].cache.v, engines[1].cache.v)
+
+
+class _ShmGroup:
+    """A TP=2 group of engines in this process, one thread a rank, on a real shared-memory
+    communicator (ShmComm; ctypes lets the ranks' C loops run at once): the leader steps, the
+    follower follows. Always closed."""
+
+    def __init__(self, dtype, plan, config, quant=None, timeout_s=20.0):
+        name = f"t{os.getpid()}_{time.monotonic_ns()}"
+        self.comms = [None, None]
+
+        def make(r):
+            self.comms[r] = ShmComm(name, r, 2, timeout_s=timeout_s)
+
+        threads = [threading.Thread(target=make, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert all(self.comms), "the group's segment did not come up"
+        self.engines = [_engine(_random_model(dtype, plan, config, r, 2, seed=1), dtype,
+                                self.comms[r], quant=quant) for r in range(2)]
+        self.error: list = []
+        self.follower = threading.Thread(target=self._follow, daemon=True)
+        self.follower.start()
+
+    def _follow(self):
+        try:
+            self.engines[1].follow()
+        except BaseException as e:  # noqa: BLE001 -- reported by the test
+            self.error.append(e)
+
+    def stop(self):
+        if self.follower.is_alive():
+            self.engines[0].stop_followers()
+            self.follower.join(30)
+        assert not self.follower.is_alive() and not self.error, self.error
+
+    def close(self):
+        for c in self.comms:
+            if c is not None:
+                c.close()
+
+
+def _decode_steps(n=10):
+    steps = [StepBatch(tokens=[[5, 9, 2, 11, 3, 3, 8], [7, 1]], slots=[2, 0], starts=[0, 0])]
+    toks = {2: 7, 0: 2}
+    for i in range(n):
+        steps.append(StepBatch(tokens=[[(3 * i + s) % 90 + 1] for s in toks], slots=list(toks),
+                               starts=[toks[s] + i for s in toks]))
+    return steps
+
+
+@pytest.mark.parametrize("case", [
+    dict(dtype=torch.float32, plan="ladder"),
+    dict(dtype=torch.bfloat16, plan="ladder:1-2", qkv_bias=True),
+    dict(dtype=torch.float32, plan="standard", quant="q4_1"),
+], ids=["float32-ladder", "bfloat16-partial-ladder-bias", "q4_1-standard"])
+def test_whole_layers_reduce_through_shared_memory_as_the_walk(case):
+    """At TP=2 over shared memory, a decode step's layers as one C call per rank, all-reducing
+    through the segment by ShmComm's protocol, give the logits and both ranks' KV caches of the
+    Python walk (the same communicator's all_reduce / wait) to the bit, with the same number of
+    reduces and bytes a step; a whole ladder, a partial one (a pending reduce added before a
+    standard module), a standard plan with quantized products."""
+    case = dict(case)
+    dtype, plan, quant = case.pop("dtype"), case.pop("plan"), case.pop("quant", None)
+    runs = []
+    for walk in (False, True):
+        g = _ShmGroup(dtype, plan, case, quant)
+        try:
+            assert all(e.model.fused_layers is not None for e in g.engines)
+            if walk:
+                for e in g.engines:
+                    e.model.fused_layers = None
+            outs, comm = [], []
+            for batch in _decode_steps():
+                outs.append(g.engines[0].step(batch))
+                comm.append((g.engines[0].last.bytes, g.engines[0].last.ops))
+            g.stop()
+            runs.append((outs, comm, [(e.cache.k.clone(), e.cache.v.clone())
+                                      for e in g.engines],
+                         g.engines[0].model.layers[0]._step._ctx is not None))
+        finally:
+            g.close()
+    (fused, fcomm, fcache, bound), (walked, wcomm, wcache, _) = runs
+    assert bound  # the fused run's decode steps did run the fused modules
+    for a, b in zip(fused, walked):
+        assert torch.equal(a, b)
+    assert fcomm == wcomm and fcomm[-1][1] == 3 * 2 + 1  # 6 modules' reduces, the logits' gather
+    for (ka, va), (kb, vb) in zip(fcache, wcache):
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
+
+
+@pytest.mark.parametrize("how", ["died", "timeout"])
+def test_whole_layers_name_the_peer_that_failed(how):
+    """A peer that dies, or does not publish within the communicator's timeout, while the C
+    loop waits for it: CommTimeout naming the rank and why (in well under the timeout when it
+    died), and the communicator refuses later use."""
+    g = _ShmGroup(torch.float32, "ladder", {}, timeout_s=1.0)
+    try:
+        steps = _decode_steps(2)
+        for batch in steps[:2]:
+            g.engines[0].step(batch)
+        g.stop()  # rank 1 no longer takes part
+        leader = g.engines[0]
+        if how == "died":
+            child = subprocess.Popen(["true"])
+            child.wait()
+            comm = g.comms[0]
+            comm._w[comm._line[1]] = child.pid  # rank 1's pid word: a process that is gone
+        t0 = time.monotonic()
+        with pytest.raises(CommTimeout) as e:
+            leader._run(steps[2])
+        waited = time.monotonic() - t0
+        if how == "died":
+            assert "rank 1 did not finish: it died" in str(e.value) and waited < 0.5
+        else:
+            assert "rank 1 did not finish within 1.0 s" in str(e.value) and waited < 3.0
+        with pytest.raises(CommTimeout, match="failed earlier"):
+            leader._run(steps[2])
+    finally:
+        g.close()
 
 
 @pytest.mark.parametrize("config", [{}, dict(dim=96, n_heads=4, n_kv_heads=1),
@@ -290,7 +421,7 @@ def test_builds_into_its_directory(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_tried", False)
     monkeypatch.setattr(native, "_lib", None)
     lib = native.load()
-    assert lib is not None and lib.ladder_native_version() == 5
+    assert lib is not None and lib.ladder_native_version() == 6
     built = list(tmp_path.iterdir())
     assert [p.name for p in built] == [native.library_path().name]
     mtime = built[0].stat().st_mtime_ns
@@ -352,7 +483,7 @@ def test_untrusted_cache_is_not_loaded(monkeypatch, tmp_path, caplog, how):
     with caplog.at_level(logging.WARNING, logger="ladder.native"):
         got = native.load()
     assert got is not None, native.unavailable_reason()
-    assert got.ladder_native_version() == 5
+    assert got.ladder_native_version() == 6
     assert caplog.records and re.search(f"cached at {bad}: {why}; building a private copy",
                                         caplog.text), caplog.text
     assert list(scratch.iterdir()) == []  # the private directory is gone

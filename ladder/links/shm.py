@@ -27,7 +27,10 @@ the wait into `CommTimeout`; the communicator is unusable after that. Broadcasts
 step plans) go through the bcast buffers; a follower waiting for the next plan waits as long as
 the source lives (an idle leader is normal), the source waits at most `timeout_s` for readers.
 
-The segment itself (creation, attaching, removal) is `ladder.links.shm_segment`'s.
+A decode step's layers can all-reduce through the same segment from C (`run_native`, native.c's
+ladder_shm: the same protocol, the same sums, the counters handed over before and back after),
+so a change to the protocol here is one there too. The segment itself (creation, attaching,
+removal) is `ladder.links.shm_segment`'s.
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ class ShmComm(ShmSegment, Communicator):
             raise ValueError(f"buffer_bytes and bcast_bytes must be >= 64, got {buffer_bytes}, "
                              f"{bcast_bytes}")
         self.name, self.rank, self.world_size, self.timeout_s = name, rank, world_size, timeout_s
+        self._native = None  # the segment described for native.c (run_native), made on first use
         self.path: str | None = None
         self._error: str | None = None
         self._closed = False
@@ -263,6 +267,67 @@ class ShmComm(ShmSegment, Communicator):
                     work.tensor.copy_(work.buf)
                 work.done = True
 
+    # -- all-reduces in C -----------------------------------------------------------------------
+    def run_native(self, fn, nbytes: int) -> None:
+        """Run `fn(address)`, a C loop that all-reduces through this segment by the same
+        protocol, `nbytes` a reduce (native.c's ladder_decode_layers, given a ladder.native.Shm
+        at `address`), returning 0, or nonzero when a wait gave up: CommTimeout here. Reduces
+        started before are summed first; the sequence counters go in and come back; the loop's
+        reduces and waits are counted in `stats`."""
+        self._check()
+        if self._pending:
+            self._drain(self._seq)
+        g = self._native_group()
+        g.seq, g.done_seq, g.min_done = self._seq, self._done_seq, self._min_done
+        g.exposed_s = g.wait_s[0] = g.wait_s[1] = 0.0
+        g.waits[0] = g.waits[1] = 0
+        seq0 = self._seq
+        rc = fn(ctypes.addressof(g))
+        self._seq, self._done_seq, self._min_done = g.seq, g.done_seq, g.min_done
+        st = self.stats
+        for i, kind in enumerate(("module", "ladder")):
+            st.wait_s[kind] += g.wait_s[i]
+            st.waits[kind] += g.waits[i]
+            st.exposed_s += g.wait_s[i]
+        st.exposed_s += g.exposed_s
+        st.ops += self._seq - seq0
+        st.bytes += (self._seq - seq0) * nbytes
+        if rc:
+            if self._error is None:
+                self._error = f"shm all-reduce: rank {g.failed_peer} failed"
+            raise CommTimeout(self._error)
+
+    def _native_group(self):
+        g = self._native
+        if g is None:
+            from ladder import native
+            g = native.Shm(w=self._addr, ring=self._ring[0][0].data_ptr(), world=self.world_size,
+                           rank=self.rank, n_slots=self.n_slots, slot_bytes=self.slot_bytes)
+            for r in range(self.world_size):
+                line = self._line[r]
+                g.pub[r], g.done[r] = line + _R_PUB, line + _R_DONE
+                g.sleep[r] = self._my_sleep - self.rank + r
+            g.check = self._native_check_fn = native.SHM_CHECK(self._native_check)
+            self._native = g
+        return g
+
+    def _native_check(self, peer: int, waited_s: float) -> int:
+        """The C loop's wait on `peer` has lasted `waited_s`: 1 (with the error kept) when the
+        peer died or the timeout passed. Nothing may raise into C."""
+        try:
+            pid = self._w[self._line[peer] + _R_PID]
+            if pid and not alive(pid):
+                self._error = f"shm all-reduce: rank {peer} did not finish: it died (pid {pid})"
+                return 1
+            if waited_s > self.timeout_s:
+                self._error = (f"shm all-reduce: rank {peer} did not finish within "
+                               f"{self.timeout_s} s (dead or stalled peer)")
+                return 1
+            return 0
+        except BaseException as e:  # noqa: BLE001 -- reported as the failure instead
+            self._error = f"shm all-reduce: checking rank {peer} failed: {e!r}"
+            return 1
+
     # -- broadcast and barrier -----------------------------------------------------------------
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Synchronous broadcast of `x` from rank `src` (any dtype, any size: chunked)."""
@@ -311,7 +376,7 @@ class ShmComm(ShmSegment, Communicator):
         self._unlink()
         self._pending.clear()
         self._views.clear()
-        self._ring = self._bbuf = self._np = None
+        self._ring = self._bbuf = self._np = self._native = None
         self._w.release()
         try:
             self._mm.close()

@@ -64,6 +64,9 @@ class Transformer(nn.Module):
         self.output: nn.Module | None = None
         if not config.tie_embeddings:
             self.output = nn.Linear(config.dim, spec.vocab_size, bias=False)
+        # a decode step's layers as one call (set by a layout step,
+        # ladder.native.layouts.NativeLayers): (h, ctx, comm) -> the stream, or None
+        self.fused_layers = None
         self.set_comm(comm or NoComm())
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
@@ -109,6 +112,10 @@ class Transformer(nn.Module):
         """Final-normed hidden states [B, T, D]; identical on every rank."""
         h = self.tok_embeddings(tokens)
         reduce = self.reduce
+        if self.fused_layers is not None:
+            out = self.fused_layers(h, ctx, reduce)
+            if out is not None:
+                return self.norm(out)
         pending: InFlight | None = None
         for i, layer in enumerate(self.layers):
             modules = layer.modules_in_order(ctx)

@@ -64,6 +64,7 @@ _SIGNATURES = {
     "ladder_module_work": ([_P, _L], _L),
     "ladder_attn_module": ([_P, _P, _P, _P], None),
     "ladder_mlp_module": ([_P, _P, _P, _P], None),
+    "ladder_decode_layers": ([_P, _P, _L, _P, _P, _P, _P, _P], ctypes.c_int),
 }
 
 
@@ -87,6 +88,22 @@ class Step(ctypes.Structure):
     _fields_ = [("B", _L), ("cos", _P), ("sin", _P), ("k", _P), ("v", _P), ("layer_bytes", _L),
                 ("block", _L), ("tables", _P), ("width", _L), ("pos", _P), ("scores", _P),
                 ("stride", _L), ("work", _P), ("nt", _I)]
+
+
+SHM_CHECK = ctypes.CFUNCTYPE(_I, _L, ctypes.c_double)  # (peer, seconds waited) -> give up?
+SHM_MAX_WORLD = 8
+
+
+class Shm(ctypes.Structure):
+    """native.c's ladder_shm: a shared-memory group's segment (ladder.links.shm.ShmComm) as the
+    all-reduces of ladder_decode_layers see it, with the communicator's counters in and out."""
+
+    _fields_ = [("w", _P), ("ring", _P), ("world", _L), ("rank", _L), ("n_slots", _L),
+                ("slot_bytes", _L), ("pub", _L * SHM_MAX_WORLD), ("done", _L * SHM_MAX_WORLD),
+                ("sleep", _L * SHM_MAX_WORLD), ("seq", ctypes.c_int64),
+                ("done_seq", ctypes.c_int64), ("min_done", ctypes.c_int64),
+                ("wait_s", ctypes.c_double * 2), ("waits", _L * 2), ("exposed_s", ctypes.c_double),
+                ("check", SHM_CHECK), ("failed_peer", _L)]
 
 
 def _cpu_id() -> str:

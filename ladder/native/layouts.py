@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ladder import native
+from ladder.links.base import Communicator, NoComm
+from ladder.links.shm import ShmComm
 from ladder.model.layers import MLP, Attention, Block, RMSNorm, StepContext
 from ladder.model.transformer import Transformer
 from ladder.native import quant as qformat
@@ -393,6 +395,50 @@ class NativeBlock(nn.Module):
         return y
 
 
+class NativeLayers:
+    """A decode step's whole layer stack as one C call (`ladder_decode_layers`): the
+    NativeBlocks' modules in order, the residual adds in C, the residual plan's schedule as a
+    flag a module (which output joins the stream one module late), and the all-reduces through
+    a shared-memory group's segment by ShmComm's own protocol (or none: TP=1, `desync`); so the
+    same additions in the same order as Transformer.hidden's walk and the same bits, without its
+    Python between the modules (at TP=2, ~60 us a module of ctypes, torch and the
+    communicator's bookkeeping). Other steps and other communicators (None): the walk."""
+
+    def __init__(self, model: Transformer, step: DecodeStep, lib) -> None:
+        blocks = list(model.layers)
+        plan = model.plan
+        addrs, flags = [], []
+        for i, b in enumerate(blocks):
+            ladder = plan.is_ladder(i)
+            for j, addr in enumerate((b._attn_addr, b._mlp_addr)):
+                defer = ladder or (j == 1 and plan.is_ladder(i + 1))
+                addrs.append(addr)
+                flags.append(int(ladder) | int(defer) << 1)
+        self._blocks = blocks  # what the addresses point into
+        self._mods = (ctypes.c_void_p * len(addrs))(*addrs)
+        self._flags = (ctypes.c_ubyte * len(flags))(*flags)
+        self._n, self._step, self._lib = len(addrs), step, lib
+
+    def __call__(self, h: torch.Tensor, ctx: StepContext,
+                 comm: Communicator) -> torch.Tensor | None:
+        """The stream after the last layer (h itself, added to in place), or None where the
+        step is not one the fused modules run or `comm` not one they reduce through."""
+        nbytes = h.numel() * h.element_size()
+        shm = type(comm) is ShmComm and comm.world_size <= native.SHM_MAX_WORLD and \
+            nbytes <= comm.slot_bytes
+        if not (shm or isinstance(comm, NoComm)) or not self._step.bind(ctx):
+            return None
+        h = h.contiguous()
+        ya, yb = torch.empty_like(h), torch.empty_like(h)
+        args = (self._mods, self._flags, self._n, self._step.addr, h.data_ptr(), ya.data_ptr(),
+                yb.data_ptr())
+        if shm:
+            comm.run_native(lambda g: self._lib.ladder_decode_layers(*args, g), nbytes)
+        else:
+            self._lib.ladder_decode_layers(*args, None)
+        return h
+
+
 def decode_layout(model: Transformer, fused: bool = True,
                   quant: str | None = None) -> Transformer:
     """Re-lay out a CPU model's weights for decode speed (in place; returns the model).
@@ -440,4 +486,6 @@ def decode_layout(model: Transformer, fused: bool = True,
             step = DecodeStep(lib, dtype)
             for i, layer in enumerate(model.layers):
                 model.layers[i] = NativeBlock(layer, step, lib)
+            if model.plan.kind != "parallel":
+                model.fused_layers = NativeLayers(model, step, lib)
     return model

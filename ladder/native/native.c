@@ -17,10 +17,16 @@
  * thread and would ignore torch.set_num_threads in a serving thread).
  */
 
+#include <limits.h>
+#include <linux/futex.h>
 #include <math.h>
 #include <omp.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 
 typedef uint16_t bf16;
 
@@ -50,8 +56,8 @@ static inline void st(int dt, void *p, long i, float v) {
     else ((float *)p)[i] = v;
 }
 
-int ladder_native_version(void) { return 5; } /* 2: paged KV; 3: prompt chunks, windows; 4: Q8/Q4;
-                                               5: whole decode modules */
+int ladder_native_version(void) { return 6; } /* 2: paged KV; 3: prompt chunks, windows; 4: Q8/Q4;
+                                               5: whole decode modules; 6: a step's layers */
 
 /* y[m] = w * rms_norm(x[m]) for M rows of D: as RMSNorm.forward, normalised in float32, rounded
  * to the dtype, then multiplied by the weight (one more rounding). */
@@ -1024,4 +1030,178 @@ void ladder_attn_module(const ladder_module *m, const ladder_step *s, const void
 
 void ladder_mlp_module(const ladder_module *m, const ladder_step *s, const void *x, void *y) {
     run_module(m, s, x, y, 0);
+}
+
+/* h[i] += y[i] for B rows of D: as torch's h + y (the sum rounded to the dtype) */
+static void residual_add(int dt, void *h, const void *y, long n) {
+    if (dt) {
+        for (long i = 0; i < n; i++) st(1, h, i, ld(1, h, i) + ld(1, y, i));
+    } else {
+        float *a = h;
+        const float *b = y;
+        for (long i = 0; i < n; i++) a[i] += b[i];
+    }
+}
+
+/* The all-reduces of a decode step's layers through ladder.links.shm's segment: the same
+ * protocol as ShmComm (read its docstring), so a step may mix them. A reduce copies this rank's
+ * partial into its buffer of the next slot and publishes the sequence; a wait waits for every
+ * rank to publish it, sums the buffers in rank order (half precision of more than two ranks in
+ * float32, rounded once) into the output, and says it is done. Waits poll with sched_yield for
+ * 20 ms, then sleep in futex_wait (2 ms naps); every 50 ms they call `check`, which says
+ * (nonzero) that the peer died or the timeout passed: the step then stops with -1. */
+typedef struct {
+    volatile int64_t *w;         /* the control words */
+    char *ring;                  /* n_slots x world buffers of slot_bytes */
+    long world, rank, n_slots, slot_bytes;
+    long pub[8], done[8], sleep[8]; /* each rank's words' indices in w */
+    int64_t seq, done_seq, min_done; /* ShmComm's counters, in and out */
+    double wait_s[2];            /* out: seconds waited for module / ladder reduces */
+    long waits[2];
+    double exposed_s;            /* out: seconds waiting for a slot to be free */
+    int (*check)(long peer, double waited_s);
+    long failed_peer;            /* out: the peer `check` gave up on */
+} ladder_shm;
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static int shm_block(ladder_shm *c, long idx, int64_t target, long peer) {
+    volatile int64_t *w = c->w;
+    int64_t seen;
+    if (__atomic_load_n(&w[idx], __ATOMIC_ACQUIRE) >= target) return 0;
+    double t0 = now_s(), check = t0 + 0.05;
+    while ((seen = __atomic_load_n(&w[idx], __ATOMIC_ACQUIRE)) < target) {
+        double t = now_s();
+        if (t >= check) {
+            if (c->check(peer, t - t0)) {
+                c->failed_peer = peer;
+                return -1;
+            }
+            check = t + 0.05;
+        }
+        if (t - t0 < 0.02) {
+            sched_yield();
+        } else {
+            struct timespec nap = {0, 2000000};
+            __atomic_store_n(&w[c->sleep[c->rank]], 1, __ATOMIC_SEQ_CST);
+            if (__atomic_load_n(&w[idx], __ATOMIC_SEQ_CST) == seen)
+                syscall(SYS_futex, (void *)&w[idx], FUTEX_WAIT, (int)(seen & 0xFFFFFFFF), &nap,
+                        NULL, 0);
+            __atomic_store_n(&w[c->sleep[c->rank]], 0, __ATOMIC_SEQ_CST);
+        }
+    }
+    return 0;
+}
+
+static void shm_store(ladder_shm *c, long idx, int64_t v) {
+    __atomic_store_n(&c->w[idx], v, __ATOMIC_SEQ_CST);
+    for (long r = 0; r < c->world; r++)
+        if (r != c->rank && __atomic_load_n(&c->w[c->sleep[r]], __ATOMIC_SEQ_CST)) {
+            syscall(SYS_futex, (void *)&c->w[idx], FUTEX_WAKE, 1 << 30, NULL, NULL, 0);
+            return;
+        }
+}
+
+static char *shm_buf(ladder_shm *c, int64_t seq, long r) {
+    return c->ring + ((seq % c->n_slots) * c->world + r) * c->slot_bytes;
+}
+
+/* publish y (bytes) as the next sequence, once its slot is free everywhere; returns it */
+static int64_t shm_publish(ladder_shm *c, const void *y, long bytes) {
+    int64_t seq = ++c->seq, need = seq - c->n_slots;
+    if (need > c->min_done) {
+        double t0 = now_s();
+        int64_t low = c->done_seq;
+        for (long r = 0; r < c->world; r++) {
+            if (r == c->rank) continue;
+            if (shm_block(c, c->done[r], need, r)) return -1;
+            int64_t d = __atomic_load_n(&c->w[c->done[r]], __ATOMIC_ACQUIRE);
+            if (d < low) low = d;
+        }
+        c->min_done = low;
+        c->exposed_s += now_s() - t0;
+    }
+    memcpy(shm_buf(c, seq, c->rank), y, bytes);
+    shm_store(c, c->pub[c->rank], seq);
+    return seq;
+}
+
+/* wait for sequence `seq` everywhere and sum it into y [n] (dtype dt) */
+static int shm_wait(ladder_shm *c, int64_t seq, int dt, void *y, long n, int kind) {
+    double t0 = now_s();
+    for (long r = 0; r < c->world; r++)
+        if (r != c->rank && shm_block(c, c->pub[r], seq, r)) return -1;
+    if (dt == 0 || c->world == 2) {
+        const void *v0 = shm_buf(c, seq, 0);
+        for (long i = 0; i < n; i++) {
+            float a = ld(dt, v0, i);
+            for (long r = 1; r < c->world; r++)
+                a = rnd(dt, a + ld(dt, shm_buf(c, seq, r), i));
+            st(dt, y, i, a);
+        }
+    } else { /* half precision, more than two ranks: float32, rounded once */
+        for (long i = 0; i < n; i++) {
+            float a = ld(dt, shm_buf(c, seq, 0), i);
+            for (long r = 1; r < c->world; r++) a += ld(dt, shm_buf(c, seq, r), i);
+            st(dt, y, i, a);
+        }
+    }
+    c->done_seq = seq;
+    shm_store(c, c->done[c->rank], seq);
+    c->wait_s[kind] += now_s() - t0;
+    c->waits[kind]++;
+    return 0;
+}
+
+/* A decode step's layers, one call: h [B, dim] (the embedded tokens) becomes the stream after
+ * the last module, before the final norm. mods: the n modules in the model's order (each
+ * layer's attention, then its MLP); flags[i]: LADDER_READS_BEHIND (module i reads the stream
+ * without the output still pending from before it), LADDER_DEFERS (module i's output joins the
+ * stream after the next module's: its reduce overlaps that module). The schedule of
+ * Transformer.hidden, the same additions in the same order, so the same bits. `comm`: the
+ * group's segment, or NULL (TP=1 or desync: nothing is reduced). ya, yb: two [B, dim] buffers
+ * (a module's output and the one pending). Returns 0, or -1 when a wait gave up. */
+enum { LADDER_READS_BEHIND = 1, LADDER_DEFERS = 2 };
+
+int ladder_decode_layers(const ladder_module *const *mods, const unsigned char *flags, long n,
+                         const ladder_step *s, void *h, void *ya, void *yb, ladder_shm *comm) {
+    if (n <= 0) return 0;
+    long size = s->B * mods[0]->dim;
+    int dt = mods[0]->dt;
+    long bytes = size * (dt ? 2 : 4);
+    void *cur = ya, *pend = yb;
+    int64_t pend_seq = 0; /* the pending output's sequence (0: none pending) */
+    int pending = 0;
+    for (long i = 0; i < n; i++) {
+        const ladder_module *m = mods[i];
+        if (!(flags[i] & LADDER_READS_BEHIND) && pending) {
+            if (comm && shm_wait(comm, pend_seq, dt, pend, size, 1)) return -1;
+            residual_add(dt, h, pend, size);
+            pending = 0;
+        }
+        run_module(m, s, h, cur, m->H > 0);
+        int64_t seq = 0;
+        if (comm && (seq = shm_publish(comm, cur, bytes)) < 0) return -1;
+        if (flags[i] & LADDER_DEFERS) {
+            if (pending) {
+                if (comm && shm_wait(comm, pend_seq, dt, pend, size, 1)) return -1;
+                residual_add(dt, h, pend, size);
+            }
+            void *t = pend; pend = cur; cur = t;
+            pend_seq = seq;
+            pending = 1;
+        } else {
+            if (comm && shm_wait(comm, seq, dt, cur, size, 0)) return -1;
+            residual_add(dt, h, cur, size);
+        }
+    }
+    if (pending) {
+        if (comm && shm_wait(comm, pend_seq, dt, pend, size, 1)) return -1;
+        residual_add(dt, h, pend, size);
+    }
+    return 0;
 }
