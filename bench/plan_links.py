@@ -5,8 +5,8 @@ as it is; `cheap`: tbf 1 Gbit/s) at the launcher's MTU (a veth pair between two 
 in `bench.sampling`: root only). Importing this module (the `ladder` command does, through
 `bench.cli`) gives `ladder plan --calibrate` its link timer (`time_links`): each link's
 all-reduce by message size, on the engine's own communicator, in a chain of weight products
-shaped like a decode step's modules, timed `bench.linkcost`'s three ways (none, standard,
-overlapped as ladder overlaps). A lone reduce between idle ranks says little: in a chain it
+shaped like a decode step's modules (shm's reduces from C, as NativeLayers issues them), timed
+`bench.linkcost`'s three ways (none, standard, overlapped as ladder overlaps). A lone reduce between idle ranks says little: in a chain it
 also costs the ranks' drift apart and the exchange's CPU (here, 2026-12-03: shm 12 us alone,
 45-180 us in a chain; linkcost's in-cache compute, one reduce an iteration, hid none of it,
 where the engine's ladder hides some).
@@ -57,14 +57,24 @@ class _Chain:
 
     def __init__(self, comm, buf, dim: int, modules: int) -> None:
         import torch
+
+        from ladder import native
+        from ladder.links.shm import ShmComm
         self.comm, self.buf, self.modules = comm, buf, modules
         self.x = torch.randn(max(1, buf.numel() // dim), dim)
         self.w = [torch.randn(3 * dim, dim) for _ in range(min(modules, 30))]
+        # shared memory: the reduces in C, as a decode step's layers issue them (NativeLayers)
+        self.lib = native.load() if type(comm) is ShmComm and \
+            buf.numel() * 4 <= comm.slot_bytes else None
 
     def sync(self) -> None:
         self.comm.barrier()
 
     def one(self, mode: str) -> None:
+        if self.lib is not None:
+            nbytes = self.buf.numel() * 4
+            self.comm.run_native(lambda g: self._native(g, mode), nbytes)
+            return
         import torch.nn.functional as F
         pending = None
         for i in range(self.modules):
@@ -80,6 +90,31 @@ class _Chain:
             pending = work
         if pending is not None:
             pending.wait()
+
+
+    def _native(self, g: int, mode: str) -> int:
+        """`one` with the reduces through native.c (ShmComm.run_native's fn): 0, or -1 when a
+        wait gave up."""
+        import torch.nn.functional as F
+        lib, buf, n = self.lib, self.buf.data_ptr(), self.buf.numel()
+        pending = None
+        for i in range(self.modules):
+            F.linear(self.x, self.w[i % len(self.w)])
+            if mode == "none":
+                continue
+            seq = lib.ladder_shm_publish(g, buf, n * 4)
+            if seq < 0:
+                return -1
+            if mode == "standard":
+                if lib.ladder_shm_wait(g, seq, 0, buf, n, 0):
+                    return -1
+                continue
+            if pending is not None and lib.ladder_shm_wait(g, pending, 0, buf, n, 1):
+                return -1
+            pending = seq
+        if pending is not None:
+            return lib.ladder_shm_wait(g, pending, 0, buf, n, 1)
+        return 0
 
 
 def _link_rank(rank: int, init: str, opts, spaces, sizes: list[int], dim: int, modules: int,

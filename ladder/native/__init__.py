@@ -65,6 +65,8 @@ _SIGNATURES = {
     "ladder_attn_module": ([_P, _P, _P, _P], None),
     "ladder_mlp_module": ([_P, _P, _P, _P], None),
     "ladder_decode_layers": ([_P, _P, _L, _P, _P, _P, _P, _P], ctypes.c_int),
+    "ladder_shm_publish": ([_P, _P, _L], ctypes.c_int64),
+    "ladder_shm_wait": ([_P, ctypes.c_int64, _I, _P, _L, _I], ctypes.c_int),
 }
 
 

@@ -1157,6 +1157,17 @@ static int shm_wait(ladder_shm *c, int64_t seq, int dt, void *y, long n, int kin
     return 0;
 }
 
+/* One reduce at a time from Python (ladder.links.shm.ShmComm.run_native's fn), as the layers'
+ * loop issues them: `ladder plan --calibrate` times the link this way (bench.plan_links).
+ * publish returns the sequence or -1; wait (kind 0: module, 1: ladder) 0 or -1. */
+int64_t ladder_shm_publish(ladder_shm *c, const void *y, long bytes) {
+    return shm_publish(c, y, bytes);
+}
+
+int ladder_shm_wait(ladder_shm *c, int64_t seq, int dt, void *y, long n, int kind) {
+    return shm_wait(c, seq, dt, y, n, kind);
+}
+
 /* A decode step's layers, one call: h [B, dim] (the embedded tokens) becomes the stream after
  * the last module, before the final norm. mods: the n modules in the model's order (each
  * layer's attention, then its MLP); flags[i]: LADDER_READS_BEHIND (module i reads the stream
