@@ -8,8 +8,10 @@ thread a rank), float32. Parts (all when none is named):
                streams (`--streams-16`), interleaved `--reps` times: paged / fixed, target >= 0.95
   concurrency  the served default's KV memory (16 sequences of 2048 tokens) with 200-token
                chats (`--chat-prompt` prompt tokens + the rest generated): how many run at once
-               (the most rows of one decode step; before: 16 slots, target >= 4x), and the
-               aggregate decode tokens/s of 64 streams against 16 (target >= 1.5x)
+               (the most rows of one decode step with prompts admitted whole; before: 16
+               slots, target >= 4x; and with the served chunked prefill, whose step budget
+               paces admission), and the aggregate decode tokens/s of 64 streams against 16
+               (target >= 1.5x)
   prefix       a 1,000-token system prompt: the time to first token of a request after another
                with the same system prompt, against the first's (target >= 5x), and the hit rate
   chunked      8 streams decode; a `--long`-token prompt arrives: the longest gap between two
@@ -98,15 +100,25 @@ def layout(a) -> dict:
 def concurrency(a) -> dict:
     kv = served_kv_bytes()
     new = 200 - a.chat_prompt
-    with LocalTPGroup(GroupOptions(**SERVED, n_slots=a.chats, kv_cache_bytes=kv)) as g:
-        asyncio.run(g.stats())
-        t0 = time.perf_counter()
-        g.generate([prompt(i, a.chat_prompt) for i in range(a.chats)],
-                   [SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)] * a.chats)
-        wall = time.perf_counter() - t0
-        st = asyncio.run(g.stats())
-        most = max((s["rows"] for s in st["steps"] if s["kind"] == "decode"), default=0)
-        kvs = st["kv_cache"]
+    most, wall = {}, {}
+    # twice: prompts admitted whole (what the memory holds), then in the served default's
+    # chunks (its step budget admits a few prompts a step, so the first chats finish before the
+    # last start: the faster the decode steps, the fewer are seen at once)
+    for budget in (0, None):
+        extra = {} if budget is None else {"max_num_batched_tokens": budget}
+        with LocalTPGroup(GroupOptions(**SERVED, n_slots=a.chats, kv_cache_bytes=kv,
+                                       **extra)) as g:
+            asyncio.run(g.stats())
+            t0 = time.perf_counter()
+            g.generate([prompt(i, a.chat_prompt) for i in range(a.chats)],
+                       [SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)]
+                       * a.chats)
+            key = "whole" if budget == 0 else "chunked"
+            wall[key] = time.perf_counter() - t0
+            st = asyncio.run(g.stats())
+            most[key] = max((s["rows"] for s in st["steps"] if s["kind"] == "decode"),
+                            default=0)
+            kvs = st["kv_cache"] if budget == 0 else kvs
     tput = {}
     with LocalTPGroup(GroupOptions(**SERVED, n_slots=64, kv_cache_bytes=kv,
                                    max_num_batched_tokens=0)) as g:
@@ -116,7 +128,8 @@ def concurrency(a) -> dict:
                     decode_tok_s(g, [prompt(1000 + i, 32) for i in range(s)], a.tokens))
             log(f"throughput rep {rep + 1}/{a.reps}")
     return {"kv_bytes_per_rank": kv, "blocks": kvs["blocks"], "chats": a.chats,
-            "chat_tokens": 200, "most_at_once": most, "over_16_slots": most / 16,
+            "chat_tokens": 200, "most_at_once": most["whole"],
+            "over_16_slots": most["whole"] / 16, "most_at_once_chunked": most["chunked"],
             "preemptions": kvs["preemptions"], "wall_s": wall,
             "tok_s_64": median(tput[64]), "tok_s_16": median(tput[16]),
             "throughput_64_over_16": median(tput[64]) / median(tput[16])}
@@ -194,10 +207,10 @@ def run(a) -> int:
     if "concurrency" in parts:
         r = result["concurrency"] = concurrency(a)
         print(table("Concurrency in the served default's KV memory (16 x 2048 tokens a rank)",
-                    ["chats", "blocks", "most at once", "over 16 slots", "preemptions",
-                     "tok/s 64 streams", "tok/s 16", "64 / 16"],
+                    ["chats", "blocks", "most at once", "over 16 slots", "chunked: at once",
+                     "preemptions", "tok/s 64 streams", "tok/s 16", "64 / 16"],
                     [[r["chats"], r["blocks"], r["most_at_once"], f"{r['over_16_slots']:.1f}",
-                      r["preemptions"], f"{r['tok_s_64']:.1f}", f"{r['tok_s_16']:.1f}",
+                      r["most_at_once_chunked"], r["preemptions"], f"{r['tok_s_64']:.1f}", f"{r['tok_s_16']:.1f}",
                       f"{r['throughput_64_over_16']:.2f}"]]))
     if "prefix" in parts:
         r = result["prefix"] = prefix(a)

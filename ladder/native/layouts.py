@@ -401,8 +401,9 @@ class NativeLayers:
     flag a module (which output joins the stream one module late), and the all-reduces through
     a shared-memory group's segment by ShmComm's own protocol (or none: TP=1, `desync`); so the
     same additions in the same order as Transformer.hidden's walk and the same bits, without its
-    Python between the modules (at TP=2, ~60 us a module of ctypes, torch and the
-    communicator's bookkeeping). Other steps and other communicators (None): the walk."""
+    Python between the modules (ctypes, torch's adds, the communicator's bookkeeping: SmolLM2's
+    q4_1 decode 1.1-1.7x faster at TP=2, bench/results/2026-12-04-session17.md). Other steps and
+    other communicators (None): the walk."""
 
     def __init__(self, model: Transformer, step: DecodeStep, lib) -> None:
         blocks = list(model.layers)
