@@ -118,7 +118,8 @@ def concurrency(a) -> dict:
             st = asyncio.run(g.stats())
             most[key] = max((s["rows"] for s in st["steps"] if s["kind"] == "decode"),
                             default=0)
-            kvs = st["kv_cache"] if budget == 0 else kvs
+            if budget == 0:
+                kvs = st["kv_cache"]
     tput = {}
     with LocalTPGroup(GroupOptions(**SERVED, n_slots=64, kv_cache_bytes=kv,
                                    max_num_batched_tokens=0)) as g:
@@ -210,8 +211,8 @@ def run(a) -> int:
                     ["chats", "blocks", "most at once", "over 16 slots", "chunked: at once",
                      "preemptions", "tok/s 64 streams", "tok/s 16", "64 / 16"],
                     [[r["chats"], r["blocks"], r["most_at_once"], f"{r['over_16_slots']:.1f}",
-                      r["most_at_once_chunked"], r["preemptions"], f"{r['tok_s_64']:.1f}", f"{r['tok_s_16']:.1f}",
-                      f"{r['throughput_64_over_16']:.2f}"]]))
+                      r["most_at_once_chunked"], r["preemptions"], f"{r['tok_s_64']:.1f}",
+                      f"{r['tok_s_16']:.1f}", f"{r['throughput_64_over_16']:.2f}"]]))
     if "prefix" in parts:
         r = result["prefix"] = prefix(a)
         print(table(f"Prefix caching: a {r['system_tokens']}-token system prompt",

@@ -6,10 +6,11 @@ in `bench.sampling`: root only). Importing this module (the `ladder` command doe
 `bench.cli`) gives `ladder plan --calibrate` its link timer (`time_links`): each link's
 all-reduce by message size, on the engine's own communicator, in a chain of weight products
 shaped like a decode step's modules (shm's reduces from C, as NativeLayers issues them), timed
-`bench.linkcost`'s three ways (none, standard, overlapped as ladder overlaps). A lone reduce between idle ranks says little: in a chain it
-also costs the ranks' drift apart and the exchange's CPU (here, 2026-12-03: shm 12 us alone,
-45-180 us in a chain; linkcost's in-cache compute, one reduce an iteration, hid none of it,
-where the engine's ladder hides some).
+`bench.linkcost`'s three ways (none, standard, overlapped as ladder overlaps). A lone reduce
+between idle ranks says little: in a chain it also costs the ranks' drift apart and the
+exchange's CPU (here, 2026-12-03: shm 12 us alone, 45-180 us in a chain from Python; session
+17: 6-35 us from C, 16 B - 16 KiB; linkcost's in-cache compute, one reduce an iteration, hid
+none of it, where the engine's ladder hides some).
 """
 
 from __future__ import annotations

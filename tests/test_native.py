@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -335,11 +336,21 @@ def test_whole_layers_reduce_through_shared_memory_as_the_walk(case):
         assert torch.equal(ka, kb) and torch.equal(va, vb)
 
 
-@pytest.mark.parametrize("how", ["died", "timeout"])
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt(*_):
+    raise _Interrupted
+
+
+@pytest.mark.parametrize("how", ["died", "timeout", "interrupted"])
 def test_whole_layers_name_the_peer_that_failed(how):
     """A peer that dies, or does not publish within the communicator's timeout, while the C
     loop waits for it: CommTimeout naming the rank and why (in well under the timeout when it
-    died), and the communicator refuses later use."""
+    died), and the communicator refuses later use. A signal that comes while the loop waits is
+    handled once it returns: its exception comes out as itself, and the communicator, its
+    counters never handed back, refuses later use."""
     g = _ShmGroup(torch.float32, "ladder", {}, timeout_s=1.0)
     try:
         steps = _decode_steps(2)
@@ -353,6 +364,18 @@ def test_whole_layers_name_the_peer_that_failed(how):
             comm = g.comms[0]
             comm._w[comm._line[1]] = child.pid  # rank 1's pid word: a process that is gone
         t0 = time.monotonic()
+        if how == "interrupted":
+            before = signal.signal(signal.SIGALRM, _interrupt)
+            try:
+                signal.setitimer(signal.ITIMER_REAL, 0.2)
+                with pytest.raises(_Interrupted):  # once the C loop gave up on rank 1
+                    leader._run(steps[2])
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, before)
+            with pytest.raises(CommTimeout, match="a native step was interrupted"):
+                leader._run(steps[2])
+            return
         with pytest.raises(CommTimeout) as e:
             leader._run(steps[2])
         waited = time.monotonic() - t0

@@ -271,19 +271,24 @@ class ShmComm(ShmSegment, Communicator):
     def run_native(self, fn, nbytes: int) -> None:
         """Run `fn(address)`, a C loop that all-reduces through this segment by the same
         protocol, `nbytes` a reduce (native.c's ladder_decode_layers, given a ladder.native.Shm
-        at `address`), returning 0, or nonzero when a wait gave up: CommTimeout here. Reduces
-        started before are summed first; the sequence counters go in and come back; the loop's
-        reduces and waits are counted in `stats`."""
+        at `address`), returning 0, or nonzero when a wait gave up (a dead peer, the timeout):
+        CommTimeout here. Reduces started before are summed first; the sequence counters go in
+        and come back; the loop's reduces and waits are counted in `stats`. Until the counters
+        are back the communicator counts as failed, so that an exception between (a signal's,
+        raised as the call returns) leaves it refusing use, not out of step."""
         self._check()
         if self._pending:
             self._drain(self._seq)
         g = self._native_group()
         g.seq, g.done_seq, g.min_done = self._seq, self._done_seq, self._min_done
+        g.timeout_s = self.timeout_s
         g.exposed_s = g.wait_s[0] = g.wait_s[1] = 0.0
-        g.waits[0] = g.waits[1] = 0
+        g.waits[0] = g.waits[1] = g.failed_why = 0
         seq0 = self._seq
+        self._error = "shm all-reduce: a native step was interrupted"
         rc = fn(ctypes.addressof(g))
         self._seq, self._done_seq, self._min_done = g.seq, g.done_seq, g.min_done
+        self._error = None
         st = self.stats
         for i, kind in enumerate(("module", "ladder")):
             st.wait_s[kind] += g.wait_s[i]
@@ -293,9 +298,12 @@ class ShmComm(ShmSegment, Communicator):
         st.ops += self._seq - seq0
         st.bytes += (self._seq - seq0) * nbytes
         if rc:
-            if self._error is None:
-                self._error = f"shm all-reduce: rank {g.failed_peer} failed"
-            raise CommTimeout(self._error)
+            peer = g.failed_peer
+            if g.failed_why == 1:
+                self._fail(f"shm all-reduce: rank {peer} did not finish: it died (pid "
+                           f"{g.failed_pid})")
+            self._fail(f"shm all-reduce: rank {peer} did not finish within {self.timeout_s} s "
+                       "(dead or stalled peer)")
 
     def _native_group(self):
         g = self._native
@@ -305,28 +313,10 @@ class ShmComm(ShmSegment, Communicator):
                            rank=self.rank, n_slots=self.n_slots, slot_bytes=self.slot_bytes)
             for r in range(self.world_size):
                 line = self._line[r]
-                g.pub[r], g.done[r] = line + _R_PUB, line + _R_DONE
+                g.pub[r], g.done[r], g.pid[r] = line + _R_PUB, line + _R_DONE, line + _R_PID
                 g.sleep[r] = self._my_sleep - self.rank + r
-            g.check = self._native_check_fn = native.SHM_CHECK(self._native_check)
             self._native = g
         return g
-
-    def _native_check(self, peer: int, waited_s: float) -> int:
-        """The C loop's wait on `peer` has lasted `waited_s`: 1 (with the error kept) when the
-        peer died or the timeout passed. Nothing may raise into C."""
-        try:
-            pid = self._w[self._line[peer] + _R_PID]
-            if pid and not alive(pid):
-                self._error = f"shm all-reduce: rank {peer} did not finish: it died (pid {pid})"
-                return 1
-            if waited_s > self.timeout_s:
-                self._error = (f"shm all-reduce: rank {peer} did not finish within "
-                               f"{self.timeout_s} s (dead or stalled peer)")
-                return 1
-            return 0
-        except BaseException as e:  # noqa: BLE001 -- reported as the failure instead
-            self._error = f"shm all-reduce: checking rank {peer} failed: {e!r}"
-            return 1
 
     # -- broadcast and barrier -----------------------------------------------------------------
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:

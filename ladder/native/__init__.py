@@ -92,7 +92,6 @@ class Step(ctypes.Structure):
                 ("stride", _L), ("work", _P), ("nt", _I)]
 
 
-SHM_CHECK = ctypes.CFUNCTYPE(_I, _L, ctypes.c_double)  # (peer, seconds waited) -> give up?
 SHM_MAX_WORLD = 8
 
 
@@ -102,10 +101,11 @@ class Shm(ctypes.Structure):
 
     _fields_ = [("w", _P), ("ring", _P), ("world", _L), ("rank", _L), ("n_slots", _L),
                 ("slot_bytes", _L), ("pub", _L * SHM_MAX_WORLD), ("done", _L * SHM_MAX_WORLD),
-                ("sleep", _L * SHM_MAX_WORLD), ("seq", ctypes.c_int64),
-                ("done_seq", ctypes.c_int64), ("min_done", ctypes.c_int64),
+                ("sleep", _L * SHM_MAX_WORLD), ("pid", _L * SHM_MAX_WORLD),
+                ("seq", ctypes.c_int64), ("done_seq", ctypes.c_int64),
+                ("min_done", ctypes.c_int64), ("timeout_s", ctypes.c_double),
                 ("wait_s", ctypes.c_double * 2), ("waits", _L * 2), ("exposed_s", ctypes.c_double),
-                ("check", SHM_CHECK), ("failed_peer", _L)]
+                ("failed_peer", _L), ("failed_why", _L), ("failed_pid", _L)]
 
 
 def _cpu_id() -> str:

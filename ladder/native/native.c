@@ -17,12 +17,14 @@
  * thread and would ignore torch.set_num_threads in a serving thread).
  */
 
+#include <fcntl.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <math.h>
 #include <omp.h>
 #include <sched.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -1048,20 +1050,37 @@ static void residual_add(int dt, void *h, const void *y, long n) {
  * partial into its buffer of the next slot and publishes the sequence; a wait waits for every
  * rank to publish it, sums the buffers in rank order (half precision of more than two ranks in
  * float32, rounded once) into the output, and says it is done. Waits poll with sched_yield for
- * 20 ms, then sleep in futex_wait (2 ms naps); every 50 ms they call `check`, which says
- * (nonzero) that the peer died or the timeout passed: the step then stops with -1. */
+ * 20 ms, then sleep in futex_wait (2 ms naps); every 50 ms they check that the peer lives (its
+ * pid word's process, not a zombie) and that `timeout_s` has not passed, else the step stops
+ * with -1 and `failed_*` say why. No Python runs meanwhile (a signal is handled once the call
+ * returns). */
 typedef struct {
     volatile int64_t *w;         /* the control words */
     char *ring;                  /* n_slots x world buffers of slot_bytes */
     long world, rank, n_slots, slot_bytes;
-    long pub[8], done[8], sleep[8]; /* each rank's words' indices in w */
+    long pub[8], done[8], sleep[8], pid[8]; /* each rank's words' indices in w */
     int64_t seq, done_seq, min_done; /* ShmComm's counters, in and out */
+    double timeout_s;
     double wait_s[2];            /* out: seconds waited for module / ladder reduces */
     long waits[2];
     double exposed_s;            /* out: seconds waiting for a slot to be free */
-    int (*check)(long peer, double waited_s);
-    long failed_peer;            /* out: the peer `check` gave up on */
+    long failed_peer, failed_why, failed_pid; /* out: the peer given up on; 1 died, 2 timeout */
 } ladder_shm;
+
+/* whether process `pid` runs (a zombie, killed but not reaped, does not) */
+static int pid_alive(long pid) {
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')'); /* the name may hold anything; the state follows its ')' */
+    if (!p || !p[1] || !p[2]) return 1;
+    return p[2] != 'Z' && p[2] != 'X';
+}
 
 static double now_s(void) {
     struct timespec t;
@@ -1077,8 +1096,10 @@ static int shm_block(ladder_shm *c, long idx, int64_t target, long peer) {
     while ((seen = __atomic_load_n(&w[idx], __ATOMIC_ACQUIRE)) < target) {
         double t = now_s();
         if (t >= check) {
-            if (c->check(peer, t - t0)) {
-                c->failed_peer = peer;
+            long pid = (long)__atomic_load_n(&w[c->pid[peer]], __ATOMIC_ACQUIRE);
+            int why = pid && !pid_alive(pid) ? 1 : t - t0 > c->timeout_s ? 2 : 0;
+            if (why) {
+                c->failed_peer = peer, c->failed_why = why, c->failed_pid = pid;
                 return -1;
             }
             check = t + 0.05;
