@@ -165,13 +165,16 @@ def model(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def calibrated(model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("plan") / "measured.json"
+def _calibrate(model, path: Path):
     grid = calibrate.Grid(model=str(model), tp=2, dtype="float32", splits=("even",),
                           batches=tuple(BATCHES), contexts=(16, 28), reps=15, threads=1)
     timer = functools.partial(plan_links.time_links, iters=3, modules=3 * SHAPE.layers)
     return path, calibrate.calibrate(grid, [LINK], path, timer)
+
+
+@pytest.fixture(scope="module")
+def calibrated(model, tmp_path_factory):
+    return _calibrate(model, tmp_path_factory.mktemp("plan") / "measured.json")
 
 
 def test_calibration_writes_what_the_planner_reads(calibrated, model):
@@ -190,8 +193,9 @@ def test_calibration_writes_what_the_planner_reads(calibrated, model):
     assert f"link {LINK}" in calibrate.summary(result)
 
 
-def test_predictions_against_the_engine(calibrated, model):
-    path, _ = calibrated
+def _against_the_engine(path: Path, model) -> list:
+    """Predicted from the calibration at `path`, then measured: what falls outside (empty when
+    every cell and speedup is within its reps' scatter)."""
     from ladder.loaders import open_checkpoint
     args = argparse.Namespace(model=str(model), dtype="float32", head_split="even",
                               prompt_len=16, tokens=16, reps=7)
@@ -205,10 +209,27 @@ def test_predictions_against_the_engine(calibrated, model):
     # the bench's target is 0.15 on a quiet machine. A test shares 2 cores with whatever else
     # runs (here up to 6 cores' worth of other work, which scattered one cell's reps over
     # 0.6-2.5x its median): each prediction within its cell's scatter, widened by a quarter
+    out = []
     for c in r["cells"]:
         v = runs[(c["link"], c["residual"], c["batch"])]
         slack = 0.25 * statistics.median(v)
-        assert min(v) - slack <= c["predicted_ms"] <= max(v) + slack, (c, v)
+        if not min(v) - slack <= c["predicted_ms"] <= max(v) + slack:
+            out.append((c, v))
     # ladder against standard (interleaved): the model's speedup within the reps' scatter
-    assert all(s["rep_min"] - 0.1 <= s["predicted"] <= s["rep_max"] + 0.1
-               for s in r["speedups"]), r["speedups"]
+    out += [s for s in r["speedups"]
+            if not s["rep_min"] - 0.1 <= s["predicted"] <= s["rep_max"] + 0.1]
+    return out
+
+
+def test_predictions_against_the_engine(calibrated, model, tmp_path):
+    """Calibration and measurement are both timings on a shared machine: a burst of other work
+    during the calibration alone skews every prediction from it (in CI, twice in four runs of
+    one day, batch 8 predicted 1.35-1.48x the engine it matched within 9% on a quiet machine).
+    So a miss calibrates once more and measures again; the second must hold."""
+    path, _ = calibrated
+    missed = _against_the_engine(path, model)
+    if missed:
+        print("outside on the first calibration, calibrating again:", missed)
+        path, _ = _calibrate(model, tmp_path / "measured.json")
+        missed = _against_the_engine(path, model)
+    assert not missed, missed
