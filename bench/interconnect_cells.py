@@ -33,7 +33,10 @@ async def direct_cell(group, batch: int, plen: int, tokens: int, vocab: int) -> 
     res = await asyncio.gather(*(one(i) for i in range(batch)))
     wall = time.perf_counter() - t0
     steps = [s for s in (await group.stats(since))["steps"] if s["kind"] == "decode"]
-    full = [s for s in steps if s["rows"] == batch] or steps
+    full = [s for s in steps if s["rows"] == batch]
+    if not full:  # e.g. admitted in chunks: the first ended before the last began
+        raise RuntimeError(f"no decode step ran all {batch} rows: run the group with whole-"
+                           "prompt admission (max_num_batched_tokens=0) and that many slots")
     return {"ms_per_token": 1e3 * statistics.median(s["step_s"] for s in full),
             "exposed_ms": 1e3 * statistics.median(s["exposed_s"] for s in full),
             "ttft_ms": 1e3 * statistics.median(r[0] for r in res),

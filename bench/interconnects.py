@@ -158,7 +158,8 @@ def group_options(a: argparse.Namespace, res: str, link: str, n_slots: int, plen
     return GroupOptions(model=a.model, tp=2, residual=RESIDUALS.get(res, res), dtype=a.dtype,
                         comm="auto" if link == "shm" else a.comm, n_slots=n_slots,
                         max_seq=max(plens) + a.tokens + 8, threads=1, head_split=a.head_split,
-                        prefix_caching=False)  # each rep's time to first token from scratch
+                        prefix_caching=False,  # each rep's time to first token from scratch
+                        max_num_batched_tokens=0)  # whole prompts: a batch decodes together
 
 
 def direct_sweep(a, link: str, kinds: list[str], batches: list[int], plens: list[int],

@@ -103,7 +103,9 @@ def measure(a, links: list[str], residuals: list[str], batches: list[int]
                 groups[res] = g = stack.enter_context(LocalTPGroup(GroupOptions(
                     model=a.model, tp=2, residual=RESIDUALS[res], dtype=a.dtype, comm=comm,
                     threads=1, n_slots=max(batches), max_seq=a.prompt_len + a.tokens + 8,
-                    head_split=a.head_split, interconnect=link), namespaces=spaces))
+                    head_split=a.head_split, interconnect=link,
+                    max_num_batched_tokens=0),  # whole prompts: a batch decodes together
+                    namespaces=spaces))
                 asyncio.run(direct_cell(g, 1, a.prompt_len, 4, g.info.vocab_size))
             for rep in range(a.reps):
                 for b in batches:

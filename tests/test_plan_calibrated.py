@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import statistics
@@ -130,6 +131,16 @@ def test_link_line_shrugs_off_a_wild_size():
     assert 1 / calibrate.fit_line(points)[1] < 0.7e9  # least squares: dragged off
 
 
+def test_link_line_follows_the_sizes_far_apart():
+    """The shm link's six sizes as one calibration timed them (us): the small sizes' pairs,
+    microseconds and bytes apart, outnumber the rest; weighted by their sizes' distance the
+    slope is the large sizes' (unweighted: 260 us at 73,728 bytes)."""
+    timed = [(16, 23.0), (128, 25.9), (512, 38.1), (2304, 32.4), (18432, 95.1), (73728, 150.4)]
+    fixed, per_byte = calibrate.fit_robust([(n, us * 1e-6) for n, us in timed])
+    assert fixed + per_byte * 73728 == pytest.approx(150.4e-6, rel=0.05)
+    assert fixed == pytest.approx(27e-6, rel=0.1)
+
+
 def test_links_it_cannot_make_are_left_out(tmp_path):
     grid = calibrate.Grid(model="smollm2", tp=2, dtype="float32", splits=("even",),
                           batches=(1,), contexts=(64,))
@@ -139,6 +150,27 @@ def test_links_it_cannot_make_are_left_out(tmp_path):
         plan_links.time_links(["shm"], 4, [16], 64)
     timer = functools.partial(plan_links.time_links, iters=1, modules=2)
     assert calibrate.time_links(timer, ["warp"], grid, 64) == {}
+
+
+def test_step_overhead_runs_the_whole_batch_whatever_the_chunk_budget(model):
+    """12 prompts of 16 tokens under the served default's chunk budget (24 tokens a step): in
+    chunks, the first end before the last is admitted and no decode step runs all 12 (which
+    broke `ladder plan --calibrate` at batch 32); the overhead admits them whole, then puts the
+    budget back."""
+    from ladder.engine.build import build_engine
+    from ladder.engine.leader import Leader
+    from ladder.links.base import NoComm
+    from ladder.options import GroupOptions
+    from ladder.plan import rank_timing
+    opts = GroupOptions(model=str(model), tp=1, dtype="float32", n_slots=12, max_seq=25,
+                        threads=1)
+    assert opts.max_num_batched_tokens == 24
+    ckpt, engine = build_engine(opts, 0, NoComm(0, 1))
+    leader = Leader.for_checkpoint(ckpt, engine)
+    seconds = rank_timing.step_overhead(leader.scheduler, engine, 12, reps=2)
+    assert math.isfinite(seconds) and leader.scheduler.max_batched_tokens == 24
+    with pytest.raises(RuntimeError, match="all 13 rows"):  # more rows than slots
+        rank_timing.step_overhead(leader.scheduler, engine, 13, reps=1)
 
 
 # -- measured against the engine -----------------------------------------------------------------

@@ -103,12 +103,19 @@ def hardware_section(grid: Grid, by_split: dict[str, list[dict]]) -> dict:
 
 
 def fit_robust(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """(intercept, slope) of the Theil-Sen line through `points`: the median of the pairwise
-    slopes, then the median intercept, which a few wild points (a size timed while the
-    machine was busy) do not drag as they drag least squares."""
-    slopes = [(y1 - y0) / (x1 - x0) for i, (x0, y0) in enumerate(points)
-              for x1, y1 in points[i + 1:] if x1 != x0]
-    slope = statistics.median(slopes) if slopes else 0.0
+    """(intercept, slope) of a Theil-Sen line through `points`: the median of the pairwise
+    slopes, each pair weighted by how far apart its sizes are, then the median intercept. A few
+    wild points (a size timed while the machine was busy) do not drag it as they drag least
+    squares; the weights keep the slope that of the sizes far apart: the pairs of small sizes,
+    microseconds apart in time and bytes apart in size, outnumber them (unweighted, the shm
+    link's six sizes put a 73,728-byte reduce at 260 us, timed at 150)."""
+    pairs = sorted(((y1 - y0) / (x1 - x0), abs(x1 - x0))
+                   for i, (x0, y0) in enumerate(points) for x1, y1 in points[i + 1:] if x1 != x0)
+    slope, half, seen = 0.0, sum(w for _, w in pairs) / 2, 0.0
+    for slope, w in pairs:  # the weighted median
+        seen += w
+        if seen >= half:
+            break
     return statistics.median(y - slope * x for x, y in points), slope
 
 

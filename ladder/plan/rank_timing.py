@@ -116,22 +116,30 @@ def step_overhead(scheduler, engine, batch: int, reps: int, plen: int = 16,
                   tokens: int = 8) -> float:  # plen + tokens: within the cache (24)
     """What a full-batch decode step costs beyond its modules, each part timed where it is
     exact: the scheduler's (its step's wall less the engine's own time, the same step), and
-    the engine's (a decode step less a pass over its modules, the two alternated, paired)."""
+    the engine's (a decode step less a pass over its modules, the two alternated, paired).
+    The requests are admitted whole (chunked prefill off for the while): in chunks, the first
+    of a large batch end before the last is admitted and no step decodes them all."""
     import torch
 
     from ladder.engine.sampling import SamplingParams
     from ladder.engine.scheduler import Request
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     sched, diffs, clock = [], [], time.perf_counter
-    for _ in range(2):
-        for i in range(batch):
-            scheduler.add(Request(prompt=[3 + (i + j) % 1000 for j in range(plen)],
-                                  params=params))
-        while scheduler.has_work():
-            t0, before = clock(), engine.timing.decode_s
-            done = scheduler.step()
-            if done is not None and done.kind == "decode" and done.rows == batch:
-                sched.append(clock() - t0 - (engine.timing.decode_s - before))
+    budget, scheduler.max_batched_tokens = scheduler.max_batched_tokens, 0
+    try:
+        for _ in range(2):
+            for i in range(batch):
+                scheduler.add(Request(prompt=[3 + (i + j) % 1000 for j in range(plen)],
+                                      params=params))
+            while scheduler.has_work():
+                t0, before = clock(), engine.timing.decode_s
+                done = scheduler.step()
+                if done is not None and done.kind == "decode" and done.rows == batch:
+                    sched.append(clock() - t0 - (engine.timing.decode_s - before))
+    finally:
+        scheduler.max_batched_tokens = budget
+    if not sched:
+        raise RuntimeError(f"no decode step ran all {batch} rows (are there {batch} slots?)")
     step, ctx, x = _decode_input(engine, batch, plen + tokens // 2)
     with torch.inference_mode():
         for i in range(2 * reps + 1):  # the first pair warms up
