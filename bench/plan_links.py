@@ -61,61 +61,68 @@ class _Chain:
 
         from ladder import native
         from ladder.links.shm import ShmComm
+        from ladder.native.layouts import FastLinear
         self.comm, self.buf, self.modules = comm, buf, modules
+        lib = native.load()
         self.x = torch.randn(max(1, buf.numel() // dim), dim)
-        self.w = [torch.randn(3 * dim, dim) for _ in range(min(modules, 30))]
+        # the products as the engine's modules run them (ladder.native's kernels where the CPU
+        # has them): with torch's, whose time varies more from call to call, the ranks drift
+        # apart between reduces and each standard wait took up to twice the engine's
+        self.w = [FastLinear(torch.randn(3 * dim, dim), lib) for _ in range(min(modules, 30))]
         # shared memory: the reduces in C, as a decode step's layers issue them (NativeLayers)
-        self.lib = native.load() if type(comm) is ShmComm and \
-            buf.numel() * 4 <= comm.slot_bytes else None
+        self.lib = lib if type(comm) is ShmComm and buf.numel() * 4 <= comm.slot_bytes else None
 
     def sync(self) -> None:
         self.comm.barrier()
 
     def one(self, mode: str) -> None:
-        if self.lib is not None:
-            nbytes = self.buf.numel() * 4
-            self.comm.run_native(lambda g: self._native(g, mode), nbytes)
-            return
-        import torch.nn.functional as F
+        if self.lib is None:
+            self._walk(mode, lambda: self.comm.all_reduce(self.buf), lambda w, _kind: w.wait())
+        else:
+            self.comm.run_native(lambda g: self._native(g, mode), self.buf.numel() * 4)
+
+    def _walk(self, mode: str, issue, wait) -> None:
+        """The products, each but under `none` followed by its reduce: `issue()` starts one,
+        `wait(it, kind)` waits for it (kind 0: at once, standard; 1: after the next product,
+        overlapped)."""
         pending = None
         for i in range(self.modules):
-            F.linear(self.x, self.w[i % len(self.w)])
+            self.w[i % len(self.w)](self.x)
             if mode == "none":
                 continue
-            work = self.comm.all_reduce(self.buf)
+            work = issue()
             if mode == "standard":
-                work.wait()
+                wait(work, 0)
                 continue
             if pending is not None:
-                pending.wait()
+                wait(pending, 1)
             pending = work
         if pending is not None:
-            pending.wait()
-
+            wait(pending, 1)
 
     def _native(self, g: int, mode: str) -> int:
-        """`one` with the reduces through native.c (ShmComm.run_native's fn): 0, or -1 when a
+        """`_walk` with the reduces through native.c (ShmComm.run_native's fn): 0, or -1 when a
         wait gave up."""
-        import torch.nn.functional as F
         lib, buf, n = self.lib, self.buf.data_ptr(), self.buf.numel()
-        pending = None
-        for i in range(self.modules):
-            F.linear(self.x, self.w[i % len(self.w)])
-            if mode == "none":
-                continue
+
+        def issue() -> int:
             seq = lib.ladder_shm_publish(g, buf, n * 4)
             if seq < 0:
-                return -1
-            if mode == "standard":
-                if lib.ladder_shm_wait(g, seq, 0, buf, n, 0):
-                    return -1
-                continue
-            if pending is not None and lib.ladder_shm_wait(g, pending, 0, buf, n, 1):
-                return -1
-            pending = seq
-        if pending is not None:
-            return lib.ladder_shm_wait(g, pending, 0, buf, n, 1)
+                raise _GaveUp
+            return seq
+
+        def wait(seq: int, kind: int) -> None:
+            if lib.ladder_shm_wait(g, seq, 0, buf, n, kind):
+                raise _GaveUp
+        try:
+            self._walk(mode, issue, wait)
+        except _GaveUp:
+            return -1
         return 0
+
+
+class _GaveUp(Exception):
+    """A native wait gave up: run_native raises the communicator's own error."""
 
 
 def _link_rank(rank: int, init: str, opts, spaces, sizes: list[int], dim: int, modules: int,

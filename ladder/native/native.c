@@ -1189,6 +1189,15 @@ int ladder_shm_wait(ladder_shm *c, int64_t seq, int dt, void *y, long n, int kin
     return shm_wait(c, seq, dt, y, n, kind);
 }
 
+/* The stream takes a module's output: its all-reduce (sequence seq, of the kind given) waited
+ * for when there is a group, then added. 0, or -1 when the wait gave up. */
+static int join_stream(ladder_shm *comm, int64_t seq, int kind, int dt, void *h, void *y,
+                       long size) {
+    if (comm && shm_wait(comm, seq, dt, y, size, kind)) return -1;
+    residual_add(dt, h, y, size);
+    return 0;
+}
+
 /* A decode step's layers, one call: h [B, dim] (the embedded tokens) becomes the stream after
  * the last module, before the final norm. mods: the n modules in the model's order (each
  * layer's attention, then its MLP); flags[i]: LADDER_READS_BEHIND (module i reads the stream
@@ -1211,29 +1220,20 @@ int ladder_decode_layers(const ladder_module *const *mods, const unsigned char *
     for (long i = 0; i < n; i++) {
         const ladder_module *m = mods[i];
         if (!(flags[i] & LADDER_READS_BEHIND) && pending) {
-            if (comm && shm_wait(comm, pend_seq, dt, pend, size, 1)) return -1;
-            residual_add(dt, h, pend, size);
+            if (join_stream(comm, pend_seq, 1, dt, h, pend, size)) return -1;
             pending = 0;
         }
         run_module(m, s, h, cur, m->H > 0);
         int64_t seq = 0;
         if (comm && (seq = shm_publish(comm, cur, bytes)) < 0) return -1;
         if (flags[i] & LADDER_DEFERS) {
-            if (pending) {
-                if (comm && shm_wait(comm, pend_seq, dt, pend, size, 1)) return -1;
-                residual_add(dt, h, pend, size);
-            }
+            if (pending && join_stream(comm, pend_seq, 1, dt, h, pend, size)) return -1;
             void *t = pend; pend = cur; cur = t;
             pend_seq = seq;
             pending = 1;
-        } else {
-            if (comm && shm_wait(comm, seq, dt, cur, size, 0)) return -1;
-            residual_add(dt, h, cur, size);
+        } else if (join_stream(comm, seq, 0, dt, h, cur, size)) {
+            return -1;
         }
     }
-    if (pending) {
-        if (comm && shm_wait(comm, pend_seq, dt, pend, size, 1)) return -1;
-        residual_add(dt, h, pend, size);
-    }
-    return 0;
+    return pending ? join_stream(comm, pend_seq, 1, dt, h, pend, size) : 0;
 }
