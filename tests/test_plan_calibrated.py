@@ -123,6 +123,19 @@ def test_calibration_sections_fit_and_merge(tmp_path):
     assert one - no_plan.step(STANDARD, 1, 64).seconds == pytest.approx(3e-4)
 
 
+def test_a_grid_without_batch_1_fits_its_roofline_through_its_smallest_batch():
+    """`ladder plan --calibrate --batch 8,32` failed fitting a line through no samples."""
+    smol = preset_model("smollm2")
+    grid = calibrate.Grid(model="smollm2", tp=2, dtype="float32", splits=("even",),
+                          batches=(8, 32), contexts=(64, 512))
+    ranks = [dict(r, overhead={8: 1e-3 + 16e-5, 32: 1e-3 + 64e-5})
+             for r in _fake_ranks(grid, smol, 12e9, 15e-6)]
+    hw_sec = calibrate.hardware_section(grid, {"even": ranks})
+    assert hw_sec["mem_bw"] == pytest.approx(12e9, rel=1e-3)
+    assert hw_sec["module_overhead_s"] == pytest.approx(15e-6, rel=1e-3)
+    assert hw_sec["row_overhead_s"] == pytest.approx(2e-5)
+
+
 def test_link_line_shrugs_off_a_wild_size():
     points = [(n, 1e-5 + n / 1e9) for n in (16, 128, 512, 2304, 18432, 73728)]
     points[4] = (18432, 1e-3)  # timed while something else ran

@@ -12,8 +12,9 @@ first: pages never written read as the kernel's one zero page, from cache. What 
 beyond its modules (residual adds, the scheduler, each row's text) is rank 0's, the other ranks
 idle (the scheduler's part of its real decode steps, and an engine step less a pass over its
 modules), fitted as `step_overhead_s` + `row_overhead_s` x rows. For cases outside the grid,
-the roofline's terms are a line through the batch-1 samples, seconds against bytes read
-(`mem_bw` its slope, `module_overhead_s` its intercept, efficiency 1).
+the roofline's terms are a line through the smallest batch's samples (batch 1 by default, the
+most memory-bound), seconds against bytes read (`mem_bw` its slope, `module_overhead_s` its
+intercept, efficiency 1).
 
 Links. The layer that can make a link times it (`provide_link_timer`): shared memory and
 loopback need nothing beyond this package, a shaped veth pair needs the cluster's network
@@ -76,9 +77,10 @@ def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
 
 def hardware_section(grid: Grid, by_split: dict[str, list[dict]]) -> dict:
     """The "hardware" section: every rank's module times, the step overhead (rank 0's), the
-    roofline's terms through the batch-1 samples."""
+    roofline's terms through the smallest batch's samples."""
     config = next(iter(by_split.values()))[0]["config"]
     shape, compute, bytes_s, over = costs.shape_key(config), [], [], []
+    smallest = min(grid.batches)
     for split, ranks in by_split.items():
         specs = costs.shards(config, grid.tp, split)
         for rank, res in enumerate(ranks):
@@ -87,7 +89,7 @@ def hardware_section(grid: Grid, by_split: dict[str, list[dict]]) -> dict:
                     compute.append({"shape": shape, "tp": grid.tp, "dtype": grid.dtype,
                                     "module": module, "batch": b, "context": c,
                                     "seconds": round(sec, 9), "rank": rank, "split": split})
-                    if b == 1:
+                    if b == smallest:
                         w = costs.module_work(config, specs[rank], module, b, c, grid.dtype)
                         bytes_s.append((w.bytes, sec))
         over += list(ranks[0]["overhead"].items())
