@@ -165,25 +165,28 @@ def test_links_it_cannot_make_are_left_out(tmp_path):
     assert calibrate.time_links(timer, ["warp"], grid, 64) == {}
 
 
-def test_step_overhead_runs_the_whole_batch_whatever_the_chunk_budget(model):
-    """12 prompts of 16 tokens under the served default's chunk budget (24 tokens a step): in
-    chunks, the first end before the last is admitted and no decode step runs all 12 (which
-    broke `ladder plan --calibrate` at batch 32); the overhead admits them whole, then puts the
-    budget back."""
+def test_step_overhead_runs_the_whole_batch_on_a_rank_engine(model):
+    """12 prompts of 16 tokens: under the served default's chunk budget (24 tokens a step) the
+    first end before the last is admitted and no decode step runs all 12 (which broke `ladder
+    plan --calibrate` at batch 32); a calibration rank's engine admits them whole."""
     from ladder.engine.build import build_engine
     from ladder.engine.leader import Leader
     from ladder.links.base import NoComm
-    from ladder.options import GroupOptions
     from ladder.plan import rank_timing
-    opts = GroupOptions(model=str(model), tp=1, dtype="float32", n_slots=12, max_seq=25,
-                        threads=1)
-    assert opts.max_num_batched_tokens == 24
-    ckpt, engine = build_engine(opts, 0, NoComm(0, 1))
-    leader = Leader.for_checkpoint(ckpt, engine)
-    seconds = rank_timing.step_overhead(leader.scheduler, engine, 12, reps=2)
-    assert math.isfinite(seconds) and leader.scheduler.max_batched_tokens == 24
+    grid = calibrate.Grid(model=str(model), tp=1, dtype="float32", splits=("even",),
+                          batches=(1, 12), contexts=(16,), threads=1)
+    def scheduler_and_engine(opts):
+        ckpt, engine = build_engine(opts, 0, NoComm(0, 1))
+        return Leader.for_checkpoint(ckpt, engine).scheduler, engine
+
+    opts = rank_timing.rank_options(grid, "even")
+    rank = scheduler_and_engine(opts)
+    assert math.isfinite(rank_timing.step_overhead(*rank, 12, reps=2))
     with pytest.raises(RuntimeError, match="all 13 rows"):  # more rows than slots
-        rank_timing.step_overhead(leader.scheduler, engine, 13, reps=1)
+        rank_timing.step_overhead(*rank, 13, reps=1)
+    served = scheduler_and_engine(dataclasses.replace(opts, max_num_batched_tokens=24))
+    with pytest.raises(RuntimeError, match="all 12 rows"):
+        rank_timing.step_overhead(*served, 12, reps=1)
 
 
 # -- measured against the engine -----------------------------------------------------------------

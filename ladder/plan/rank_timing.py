@@ -39,12 +39,8 @@ def _measure_rank(rank: int, grid: Grid, split: str, barrier) -> dict:
     from ladder.engine.build import build_engine
     from ladder.engine.leader import Leader
     from ladder.links.base import NoComm
-    from ladder.options import GroupOptions
     torch.set_num_threads(grid.threads)
-    opts = GroupOptions(model=grid.model, tp=grid.tp, dtype=grid.dtype, head_split=split,
-                        n_slots=max(grid.batches), max_seq=max(*grid.contexts, 24) + 1,
-                        threads=grid.threads)
-    ckpt, engine = build_engine(opts, rank, NoComm(rank, grid.tp))
+    ckpt, engine = build_engine(rank_options(grid, split), rank, NoComm(rank, grid.tp))
     engine.cache.k.fill_(0.01)  # written: see the module's docstring
     engine.cache.v.fill_(0.01)
     times = module_times(engine, [(b, c) for b in grid.batches for c in grid.contexts],
@@ -56,6 +52,16 @@ def _measure_rank(rank: int, grid: Grid, split: str, barrier) -> dict:
         if leader is not None:
             over[b] = step_overhead(leader.scheduler, engine, b, grid.reps)
     return {"times": times, "overhead": over, "config": engine.model.config}
+
+
+def rank_options(grid: Grid, split: str):
+    """A rank's engine: a slot per row of the largest batch, the cache past every context, and
+    whole prompts admitted (no chunked prefill), so that a batch's rows decode together: in
+    chunks, the first of a large batch end before the last is admitted (`step_overhead`)."""
+    from ladder.options import GroupOptions
+    return GroupOptions(model=grid.model, tp=grid.tp, dtype=grid.dtype, head_split=split,
+                        n_slots=max(grid.batches), max_seq=max(*grid.contexts, 24) + 1,
+                        threads=grid.threads, max_num_batched_tokens=0)
 
 
 def _decode_input(engine, batch: int, context: int):
@@ -117,29 +123,25 @@ def step_overhead(scheduler, engine, batch: int, reps: int, plen: int = 16,
     """What a full-batch decode step costs beyond its modules, each part timed where it is
     exact: the scheduler's (its step's wall less the engine's own time, the same step), and
     the engine's (a decode step less a pass over its modules, the two alternated, paired).
-    The requests are admitted whole (chunked prefill off for the while): in chunks, the first
-    of a large batch end before the last is admitted and no step decodes them all."""
+    Needs `batch` slots and whole-prompt admission (`rank_options`)."""
     import torch
 
     from ladder.engine.sampling import SamplingParams
     from ladder.engine.scheduler import Request
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     sched, diffs, clock = [], [], time.perf_counter
-    budget, scheduler.max_batched_tokens = scheduler.max_batched_tokens, 0
-    try:
-        for _ in range(2):
-            for i in range(batch):
-                scheduler.add(Request(prompt=[3 + (i + j) % 1000 for j in range(plen)],
-                                      params=params))
-            while scheduler.has_work():
-                t0, before = clock(), engine.timing.decode_s
-                done = scheduler.step()
-                if done is not None and done.kind == "decode" and done.rows == batch:
-                    sched.append(clock() - t0 - (engine.timing.decode_s - before))
-    finally:
-        scheduler.max_batched_tokens = budget
+    for _ in range(2):
+        for i in range(batch):
+            scheduler.add(Request(prompt=[3 + (i + j) % 1000 for j in range(plen)],
+                                  params=params))
+        while scheduler.has_work():
+            t0, before = clock(), engine.timing.decode_s
+            done = scheduler.step()
+            if done is not None and done.kind == "decode" and done.rows == batch:
+                sched.append(clock() - t0 - (engine.timing.decode_s - before))
     if not sched:
-        raise RuntimeError(f"no decode step ran all {batch} rows (are there {batch} slots?)")
+        raise RuntimeError(f"no decode step ran all {batch} rows: it needs {batch} slots and "
+                           "whole prompts admitted (rank_options)")
     step, ctx, x = _decode_input(engine, batch, plen + tokens // 2)
     with torch.inference_mode():
         for i in range(2 * reps + 1):  # the first pair warms up
