@@ -178,8 +178,11 @@ def test_metrics_on_the_api_port(local_api, client):
     client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, n=2,
                               extra_body={"ignore_eos": True})
     stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3,
-                                            stream=True, extra_body={"ignore_eos": True})
-    assert len([c for c in stream]) >= 3
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True})
+    chunks = list(stream)  # a token whose text is empty (a special one) sends no chunk
+    assert chunks[-1].usage.completion_tokens == 3
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="Hi", extra_body={"nope": 1})
     after = scrape()
