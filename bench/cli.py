@@ -24,6 +24,7 @@ BENCHES = {
     "adapted_serve": "bench.adapted_serve",  # an adapted folder served: README prompt, TP2 = TP1
     "soak": "bench.soak",  # clients, hostile requests and killed ranks: every request counted
     "plan_check": "bench.plan_check",  # ladder plan's predictions against fresh measurements
+    "plan_gpu": "bench.plan_gpu",  # ladder plan --calibrate --device cuda, checked on the GPU
 }
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import plan_check, plan_links
+from bench import plan_check, plan_gpu, plan_links
 from bench.overlap_condition import Shape, write_random_llama
 from ladder.model.config import ConfigError, ResidualPlan
 from ladder.plan import calibrate, costs, measured
@@ -121,6 +121,35 @@ def test_calibration_sections_fit_and_merge(tmp_path):
     assert eight > one and hw.row_overhead_s == pytest.approx(2e-5)
     no_plan = dataclasses.replace(s, link=dataclasses.replace(s.link, step_overhead_s=0.0))
     assert one - no_plan.step(STANDARD, 1, 64).seconds == pytest.approx(3e-4)
+
+
+def test_a_gpu_calibration_names_its_gpu_and_falls_back_on_its_preset(tmp_path):
+    """Ranks that ran on a GPU (`rank_timing`, --device cuda) report its name: the section is
+    named after it and falls back on its preset's peaks (h100-sxm's for a GPU without one)."""
+    smol = preset_model("smollm2")
+    grid = calibrate.Grid(model="smollm2", tp=2, dtype="float32", splits=("even",),
+                          batches=(1, 8), contexts=(64,), device="cuda")
+    for gpu, base in (("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100-sxm"),
+                      ("NVIDIA L40S", "l40s"), ("NVIDIA L4", "l4"), ("Tesla T4", "h100-sxm")):
+        ranks = [dict(r, gpu=gpu) for r in _fake_ranks(grid, smol, 2e12, 2e-5)]
+        sec = calibrate.hardware_section(grid, {"even": ranks})
+        assert (sec["name"], sec["base"]) == (gpu, base)
+    path = tmp_path / "gpu.json"
+    calibrate.write(path, sec, {})
+    hw = measured.resolve_hardware(str(path))
+    assert hw.name == "Tesla T4" and hw.flops16 == 989e12 and hw.mem_bw == pytest.approx(2e12)
+
+
+def test_a_gpu_calibration_this_machine_cannot_run_is_refused(capsys, tmp_path):
+    """--device cuda: no GPU here; CPU links beside GPU ranks; a type the GPU engine lacks."""
+    from ladder.plan.cli import main
+    out = ["--out", str(tmp_path / "m.json"), "--model", "smollm2", "--tp", "1"]
+    for extra, said in (([], "no CUDA device here"),
+                        (["--calibrate-links", "shm"], "--calibrate-links ''"),
+                        (["--dtype", "q4_1"], "--calibrate: ")):
+        assert main(["--calibrate", "--device", "cuda", *out, *extra]) == 2
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
 
 
 def test_a_grid_without_batch_1_fits_its_roofline_through_its_smallest_batch():
@@ -281,3 +310,22 @@ def test_predictions_against_the_engine(calibrated, model, tmp_path):
         path, _ = _calibrate(model, tmp_path / "measured.json")
         missed = _against_the_engine(path, model)
     assert not missed, missed
+
+
+def test_the_gpu_check_runs_on_the_cpu(model, tmp_path, capsys):
+    """bench.plan_gpu, the device check of `--calibrate --device cuda`, end to end on this
+    machine's cores (`--device cpu`): calibrated at TP=1, predicted from the file and from the
+    preset, measured on a group of one rank; the file is what `ladder plan` reads."""
+    args = argparse.Namespace(device="cpu", model=str(model), dtype=None, batches="1,4",
+                              prompt_len=16, tokens=8, reps=3, calibrate_reps=5, threads=1,
+                              out=str(tmp_path))
+    assert plan_gpu.run(args) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["bench"] == "plan_gpu" and r["preset"] == "this-cpu" and r["dtype"] == "float32"
+    assert [c["batch"] for c in r["cells"]] == [1, 4]
+    # a ratio, not a time: the calibrated model within 2x of the engine even on a busy machine
+    for c in r["cells"]:
+        assert 0.5 < c["calibrated_ms"] / c["measured_ms"] < 2, c
+    data = json.loads((tmp_path / "measured.json").read_text())
+    assert data["calibrations"][-1]["device"] == "cpu" and data["calibrations"][-1]["tp"] == 1
+    assert len(list(tmp_path.glob("plan_gpu-*.json"))) == 1

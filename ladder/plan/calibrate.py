@@ -39,10 +39,10 @@ from typing import Callable
 
 from ladder.model.config import ConfigError
 from ladder.plan import costs
-from ladder.plan.hardware import act_bytes
+from ladder.plan.hardware import act_bytes, gpu_preset
 from ladder.plan.links import LINKS
 from ladder.plan.measured import FORMAT
-from ladder.plan.rank_timing import Grid, time_compute
+from ladder.plan.rank_timing import Grid, rank_options, time_compute
 
 # timer(link names, TP size, message sizes in bytes, model width, log) -> {name: {"rows":
 # [{"bytes", "seconds", "overlap_cost"}, ...], "step_overhead_s"}}; raises ConfigError for a
@@ -93,8 +93,14 @@ def hardware_section(grid: Grid, by_split: dict[str, list[dict]]) -> dict:
                         w = costs.module_work(config, specs[rank], module, b, c, grid.dtype)
                         bytes_s.append((w.bytes, sec))
         over += list(ranks[0]["overhead"].items())
+    gpu = next(iter(by_split.values()))[0].get("gpu")
     sec: dict = {"name": "this-cpu", "base": "this-cpu", "dtype": grid.dtype, "efficiency": 1.0,
                  "threads_per_rank": grid.threads, "compute": compute}
+    if gpu is not None:  # the peaks a roofline falls back on: the GPU's preset, if it has one
+        base = gpu_preset(gpu)
+        if base is None:
+            log(f"no preset for the GPU {gpu!r}: the roofline's peaks are h100-sxm's")
+        sec.update(name=gpu, base=base or "h100-sxm", device="cuda")
     fixed, per_byte = fit_line(bytes_s)
     if per_byte > 0:
         sec.update(mem_bw=round(1 / per_byte), module_overhead_s=round(max(fixed, 0.0), 9))
@@ -208,6 +214,21 @@ def time_links(timer: LinkTimer, links: list[str], grid: Grid, dim: int) -> dict
     return sections
 
 
+def cuda_ranks(tp: int, links: list[str]) -> None:
+    """Refuse a GPU calibration this machine cannot run: each rank needs a GPU of its own (as
+    a local group's ranks have), and the links timed are this CPU's, not the GPUs'."""
+    import torch
+    if links:
+        raise ConfigError(f"the links --calibrate times ({', '.join(links)}) are the CPU "
+                          "ranks' (shared memory, TCP); with --device cuda pass "
+                          "--calibrate-links '' and take the GPUs' link from a preset")
+    if not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device here")
+    if torch.cuda.device_count() < tp:
+        raise ConfigError(f"--device cuda --tp {tp}: each rank needs a GPU of its own, this "
+                          f"machine has {torch.cuda.device_count()}")
+
+
 def calibrate(grid: Grid, links: list[str], out: Path, timer: LinkTimer | None = None) -> dict:
     """Time the grid under each head split, then `links` (with `timer`, else the one
     provided); merge both into `out`, with what was measured ("calibrations"). Returns what
@@ -218,6 +239,12 @@ def calibrate(grid: Grid, links: list[str], out: Path, timer: LinkTimer | None =
                           "bench layer, which makes shaped links: run `ladder plan "
                           "--calibrate` (the `ladder` command loads it), or pass "
                           "--calibrate-links '' for compute only")
+    try:
+        rank_options(grid, grid.splits[0])  # what GroupOptions refuses, before any rank starts
+    except ValueError as e:
+        raise ConfigError(f"--calibrate: {e}") from None
+    if grid.device == "cuda":
+        cuda_ranks(grid.tp, links)
     grid, by_split = allowed_splits(grid), {}
     for split in grid.splits:
         log(f"compute: {grid.model} TP={grid.tp} {grid.dtype}, heads split {split}, batches "
@@ -228,7 +255,7 @@ def calibrate(grid: Grid, links: list[str], out: Path, timer: LinkTimer | None =
         if links else {}
     done = {"model": str(grid.model), "tp": grid.tp, "dtype": grid.dtype,
             "head_splits": list(grid.splits), "batches": list(grid.batches),
-            "contexts": list(grid.contexts), "reps": grid.reps,
+            "contexts": list(grid.contexts), "reps": grid.reps, "device": grid.device,
             "threads_per_rank": grid.threads, "links": list(sections),
             "links_not_timed": [n for n in links if n not in sections]}
     write(out, hardware, sections, done)

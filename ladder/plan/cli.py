@@ -13,7 +13,9 @@ the all-reduce share of a step and the share of it the schedule hides (`ladder.p
 for `--model` (default smollm2) at `--tp` (default 2) over `--batch` x `--context`, each head
 split (or `--head-split`), and the all-reduce over `--calibrate-links`, merged into `--out`
 (default: $LADDER_MEASURED, else ~/.cache/ladder-serve/measured.json, which `--hardware
-this-cpu` and `--link shm` / `tcp-...` then read).
+this-cpu` and `--link shm` / `tcp-...` then read). `--device cuda` measures the GPUs instead,
+each rank on its own (`--hardware` then takes the file it writes, measured-cuda.json beside
+that one); the GPUs' link comes from a preset.
 """
 
 from __future__ import annotations
@@ -75,9 +77,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--calibrate", action="store_true",
                    help="measure this machine into a measured.json instead of predicting")
     c.add_argument("--out", metavar="FILE", help="--calibrate's file (default: this-cpu's)")
-    c.add_argument("--calibrate-links", default=calibrate.DEFAULT_LINKS,
+    c.add_argument("--calibrate-links", default=None,
                    help="links to time: shm, tcp-loopback, tcp-<profile> (a shaped veth pair: "
-                   "high-end, cheap, a rate; needs root); '' for none")
+                   f"high-end, cheap, a rate; needs root); '' for none (default: "
+                   f"{calibrate.DEFAULT_LINKS}; with --device cuda none)")
+    c.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="--calibrate's ranks: CPU processes, or each on a GPU of its own "
+                   "(module times from CUDA events; default dtype bfloat16, default --out "
+                   "measured-cuda.json beside this-cpu's)")
     c.add_argument("--reps", type=int, default=7, help="--calibrate's passes a point")
 
 
@@ -119,12 +126,18 @@ def _calibrate(args: argparse.Namespace) -> int:
     if tp < 1 or args.reps < 1:
         raise ConfigError("--tp and --reps must be at least 1")
     splits = (args.head_split,) if args.head_split else HEAD_SPLITS
-    grid = calibrate.Grid(model=args.model or "smollm2", tp=tp, dtype=args.dtype or "float32",
+    gpu = args.device == "cuda"
+    grid = calibrate.Grid(model=args.model or "smollm2", tp=tp,
+                          dtype=args.dtype or ("bfloat16" if gpu else "float32"),
                           splits=splits, batches=tuple(batches), contexts=tuple(contexts),
-                          reps=args.reps, threads=max(1, (os.cpu_count() or 1) // tp))
-    out = Path(args.out) if args.out else measured_path()
-    result = calibrate.calibrate(grid, [x.strip() for x in args.calibrate_links.split(",")
-                                        if x.strip()], out)
+                          reps=args.reps, threads=max(1, (os.cpu_count() or 1) // tp),
+                          device=args.device)
+    out = Path(args.out) if args.out else \
+        measured_path().with_name("measured-cuda.json") if gpu else measured_path()
+    links = args.calibrate_links
+    if links is None:
+        links = "" if gpu else calibrate.DEFAULT_LINKS
+    result = calibrate.calibrate(grid, [x.strip() for x in links.split(",") if x.strip()], out)
     print(calibrate.summary(result))
     print(f"wrote {out}")
     return 0

@@ -132,6 +132,17 @@ HARDWARE: dict[str, Hardware] = {
                  "sparsity), FP32 91.6 TFLOPS, 48 GB, PCIe Gen4 x16"),
 }
 
+def gpu_preset(device_name: str) -> str | None:
+    """The preset of a GPU by the name CUDA gives it ("NVIDIA H100 80GB HBM3": h100-sxm), or
+    None."""
+    name = device_name.lower()
+    for key, preset in (("h200", "h200"), ("h100", "h100-sxm"), ("a100", "a100-80gb"),
+                        ("l40s", "l40s"), ("l4", "l4")):
+        if key in name:
+            return preset
+    return None
+
+
 # This machine when no measured.json is found: one rank per core (DESIGN.md). Memory: 32.5 GB/s
 # streamed by two threads (DESIGN.md), half a rank. FLOP/s: Zen 4 runs AVX-512 as two 256-bit
 # FMA pipes, 2 x 8 float32 lanes x 2 FLOP a cycle at the 2.6 GHz /proc/cpuinfo reports = 83

@@ -1,6 +1,7 @@
 """What each rank's process measures for `ladder plan --calibrate` (`ladder.plan.calibrate`):
 its modules' times and, on rank 0, a step's cost beyond them, on the real engine (torch,
-imported in the processes).
+imported in the processes), on the CPU or each rank on its own GPU (`Grid.device`; module
+times then from CUDA events on the rank's stream, `_Clock`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Grid:
     contexts: tuple[int, ...]
     reps: int = 7
     threads: int = 1
+    device: str = "cpu"  # cpu | cuda (rank r on cuda:r, as a local group places its ranks)
 
 
 def _rank_main(rank: int, grid: Grid, split: str, barrier, out) -> None:
@@ -40,6 +42,8 @@ def _measure_rank(rank: int, grid: Grid, split: str, barrier) -> dict:
     from ladder.engine.leader import Leader
     from ladder.links.base import NoComm
     torch.set_num_threads(grid.threads)
+    if grid.device == "cuda":
+        torch.cuda.set_device(rank)  # the rank's GPU, as rank_options places it
     ckpt, engine = build_engine(rank_options(grid, split), rank, NoComm(rank, grid.tp))
     engine.cache.k.fill_(0.01)  # written: see the module's docstring
     engine.cache.v.fill_(0.01)
@@ -51,7 +55,8 @@ def _measure_rank(rank: int, grid: Grid, split: str, barrier) -> dict:
         barrier.wait()
         if leader is not None:
             over[b] = step_overhead(leader.scheduler, engine, b, grid.reps)
-    return {"times": times, "overhead": over, "config": engine.model.config}
+    gpu = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None
+    return {"times": times, "overhead": over, "config": engine.model.config, "gpu": gpu}
 
 
 def rank_options(grid: Grid, split: str):
@@ -61,7 +66,7 @@ def rank_options(grid: Grid, split: str):
     from ladder.options import GroupOptions
     return GroupOptions(model=grid.model, tp=grid.tp, dtype=grid.dtype, head_split=split,
                         n_slots=max(grid.batches), max_seq=max(*grid.contexts, 24) + 1,
-                        threads=grid.threads, max_num_batched_tokens=0)
+                        threads=grid.threads, max_num_batched_tokens=0, device=grid.device)
 
 
 def _decode_input(engine, batch: int, context: int):
@@ -73,27 +78,52 @@ def _decode_input(engine, batch: int, context: int):
     step = StepBatch(tokens=[[1]] * batch, slots=list(range(batch)),
                      starts=[context - 1] * batch, greedy=True)
     ctx, _, _ = engine._context(step)
-    return step, ctx, torch.randn(batch, 1, engine.model.config.dim).to(engine.dtype)
+    x = torch.randn(batch, 1, engine.model.config.dim).to(engine.device, engine.dtype)
+    return step, ctx, x
+
+
+class _Clock:
+    """Marks around a pass's calls: the CPU's clock, or on a GPU events on the device's
+    current stream, so that a call's time is its kernels' and the gaps the CPU leaves between
+    their launches, as a decode step spends it (a CPU clock would see the launches only)."""
+
+    def __init__(self, device) -> None:
+        import torch
+        self.cuda = torch.cuda if device.type == "cuda" else None
+        self.device = device
+
+    def mark(self):
+        if self.cuda is None:
+            return time.perf_counter()
+        event = self.cuda.Event(enable_timing=True)
+        event.record(self.cuda.current_stream(self.device))
+        return event
+
+    def seconds(self, spans: dict[str, list[tuple]]) -> dict[str, list[float]]:
+        """The seconds of each (start, end) pair of marks (once the GPU has passed them)."""
+        if self.cuda is None:
+            return {k: [b - a for a, b in v] for k, v in spans.items()}
+        self.cuda.synchronize(self.device)
+        return {k: [a.elapsed_time(b) / 1e3 for a, b in v] for k, v in spans.items()}
 
 
 def _pass(model, ctx, x) -> dict[str, list[float]]:
     """One pass over the layers' attention and MLP (each with its norm, as the model calls
     them: `modules_in_order`), then the LM head's slice with its row maxima: each call's
     seconds."""
-    clock = time.perf_counter
-    got: dict[str, list[float]] = {"attention": [], "mlp": [], "lm_head": []}
+    clock, spans = _Clock(x.device), {"attention": [], "mlp": [], "lm_head": []}
     for layer in model.layers:
         attention, mlp = layer.modules_in_order(ctx)
-        t0 = clock()
+        t0 = clock.mark()
         attention(x)
-        t1 = clock()
+        t1 = clock.mark()
         mlp(x)
-        got["attention"].append(t1 - t0)
-        got["mlp"].append(clock() - t1)
-    t0 = clock()
+        spans["attention"].append((t0, t1))
+        spans["mlp"].append((t1, clock.mark()))
+    t0 = clock.mark()
     model.logits(model.norm(x[:, 0])).float().max(-1)
-    got["lm_head"].append(clock() - t0)
-    return got
+    spans["lm_head"].append((t0, clock.mark()))
+    return clock.seconds(spans)
 
 
 def module_times(engine, points: list[tuple[int, int]], reps: int,
