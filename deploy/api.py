@@ -58,7 +58,7 @@ class OpenAIServer:
         self.last_health = (Health(True, "started"), time.monotonic())
         self.own = ReplicaMetrics(cfg.model_name, info.residual, info.tp, info.interconnect)
         self.prediction = Prediction(info.config, info.tp, info.residual_plan, info.interconnect,
-                                     cfg.dtype, cfg.head_split, cfg.device)
+                                     cfg.dtype, cfg.head_split, cfg.device, info.device_name)
         log.info("%s: %s", info.name, self.prediction.describe())
 
     async def check_health(self) -> None:

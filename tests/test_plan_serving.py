@@ -29,6 +29,25 @@ def test_links_and_devices_map_to_presets():
     assert device_preset("cuda", "") is None
 
 
+def test_a_gpu_group_reads_this_machines_calibration_of_its_gpu(tmp_path, monkeypatch):
+    """measured-cuda.json (`ladder plan --calibrate --device cuda`) beside this machine's file:
+    a group on the GPU it measured is predicted from it, one on another GPU from its preset."""
+    import json
+    monkeypatch.setenv("LADDER_MEASURED", str(tmp_path / "measured.json"))
+    gpu = tmp_path / "measured-cuda.json"
+    gpu.write_text(json.dumps({"format": "ladder-plan-measured/1", "hardware": {
+        "name": "NVIDIA H200", "base": "h200", "mem_bw": 1e12, "module_overhead_s": 4e-5}}))
+    assert device_preset("cuda", "NVIDIA H200") == str(gpu)
+    assert device_preset("cuda", "NVIDIA H100 80GB HBM3") == "h100-sxm"
+    args = dict(device="cuda", dtype="bfloat16", interconnect="nvlink", tp=1)
+    measured, preset = (smollm2(device_name=n, **args) for n in ("NVIDIA H200", "NVIDIA H100"))
+    assert measured.setup.hardware.name == "NVIDIA H200" and measured.setup.hardware.mem_bw == 1e12
+    assert preset.setup.hardware.name == "h100-sxm"
+    assert measured.ms(1) > preset.ms(1)  # a third of the bandwidth, 2.5x the module overhead
+    gpu.write_text("{")  # unreadable: the preset, and the server still starts
+    assert device_preset("cuda", "NVIDIA H200") == "h200"
+
+
 def test_what_cannot_be_predicted_says_why():
     p = smollm2(interconnect="loopback+emu200us")
     assert p.ms(1) is None and "no link preset for the interconnect 'loopback+emu200us'" in \

@@ -49,6 +49,7 @@ class GroupInfo:
     has_tokenizer: bool
     max_token_chars: int  # the most characters one token stands for (0: no tokenizer)
     config: dict = field(default_factory=dict)  # the model's config
+    device_name: str = ""  # rank 0's GPU as CUDA names it ("" on the CPU)
 
 
 class EventStream(Protocol):

@@ -25,6 +25,8 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import torch
+
 from ladder.engine.group import GroupError, GroupInfo
 from ladder.engine.guided import Guide
 from ladder.engine.scheduler import (
@@ -179,7 +181,8 @@ class Leader:
             max_seq=e.max_seq, n_slots=e.n_slots, vocab_size=m.config.vocab_size,
             has_tokenizer=self.tokenizer is not None,
             max_token_chars=self.tokenizer.max_token_chars if self.tokenizer else 0,
-            config=m.config.to_dict())
+            config=m.config.to_dict(),
+            device_name=torch.cuda.get_device_name(e.device) if e.device.type == "cuda" else "")
 
     def stats(self, since: float = 0.0) -> dict:
         """Totals, the link's idle round trip, and the steps that ended after `since`."""

@@ -29,7 +29,7 @@ import sys
 from ladder.model.config import ConfigError
 from ladder.model.tp import HEAD_SPLITS
 from ladder.plan import calibrate, measured, plot, quality
-from ladder.plan.hardware import HARDWARE, PLAN_DTYPES, measured_path
+from ladder.plan.hardware import HARDWARE, PLAN_DTYPES, measured_gpu_path, measured_path
 from ladder.plan.links import LINKS
 from ladder.plan.models import load_model, model_names
 from ladder.plan.sweep import Setup, memory_notes, parse_plans, rows, table
@@ -132,8 +132,7 @@ def _calibrate(args: argparse.Namespace) -> int:
                           splits=splits, batches=tuple(batches), contexts=tuple(contexts),
                           reps=args.reps, threads=max(1, (os.cpu_count() or 1) // tp),
                           device=args.device)
-    out = Path(args.out) if args.out else \
-        measured_path().with_name("measured-cuda.json") if gpu else measured_path()
+    out = Path(args.out) if args.out else measured_gpu_path() if gpu else measured_path()
     links = args.calibrate_links
     if links is None:
         links = "" if gpu else calibrate.DEFAULT_LINKS

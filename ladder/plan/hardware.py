@@ -132,6 +132,7 @@ HARDWARE: dict[str, Hardware] = {
                  "sparsity), FP32 91.6 TFLOPS, 48 GB, PCIe Gen4 x16"),
 }
 
+
 def gpu_preset(device_name: str) -> str | None:
     """The preset of a GPU by the name CUDA gives it ("NVIDIA H100 80GB HBM3": h100-sxm), or
     None."""
@@ -166,6 +167,12 @@ def measured_path() -> Path:
         return Path(env)
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache) / "ladder-serve" / "measured.json"
+
+
+def measured_gpu_path() -> Path:
+    """Where `--calibrate --device cuda` writes this machine's GPUs: beside `measured_path()`,
+    measured-cuda.json."""
+    return measured_path().with_name("measured-cuda.json")
 
 
 def preset_hardware(name: str) -> Hardware:

@@ -5,8 +5,9 @@ The group's link label picks the link preset: shm -> `shm`; loopback and the lau
 `high-end` profile -> `tcp-high-end` (tcp between ranks of one host); `cheap` -> `tcp-cheap`;
 nvlink / pcie -> `nvlink4` / `pcie4`. TP=1 has no link to model. An emulated latency
 (`+emu...us`) or a label without a preset gets no prediction, and says so. The device is
-`this-cpu` on CPU (this machine's measured.json where one exists), else
-a GPU preset named in the device's name.
+`this-cpu` on CPU (this machine's measured.json where one exists); on a GPU, this machine's
+GPU calibration (`ladder plan --calibrate --device cuda`, measured-cuda.json) where it measured
+a GPU of that name, else the preset the name gives.
 """
 
 from __future__ import annotations
@@ -15,21 +16,29 @@ from dataclasses import fields
 from statistics import median
 
 from ladder.model.config import ConfigError, ModelConfig, ResidualPlan
-from ladder.plan.hardware import PLAN_DTYPES
+from ladder.plan import measured
+from ladder.plan.hardware import PLAN_DTYPES, gpu_preset, measured_gpu_path
 from ladder.plan.measured import resolve_hardware, resolve_link
 from ladder.plan.sweep import Setup
 
 LINK_PRESETS = {"shm": "shm", "loopback": "tcp-high-end", "high-end": "tcp-high-end",
                 "cheap": "tcp-cheap", "nvlink": "nvlink4", "pcie": "pcie4", "none": "shm"}
-GPU_PRESETS = (("H200", "h200"), ("H100", "h100-sxm"), ("A100", "a100-80gb"), ("L40S", "l40s"),
-               ("L4", "l4"))
 CONTEXT = 256  # the cached positions a predicted step attends to (short chats)
 
 
 def device_preset(device: str, device_name: str = "") -> str | None:
+    """What `resolve_hardware` takes for the group's device: a preset, or a measured.json."""
     if device == "cpu":
         return "this-cpu"
-    return next((p for key, p in GPU_PRESETS if key in device_name), None)
+    path, hardware = measured_gpu_path(), None
+    if device_name and path.is_file():
+        try:
+            hardware = measured.read(path, "this machine's GPU calibration").get("hardware")
+        except ConfigError:
+            pass  # unreadable: the preset, as without one
+    if isinstance(hardware, dict) and hardware.get("name") == device_name:
+        return str(path)
+    return gpu_preset(device_name)
 
 
 class Prediction:
