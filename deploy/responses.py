@@ -187,7 +187,11 @@ def _lp(v: float) -> float:
 
 
 def _top(s) -> dict:
-    return {"token": s.text, "logprob": _lp(s.logprob), "bytes": list(s.text.encode())}
+    """A chat logprob entry: the token's text alone and its own bytes (OpenAI's, llama.cpp's:
+    a token that ends inside a character has the character's first bytes, its text a
+    replacement character; joined in order, the bytes are the answer's)."""
+    raw = s.text.encode() if s.raw is None else s.raw
+    return {"token": s.text, "logprob": _lp(s.logprob), "bytes": list(raw)}
 
 
 def logprobs_body(items: list | None, chat: bool, offset: int = 0) -> dict | None:

@@ -103,6 +103,34 @@ def test_prompt_logprobs_equal_transformers(tiny_llama, tp):
                                                          abs=1e-4)
 
 
+def test_a_tokens_bytes_are_its_own(smollm2_tokenizer):
+    """"日本 é" is 4 SmolLM2 tokens, the first two halves of 日 (each alone decodes to a
+    replacement character): each token's bytes are its own, and in order they are the text's."""
+    from ladder.engine.guided import Guide
+    from ladder.engine.logprobs import TokenLogprobs, scored
+    ids = smollm2_tokenizer.encode("日本 é", add_special_tokens=False)
+    guide = Guide(smollm2_tokenizer, 49152, (2,))
+    assert [smollm2_tokenizer.decode([i]) for i in ids[:2]] == ["\ufffd"] * 2
+    assert b"".join(guide.token_bytes(i) for i in ids) == "日本 é".encode()
+    s, top = scored(TokenLogprobs(-0.5, ((ids[1], -0.7),)), ids[0],
+                    lambda i: smollm2_tokenizer.decode([i]), guide.token_bytes)
+    assert (s.text, s.raw, top[0].raw) == ("\ufffd", "日".encode()[:2], "日".encode()[2:])
+
+
+def test_the_api_reports_each_tokens_own_bytes(api, smollm2_tokenizer):
+    """A bias of +100 on the first half of 日 (e6 97, alone a replacement character) makes
+    every greedy token that one: each entry carries those two bytes, not the replacement
+    character's (ef bf bd), and the answer's bytes are theirs in order."""
+    half = smollm2_tokenizer.encode("日本", add_special_tokens=False)[0]
+    client = openai.OpenAI(base_url=api + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    ch = client.chat.completions.create(model="tiny-chat", max_tokens=4, logprobs=True,
+                                        temperature=0, logit_bias={str(half): 100},
+                                        extra_body={"ignore_eos": True},
+                                        messages=[{"role": "user", "content": "Hi"}])
+    content = ch.choices[0].logprobs.content
+    assert [(t.token, t.bytes) for t in content] == [("\ufffd", [0xE6, 0x97])] * 4
+
+
 @pytest.fixture(scope="module")
 def api(tiny_chat):
     with serving_locally(tiny_chat) as url:
@@ -125,7 +153,8 @@ def test_the_api_returns_openai_shapes(api):
                                         messages=[{"role": "user", "content": "Hi"}])
     content = ch.choices[0].logprobs.content
     assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
-    assert all(bytes(t.bytes).decode() == t.token for t in content)
+    # a token's own bytes: its text's, unless it ends inside a character (then "\ufffd")
+    assert all(bytes(t.bytes).decode() == t.token for t in content if "\ufffd" not in t.token)
     plain = client.chat.completions.create(model="tiny-chat", max_tokens=2,
                                            messages=[{"role": "user", "content": "Hi"}])
     assert plain.choices[0].logprobs is None

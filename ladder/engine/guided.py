@@ -20,12 +20,15 @@ model's end-of-text ids are the matcher's end: allowed only where the grammar ma
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from ladder.engine.vocab import Shard
+
+log = logging.getLogger(__name__)
 
 
 class GrammarError(ValueError):
@@ -44,6 +47,7 @@ class Guide:
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
         self._tokenizer, self.vocab_size, self.eos = tokenizer, vocab_size, tuple(eos_token_ids)
         self._ll = None
+        self._no_bytes: str | None = None  # why token_bytes gave up, once it has
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._executor = None
@@ -56,6 +60,20 @@ class Guide:
                 self._executor = llguidance.LLExecutor()
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="ladder-masks")
             return self._ll
+
+    def token_bytes(self, token: int) -> bytes | None:
+        """A token's own bytes, as the tokenizer maps them (a byte-level BPE's characters, a
+        SentencePiece byte token): the llguidance tokenizer's, built on first use; None (the
+        caller takes the text's) where llguidance cannot take the tokenizer."""
+        if self._no_bytes is not None:
+            return None
+        try:
+            return self._ll_tokenizer().decode_bytes([token])
+        except Exception as e:  # noqa: BLE001 - log-probs lose their bytes, not the request
+            self._no_bytes = f"{type(e).__name__}: {e}"
+            log.warning("token bytes unavailable, log-probs report the text's: %s",
+                        self._no_bytes)
+            return None
 
     def matcher(self, grammar: str):
         """A fresh matcher of `grammar` (llguidance's grammar text); GrammarError if unusable."""

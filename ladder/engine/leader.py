@@ -70,12 +70,14 @@ class Leader:
                  after_step: Callable[[], None] | None = None, heartbeat_s: float = 1.0,
                  keep_steps: int = 4096) -> None:
         self.engine, self.tokenizer = engine, tokenizer
+        guide = Guide(tokenizer, engine.model.config.vocab_size, eos_token_ids) \
+            if tokenizer else None
         self.scheduler = Scheduler(
             engine, eos_token_ids=eos_token_ids,
             decoder_factory=tokenizer.incremental_decoder if tokenizer else None,
             token_text=(lambda i: tokenizer.decode([i])) if tokenizer else None,
-            guide=Guide(tokenizer, engine.model.config.vocab_size, eos_token_ids)
-            if tokenizer else None, prefix_caching=engine.prefix_caching,
+            token_bytes=guide.token_bytes if guide else None,
+            guide=guide, prefix_caching=engine.prefix_caching,
             max_batched_tokens=engine.max_batched_tokens)
         self.name, self.adapted = name, adapted
         self.metrics, self.after_step, self.heartbeat_s = metrics, after_step, heartbeat_s

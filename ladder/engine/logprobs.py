@@ -32,17 +32,23 @@ class TokenLogprobs:
 
 @dataclass(frozen=True, slots=True)
 class Scored:
-    """A token as the API reports it: its id, its text alone, its log-probability."""
+    """A token as the API reports it: its id, its text alone, its log-probability, and its own
+    bytes where the tokenizer gives them (a token that ends inside a character: its text alone
+    is a replacement character, its bytes the character's first ones)."""
 
     id: int
     text: str
     logprob: float | None  # None: a prompt's first token (nothing precedes it)
+    raw: bytes | None = None  # None: the text's UTF-8
 
 
-def scored(lp: TokenLogprobs, token: int, text_of) -> tuple[Scored, tuple[Scored, ...]]:
-    """`lp` of `token` with the tokens' texts (`text_of(id)`): the token and its alternatives."""
-    return (Scored(token, text_of(token), lp.logprob),
-            tuple(Scored(i, text_of(i), v) for i, v in lp.top))
+def scored(lp: TokenLogprobs, token: int, text_of,
+           bytes_of=None) -> tuple[Scored, tuple[Scored, ...]]:
+    """`lp` of `token` with the tokens' texts (`text_of(id)`) and bytes (`bytes_of(id)`, where
+    given): the token and its alternatives."""
+    def one(i: int, v: float | None) -> Scored:
+        return Scored(i, text_of(i), v, None if bytes_of is None else bytes_of(i))
+    return one(token, lp.logprob), tuple(one(i, v) for i, v in lp.top)
 
 
 def token_logprobs(local: torch.Tensor, tokens: torch.Tensor, ks: list[int],

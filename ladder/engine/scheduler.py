@@ -136,7 +136,8 @@ def add_event(result: dict, ev: TokenEvent) -> None:
 
 class Scheduler:
     def __init__(self, engine: ShardEngine, *, eos_token_ids: tuple[int, ...] = (),
-                 decoder_factory=None, token_text=None, max_prefill_rows: int = 4,
+                 decoder_factory=None, token_text=None, token_bytes=None,
+                 max_prefill_rows: int = 4,
                  guide=None, prefix_caching: bool = True, max_batched_tokens: int = 0) -> None:
         self.engine = engine
         self.guide = guide  # ladder.engine.guided.Guide: structured output (needs a tokenizer)
@@ -144,6 +145,7 @@ class Scheduler:
         self.decoder_factory = decoder_factory  # -> object with .feed(token_id) -> str
         # a token's text alone (for log-probs); without a tokenizer, vLLM's "token_id:<id>"
         self.token_text = token_text or (lambda i: f"token_id:{i}")
+        self.token_bytes = token_bytes  # a token's own bytes (None: its text's)
         self.max_prefill_rows = max_prefill_rows
         # chunked prefill: while sequences decode, a step runs at most this many tokens (their
         # one each, and prompt chunks in the rest); 0: whole prompts in steps of their own
@@ -450,9 +452,12 @@ class Scheduler:
         if max(prompt_asks) >= 0:
             for r, ev, plp in zip(kept, events, plps):
                 if plp is not None:  # the first token has no log-prob: nothing precedes it
-                    first = Scored(r.prompt[0], self.token_text(r.prompt[0]), None)
+                    t0 = r.prompt[0]
+                    first = Scored(t0, self.token_text(t0), None,
+                                   None if self.token_bytes is None else self.token_bytes(t0))
                     ev.prompt_logprobs = [(first, None)] + [
-                        scored(lp, t, self.token_text) for lp, t in zip(plp, r.prompt[1:])]
+                        scored(lp, t, self.token_text, self.token_bytes)
+                        for lp, t in zip(plp, r.prompt[1:])]
         return Scheduled(kind, n_rows, sum(map(len, toks)), failed + events)
 
     def _emit(self, rows: list[Request], toks: list[int], lps: list) -> list[TokenEvent]:
@@ -462,7 +467,8 @@ class Scheduler:
             try:
                 ev = self._advance(r, tok, now)
                 if lp is not None:
-                    ev.logprob, ev.top_logprobs = scored(lp, tok, self.token_text)
+                    ev.logprob, ev.top_logprobs = scored(lp, tok, self.token_text,
+                                                         self.token_bytes)
                 events.append(ev)
             except Exception as e:  # noqa: BLE001 - e.g. a token the detokenizer refuses
                 events.append(self._fail(r, e))
