@@ -29,7 +29,7 @@ from bench.table import table
 from bench.timed import bench_main, csv_ints, emit, log
 from ladder.model.config import ConfigError, ResidualPlan
 from ladder.plan import calibrate, measured
-from ladder.plan.hardware import gpu_preset, preset_hardware
+from ladder.plan.hardware import preset_hardware
 from ladder.plan.links import LINKS
 from ladder.plan.sweep import Setup
 
@@ -119,8 +119,7 @@ def run(a: argparse.Namespace) -> int:
             hw = measured.hardware_from(data, path)
             from ladder.loaders import open_checkpoint
             config = open_checkpoint(model).config
-            preset_name = (gpu_preset(hw.name) or "h100-sxm") if a.device == "cuda" \
-                else "this-cpu"
+            preset_name = data["hardware"]["base"]  # the calibration's: the GPU's, this-cpu
             setups = {name: Setup(config=config, tp=1, hardware=h, link=LINKS["nvlink4"],
                                   dtype=dtype, head_split="groups")
                       for name, h in (("calibrated", hw),

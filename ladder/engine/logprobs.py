@@ -43,12 +43,11 @@ class Scored:
 
 
 def scored(lp: TokenLogprobs, token: int, text_of,
-           bytes_of=None) -> tuple[Scored, tuple[Scored, ...]]:
-    """`lp` of `token` with the tokens' texts (`text_of(id)`) and bytes (`bytes_of(id)`, where
-    given): the token and its alternatives."""
-    def one(i: int, v: float | None) -> Scored:
-        return Scored(i, text_of(i), v, None if bytes_of is None else bytes_of(i))
-    return one(token, lp.logprob), tuple(one(i, v) for i, v in lp.top)
+           bytes_of=lambda i: None) -> tuple[Scored, tuple[Scored, ...]]:
+    """`lp` of `token` with the tokens' texts (`text_of(id)`) and bytes (`bytes_of(id)`; None:
+    the text's): the token and its alternatives."""
+    return (Scored(token, text_of(token), lp.logprob, bytes_of(token)),
+            tuple(Scored(i, text_of(i), v, bytes_of(i)) for i, v in lp.top))
 
 
 def token_logprobs(local: torch.Tensor, tokens: torch.Tensor, ks: list[int],

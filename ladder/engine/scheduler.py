@@ -145,7 +145,8 @@ class Scheduler:
         self.decoder_factory = decoder_factory  # -> object with .feed(token_id) -> str
         # a token's text alone (for log-probs); without a tokenizer, vLLM's "token_id:<id>"
         self.token_text = token_text or (lambda i: f"token_id:{i}")
-        self.token_bytes = token_bytes  # a token's own bytes (None: its text's)
+        # a token's own bytes (for log-probs); None: its text's
+        self.token_bytes = token_bytes or (lambda i: None)
         self.max_prefill_rows = max_prefill_rows
         # chunked prefill: while sequences decode, a step runs at most this many tokens (their
         # one each, and prompt chunks in the rest); 0: whole prompts in steps of their own
@@ -453,8 +454,7 @@ class Scheduler:
             for r, ev, plp in zip(kept, events, plps):
                 if plp is not None:  # the first token has no log-prob: nothing precedes it
                     t0 = r.prompt[0]
-                    first = Scored(t0, self.token_text(t0), None,
-                                   None if self.token_bytes is None else self.token_bytes(t0))
+                    first = Scored(t0, self.token_text(t0), None, self.token_bytes(t0))
                     ev.prompt_logprobs = [(first, None)] + [
                         scored(lp, t, self.token_text, self.token_bytes)
                         for lp, t in zip(plp, r.prompt[1:])]
